@@ -1,0 +1,188 @@
+"""The `fusion-cache` command line: a thin Click layer over the library; errors become one-line messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .errors import FusionCacheError
+
+
+class _Group(click.Group):
+    """Turns library errors into `Error: <message>` with exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FusionCacheError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; run the same command again (an extract resumes where it stopped)", err=True)
+            ctx.exit(130)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"Warning: {message}", err=True)
+
+
+class SizeType(click.ParamType):
+    """A positive number of images, or `all`."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value is None:
+            n = value
+        elif str(value).strip().lower() == "all":
+            return None
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                self.fail(f"'{value}' is not a number; pass a positive integer or 'all'", param, ctx)
+        if n is not None and n <= 0:
+            self.fail(f"must be positive, got {n}; pass a positive integer or 'all'", param, ctx)
+        return n
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fusion-cache")
+def main():
+    """Frozen-MobileNetV2 transfer learning from cached features.
+
+    \b
+    1. `extract` runs the pretrained backbone once and stores the pooled output of
+       every block (tap) in an HDF5 cache.
+    2. `fit` trains a head on a view of that cache (early, late, fused, all, or any
+       list of taps) in seconds.
+    3. `ablate` compares views x heads x seeds from the same cache.
+
+    Run `fusion-cache COMMAND --help` for each command's options.
+    """
+    warnings.showwarning = _one_line_warning
+
+
+# ---------------------------------------------------------------------------------------------- extract
+
+
+@main.command()
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Cache file to write (HDF5), e.g. data/cifar10-paper.h5.")
+@click.option("--dataset", type=click.Choice(["cifar10", "imagefolder"]), default="cifar10", show_default=True,
+              help="cifar10: torchvision's CIFAR-10 under --data-root. imagefolder: DATA_ROOT/{train,test}/<class>/<image>.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=Path("data"), show_default=True,
+              help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py/ or cifar-10-python.tar.gz).")
+@click.option("--train-size", type=SizeType(), default="5000", show_default=True,
+              help="Class-stratified random subset of the train split, or 'all'. 5000 is the case study's.")
+@click.option("--test-size", type=SizeType(), default="1000", show_default=True,
+              help="Class-stratified random subset of the test split, or 'all'.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset draw (and of --weights random).")
+@click.option("--weights", default="imagenet1k_v1", show_default=True,
+              help="imagenet1k_v1 | imagenet1k_v2 (torchvision, downloaded once) | random | PATH to a MobileNetV2 state_dict.")
+@click.option("--image-size", type=int, default=128, show_default=True,
+              help="Images are resized (bilinear, shorter side) and center-cropped to this many pixels.")
+@click.option("--taps", default="all", show_default=True,
+              help="Comma-separated blocks to cache (features.0 ... features.18), or a view name. See `fusion-cache taps`.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Autocast precision of the forward pass (part of the cache fingerprint).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Storage dtype of the cached features.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Image-decoding processes for --dataset imagefolder [default: min(4, CPUs)].")
+@click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="What to do with an image file that cannot be decoded; skipped files are listed in the cache.")
+@click.option("--no-download", is_flag=True, help="Never download CIFAR-10; fail if it is not under --data-root.")
+@click.option("--skip-integrity-check", is_flag=True,
+              help="Use a local CIFAR-10 copy whose checksums differ from the official release (warns). Corrupt files still fail.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (slower start, faster on long runs).")
+@click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
+def extract(out, dataset, data_root, train_size, test_size, seed, weights, image_size, taps, batch_size, device,
+            precision, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force, progress):
+    """Run the frozen backbone once and cache pooled features of every tap.
+
+    Writes OUT atomically (OUT.partial, renamed when complete). Running the same
+    command again reuses a finished cache, or resumes an interrupted one.
+
+    \b
+    Example (the case study's 5000/1000 CIFAR-10 subset at 128 px):
+      fusion-cache extract --out data/cifar10-paper.h5
+    """
+    from .extract import ExtractConfig
+    from .extract import extract as run_extract
+    from .taps import parse_taps
+
+    cfg = ExtractConfig(
+        out=out, dataset=dataset, data_root=data_root, train_size=train_size, test_size=test_size, seed=seed,
+        weights=weights, image_size=image_size, taps=tuple(parse_taps(taps)), batch_size=batch_size, device=device,
+        precision=precision, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
+        force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
+    )
+    result = run_extract(cfg)
+    for split, files in result.skipped.items():
+        for f in files:
+            click.echo(f"skipped unreadable {split} image: {f}", err=True)
+    click.echo(result.summary())
+
+
+# ---------------------------------------------------------------------------------------------- info / taps
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the attributes and shapes as one JSON object.")
+def info(cache, as_json):
+    """Print a cache's provenance (weights, preprocessing, taps, data, versions) and shapes."""
+    from .cache import open_cache
+
+    c = open_cache(cache)
+    shapes = c.shapes()
+    if as_json:
+        click.echo(json.dumps({"path": str(c.path), "attrs": c.attrs,
+                               "shapes": {s: {t: list(v) for t, v in d.items()} for s, d in shapes.items()}}, indent=2))
+        return
+    a = c.attrs
+    click.echo(f"cache       {c.path}")
+    click.echo(f"fingerprint {a['fingerprint']}")
+    click.echo(f"backbone    {a['backbone']}  weights {a['weights']}  sha256 {a['weights_sha256']}")
+    click.echo(f"preprocess  {a['image_size']} px, {a['resize']}, mean {a['mean']}, std {a['std']}")
+    click.echo(f"dataset     {a['dataset']} ({a['data_root']}), {len(a['classes'])} classes, seed {a['seed']}")
+    click.echo(f"subset      train {a['train_size']} of {a['train_source_size']}, test {a['test_size']} of {a['test_source_size']}")
+    click.echo(f"features    {a['dtype']}, {a['pool']}-pooled, forward in {a['precision']}, device {a.get('device', '?')}")
+    if not a.get("integrity_checked", True):
+        click.echo("integrity   NOT checked (--skip-integrity-check)")
+    for split, files in (a.get("skipped") or {}).items():
+        click.echo(f"skipped     {split}: {len(files)} unreadable image(s)")
+    click.echo("versions    " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
+    click.echo("taps:")
+    for t in c.taps:
+        click.echo(f"  {t:<12} train {shapes['train'][t]}  test {shapes['test'][t]}")
+
+
+@main.command()
+def taps():
+    """List the declared taps (block, channels, stride) and the named views."""
+    from .taps import TAPS, VIEWS
+
+    click.echo(f"{'tap':<12} {'channels':>8} {'stride':>6}")
+    for t in TAPS:
+        click.echo(f"{t.name:<12} {t.channels:>8} {t.reduction:>6}")
+    click.echo("")
+    click.echo("views:")
+    for name, members in VIEWS.items():
+        shown = "every cached tap" if name == "all" else " + ".join(members)
+        click.echo(f"  {name:<6} {shown}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,309 @@
+"""One pass of the frozen backbone over a dataset, pooled tap features streamed into the cache."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import cache as cache_mod
+from .backbone import PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
+from .data import SPLITS, BadImage, Source, load_source, read_image, stratified_subset
+from .errors import FusionCacheError
+from .taps import DEFAULT_TAPS, TAP_BY_NAME, parse_taps
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `fusion-cache extract` takes. Fields that change the features go into the fingerprint."""
+
+    out: Path
+    dataset: str = "cifar10"  # cifar10 | imagefolder
+    data_root: Path = Path("data")
+    train_size: int | None = 5000  # None = the whole split; 5000/1000 is the case study's subset
+    test_size: int | None = 1000
+    seed: int = 0  # draws the stratified subset (and the weights when --weights random)
+    weights: str = "imagenet1k_v1"  # imagenet1k_v1 | imagenet1k_v2 | random | PATH to a state_dict
+    image_size: int = 128  # the case study resizes 32 px CIFAR-10 to 128 px
+    taps: tuple[str, ...] = DEFAULT_TAPS  # all 19 blocks: any view can be ablated later without re-extracting
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast for the forward pass
+    dtype: str = "float32"  # storage dtype of the features: float32 | float16
+    download: bool = True
+    skip_integrity_check: bool = False
+    force: bool = False  # replace an existing cache built with other settings
+    workers: int | None = None  # DataLoader workers for image folders; None = min(4, CPUs)
+    on_bad_image: str = "fail"  # fail | skip, for undecodable files in image folders
+    compile: bool = False  # torch.compile the extractor
+    progress: bool | None = None  # None: show the bar when stderr is a terminal
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    reused: bool
+    counts: dict[str, int]
+    dims: int
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    resumed_from: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{s} {n}" for s, n in self.counts.items())
+        if self.reused:
+            return f"reused {self.path}: settings unchanged ({counts} images, {self.dims} dims); pass --force to rebuild"
+        extra = ""
+        if any(self.resumed_from.values()):
+            extra += " resumed from " + ", ".join(f"{s} {n}" for s, n in self.resumed_from.items()) + ";"
+        n_skipped = sum(len(v) for v in self.skipped.values())
+        if n_skipped:
+            extra += f" skipped {n_skipped} unreadable image(s), listed in the cache attrs;"
+        return (
+            f"wrote {self.path}: {counts} images, {self.dims} dims;{extra} "
+            f"{self.seconds:.1f} s, {self.images_per_second:.0f} img/s"
+        )
+
+
+def validate(cfg: ExtractConfig) -> None:
+    if cfg.image_size < 32:
+        raise FusionCacheError(f"--image-size {cfg.image_size} is too small; MobileNetV2 needs at least 32")
+    if cfg.batch_size <= 0:
+        raise FusionCacheError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.precision not in PRECISIONS:
+        raise FusionCacheError(f"unknown --precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}")
+    if cfg.dtype not in DTYPES:
+        raise FusionCacheError(f"unknown --dtype '{cfg.dtype}'; use one of {', '.join(DTYPES)}")
+    if cfg.on_bad_image not in ("fail", "skip"):
+        raise FusionCacheError(f"unknown --on-bad-image '{cfg.on_bad_image}'; use fail or skip")
+    for name, n in (("train", cfg.train_size), ("test", cfg.test_size)):
+        if n is not None and n <= 0:
+            raise FusionCacheError(f"--{name}-size must be positive, got {n}; pass a positive integer or 'all'")
+    if Path(cfg.out).is_dir():
+        raise FusionCacheError(f"--out {cfg.out} is a folder; pass a file path such as {Path(cfg.out) / 'cache.h5'}")
+    parent = Path(cfg.out).resolve().parent
+    if not parent.is_dir():
+        raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} does not exist; create it or choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} is not writable; choose a writable --out")
+
+
+def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndarray], object]:
+    """Load the sources and weights and work out what the cache will hold; no backbone pass yet."""
+    validate(cfg)
+    taps = parse_taps(list(cfg.taps))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sources = {
+            s: load_source(cfg.dataset, cfg.data_root, s, cfg.download, cfg.skip_integrity_check) for s in SPLITS
+        }
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # pass integrity warnings on once
+    if sources["train"].classes != sources["test"].classes:
+        only_test = [c for c in sources["test"].classes if c not in sources["train"].classes]
+        only_train = [c for c in sources["train"].classes if c not in sources["test"].classes]
+        what = f"class {only_test[0]!r} is in test but not in train" if only_test else f"class {only_train[0]!r} is in train but not in test"
+        raise FusionCacheError(f"{what}; train and test must hold the same class folders")
+    sizes = {"train": cfg.train_size, "test": cfg.test_size}
+    subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
+    weights = load_weights(cfg.weights, seed=cfg.seed)
+    pre = Preprocess(cfg.image_size)
+    spec = {
+        "schema_version": cache_mod.SCHEMA_VERSION,
+        "backbone": "mobilenet_v2",
+        "weights_sha256": weights.sha256,
+        "image_size": pre.image_size,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "resize": RESIZE,
+        "pool": "avg",
+        "taps": taps,
+        "dataset": cfg.dataset,
+        "data_identity": {s: sources[s].identity for s in SPLITS},
+        "subset": {s: hash_indices(subsets[s]) for s in SPLITS},
+        "dtype": cfg.dtype,
+        "precision": cfg.precision,
+    }
+    attrs = {
+        "backbone": "mobilenet_v2",
+        "weights": weights.name,
+        "weights_sha256": weights.sha256,
+        "image_size": pre.image_size,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "resize": RESIZE,
+        "pool": "avg",
+        "taps": taps,
+        "dataset": cfg.dataset,
+        "data_root": str(Path(cfg.data_root).resolve()),
+        "classes": sources["train"].classes,
+        "train_size": len(subsets["train"]),
+        "test_size": len(subsets["test"]),
+        "train_source_size": len(sources["train"]),
+        "test_source_size": len(sources["test"]),
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "precision": cfg.precision,
+        "integrity_checked": not any(src.notes for src in sources.values()),
+        "versions": versions(),
+        "fingerprint": cache_mod.fingerprint(spec),
+    }
+    return attrs, sources, subsets, weights
+
+
+def hash_indices(indices: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Extract (or reuse, or resume) the cache that `cfg` describes. Returns what was done."""
+    attrs, sources, subsets, weights = plan(cfg)
+    out = Path(cfg.out)
+    taps = list(attrs["taps"])
+    dims = sum(TAP_BY_NAME[t].channels for t in taps)
+    counts = {s: len(subsets[s]) for s in SPLITS}
+    if out.exists():
+        existing = cache_mod.peek_fingerprint(out)
+        if existing == attrs["fingerprint"] and not cfg.force:
+            return ExtractResult(out, True, counts, dims)
+        if not cfg.force:
+            why = "was built with other settings" if existing else "is not a complete fusion-cache file"
+            raise FusionCacheError(f"{out} exists and {why}; pass --force to replace it, or choose another --out")
+
+    device = resolve_device(cfg.device)
+    model = build_model(weights).to(device)
+    model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
+    extractor = PooledExtractor(model, taps).eval()
+    if cfg.compile:
+        extractor = torch.compile(extractor)
+    pre = Preprocess(cfg.image_size)
+    channels = {t: TAP_BY_NAME[t].channels for t in taps}
+    start = time.perf_counter()
+    processed = 0
+    with cache_mod.CacheWriter(out, attrs, counts, channels, cfg.dtype) as writer, ThreadPoolExecutor(1) as pool:
+        pending: Future | None = None
+        total = sum(counts[s] - writer.next_position(s) for s in SPLITS)
+        bar = tqdm(total=total, unit="img", desc="extract", disable=_no_bar(cfg.progress), dynamic_ncols=True)
+        try:
+            for split in SPLITS:
+                src, idx = sources[split], subsets[split]
+                for next_pos, positions, images, bad in _batches(src, idx, writer.next_position(split), cfg, pre):
+                    if bad:
+                        if cfg.on_bad_image == "fail":
+                            raise FusionCacheError(
+                                f"cannot read image {bad[0]}; fix or remove it, or pass --on-bad-image skip"
+                            )
+                    feats = _forward(extractor, images, pre, device, cfg.precision) if len(positions) else {
+                        t: np.zeros((0, c), np.float32) for t, c in channels.items()}
+                    _check_finite(feats, split, idx[positions[0]] if len(positions) else -1)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(
+                        writer.append, split, next_pos, src.labels[idx[positions]], idx[positions],
+                        {t: v.astype(cfg.dtype, copy=False) for t, v in feats.items()},
+                        [b.split(": ", 1)[0] for b in bad],
+                    )
+                    processed += len(positions)
+                    bar.update(len(positions) + len(bad))
+            if pending is not None:
+                pending.result()
+                pending = None
+        finally:
+            if pending is not None:
+                try:
+                    pending.result()
+                except Exception:
+                    pass
+            bar.close()
+        all_skipped = {s: writer.skipped(s) for s in SPLITS if writer.skipped(s)}
+        counts = {s: writer.rows(s) for s in SPLITS}
+        writer.finish({"skipped": all_skipped, "train_size": counts["train"], "test_size": counts["test"],
+                       "device": str(device)})
+        resumed = dict(writer.resumed_from)
+    seconds = time.perf_counter() - start
+    notes = [n for s in SPLITS for n in sources[s].notes]
+    return ExtractResult(
+        out, False, counts, dims, seconds, processed / max(seconds, 1e-9), resumed, all_skipped, notes
+    )
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress
+
+
+def _forward(extractor, images: torch.Tensor, pre: Preprocess, device: torch.device, precision: str) -> dict[str, np.ndarray]:
+    """uint8 (N, 3, S, S) -> {tap: (N, C) float32 numpy}."""
+    x = pre.normalize(images).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    dtype = PRECISIONS[precision]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        feats = extractor(x)
+    return {t: v.float().cpu().numpy() for t, v in feats.items()}
+
+
+def _check_finite(feats: dict[str, np.ndarray], split: str, first_index: int) -> None:
+    for t, v in feats.items():
+        if not np.isfinite(v).all():
+            raise FusionCacheError(
+                f"the backbone produced NaN or inf at {t} for {split} images from index {first_index}; "
+                "check the weights file, or use --precision fp32"
+            )
+
+
+def _batches(src: Source, idx: np.ndarray, start: int, cfg: ExtractConfig, pre: Preprocess):
+    """Yield (next_position, positions kept, uint8 (n, 3, S, S) resized images, bad-file messages) per batch.
+
+    Batches always start at multiples of batch_size, so a resumed run sees exactly the same batches.
+    """
+    bs = cfg.batch_size
+    if src.images is not None:  # in memory (CIFAR-10): batched tensor resize, no per-image PIL work
+        for lo in range(start, len(idx), bs):
+            hi = min(lo + bs, len(idx))
+            images = pre.resize(torch.from_numpy(src.images[idx[lo:hi]]))
+            yield hi, np.arange(lo, hi), images, []
+        return
+    dataset = _FolderDataset(src, idx, pre)
+    workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
+    positions = list(range(start, len(idx)))
+    batch_sampler = [positions[i : i + bs] for i in range(0, len(positions), bs)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_collate,
+        pin_memory=torch.cuda.is_available() and cfg.device != "cpu", persistent_workers=False,
+    )
+    for batch_positions, (kept, images, bad) in zip(batch_sampler, loader):
+        yield batch_positions[-1] + 1, np.asarray(kept, dtype=np.int64), images, bad
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    def __init__(self, src: Source, idx: np.ndarray, pre: Preprocess):
+        self.src, self.idx, self.pre = src, idx, pre
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, position: int):
+        rel = self.src.paths[self.idx[position]]
+        try:
+            return position, self.pre.resize(read_image(self.src.root / rel)), None
+        except BadImage as e:
+            return position, None, f"{rel}: {str(e).split(': ', 1)[-1]}"
+
+
+def _collate(items):
+    kept = [p for p, img, err in items if img is not None]
+    images = [img for p, img, err in items if img is not None]
+    bad = [err for p, img, err in items if img is None]
+    stacked = torch.stack(images) if images else torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    return kept, stacked, bad
