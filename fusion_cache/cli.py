@@ -67,7 +67,6 @@ def main():
 
     Run `fusion-cache COMMAND --help` for each command's options.
     """
-    warnings.showwarning = _one_line_warning
 
 
 # ---------------------------------------------------------------------------------------------- extract
@@ -118,6 +117,7 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
     Example (the case study's 5000/1000 CIFAR-10 subset at 128 px):
       fusion-cache extract --out data/cifar10-paper.h5
     """
+    from .data import IntegrityWarning
     from .extract import ExtractConfig
     from .extract import extract as run_extract
     from .taps import parse_taps
@@ -128,7 +128,10 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
         precision=precision, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
         force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
     )
-    result = run_extract(cfg)
+    with warnings.catch_warnings():  # a local copy used without checks is always said out loud
+        warnings.simplefilter("always", IntegrityWarning)
+        warnings.showwarning = _one_line_warning
+        result = run_extract(cfg)
     for split, files in result.skipped.items():
         for f in files:
             click.echo(f"skipped unreadable {split} image: {f}", err=True)
@@ -182,6 +185,130 @@ def taps():
     for name, members in VIEWS.items():
         shown = "every cached tap" if name == "all" else " + ".join(members)
         click.echo(f"  {name:<6} {shown}")
+
+
+# ---------------------------------------------------------------------------------------------- fit / ablate
+
+
+def _head_options(f):
+    """Hyper-parameters shared by `fit` and `ablate` (the case study's protocol by default)."""
+    options = [
+        click.option("--epochs", type=int, default=2, show_default=True, help="linear: passes over the train split."),
+        click.option("--lr", type=float, default=1e-3, show_default=True, help="linear: Adam learning rate."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="linear: mini-batch size."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True, help="linear: L2 penalty."),
+        click.option("--standardize", is_flag=True,
+                     help="linear: standardize features with train-split statistics (logreg always does)."),
+        click.option("--solver", type=click.Choice(["adam", "lbfgs"]), default="adam", show_default=True,
+                     help="linear: Adam mini-batches (the case study) or full-batch L-BFGS to convergence."),
+        click.option("--C", "C", type=float, default=0.1, show_default=True,
+                     help="logreg: inverse L2 strength of LogisticRegression."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _params(epochs, lr, batch_size, weight_decay, standardize, solver, C):
+    from .fit import HeadParams
+
+    p = HeadParams(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, standardize=standardize,
+                   solver=solver, C=C)
+    p.check()
+    return p
+
+
+def _command_line() -> str:
+    return "fusion-cache " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fusion-cache") else \
+        "fusion-cache " + " ".join(click.get_current_context().command_path.split()[1:])
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--head", type=click.Choice(["linear", "logreg"]), default="linear", show_default=True,
+              help="linear: torch nn.Linear, Adam + cross-entropy. logreg: scikit-learn LogisticRegression baseline.")
+@click.option("--features", "view", default="fused", show_default=True,
+              help="View to train on: early, late, fused (early+late), all (every cached tap), or TAP[,TAP...].")
+@_head_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the head's initialisation and batch order.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracies as fractions) instead of a table.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Save the head (head.pt: weights, feature statistics, taps, classes, fingerprint) and metrics.json.")
+def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, seed, as_json, out):
+    """Train a head on a view of CACHE and report train and test accuracy per epoch.
+
+    \b
+    Example (the case study's head on its fused features):
+      fusion-cache fit data/cifar10-paper.h5 --head linear --features fused
+    """
+    from .cache import open_cache
+    from .fit import fit_head, save_head
+
+    params = _params(epochs, lr, batch_size, weight_decay, standardize, solver, C)
+    c = open_cache(cache)
+    r = fit_head(c, view, head, params, seed)
+    if out:
+        save_head(r, out)
+    if as_json:
+        d = r.to_json()
+        click.echo(json.dumps({k: d[k] for k in ("head", "view", "features", "dim", "seed", "params", "epochs",
+                                                 "train_acc", "test_acc", "fit_seconds", "fingerprint", "provenance")}))
+        return
+    click.echo(f"{head} head on '{view}' ({', '.join(r.features)}; {r.dim} dims), seed {seed}")
+    click.echo(f"{'epoch':>5} {'train loss':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}")
+    for e in r.epochs:
+        click.echo(f"{e['epoch']:>5} {e['train_loss']:>10.4f} {100 * e['train_acc']:>11.2f} "
+                   f"{e['test_loss']:>9.4f} {100 * e['test_acc']:>10.2f}")
+    click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
+
+
+@main.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--views", default="early,late,fused,all", show_default=True,
+              help="Comma-separated views; a tap list inside a view uses '+', e.g. features.13+features.18.")
+@click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; results are mean ± std over them.")
+@_head_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write results.json (one row per run), results.csv and results.md here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
+def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, out, as_json):
+    """Compare views x heads x seeds on one cache, with no re-extraction.
+
+    \b
+    Example:
+      fusion-cache ablate data/cifar10-paper.h5 --views early,late,fused,all --seeds 0,1,2 --out data/ablation
+    """
+    from .cache import open_cache
+    from .fit import ablate as run_ablate
+    from .fit import markdown_table, summarize, write_ablation
+
+    params = _params(epochs, lr, batch_size, weight_decay, standardize, solver, C)
+    try:
+        seed_list = [int(s) for s in _csv(seeds)]
+    except ValueError:
+        raise click.BadParameter(f"'{seeds}' is not a comma-separated list of integers", param_hint="--seeds") from None
+    view_list = [v.replace("+", ",") for v in _csv(views)]
+    c = open_cache(cache)
+
+    def tick(row):
+        if not as_json:
+            click.echo(f"  {row['view']:<10} {row['head']:<7} seed {row['seed']}: test {100 * row['test_acc']:.2f} %"
+                       f" ({row['fit_seconds']:.1f} s)", err=True)
+
+    rows = run_ablate(c, view_list, _csv(heads), seed_list, params, progress=tick)
+    from dataclasses import asdict
+
+    meta = {"cache": str(c.path), "fingerprint": c.fingerprint, "command": _command_line(), "seeds": seed_list,
+            "params": asdict(params)}
+    if out:
+        write_ablation(rows, out, meta)
+    if as_json:
+        click.echo(json.dumps({**meta, "rows": rows, "summary": summarize(rows)}))
+        return
+    click.echo(markdown_table(summarize(rows)))
+    if out:
+        click.echo(f"wrote {out}/results.json, results.csv, results.md")
 
 
 if __name__ == "__main__":  # pragma: no cover

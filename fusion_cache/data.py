@@ -96,7 +96,8 @@ def load_cifar10(root: str | Path, split: str, download: bool, skip_integrity_ch
                 f"{shown} does not match the official CIFAR-10 checksum; if you trust this local copy, "
                 "pass --skip-integrity-check, otherwise delete it and re-download"
             )
-        msg = f"using {len(bad)} CIFAR-10 file(s) whose checksums differ from the official release (e.g. {shown})"
+        copy = folder if folder.is_dir() else tarball
+        msg = f"using the local CIFAR-10 copy {copy} although its checksums differ from the official release"
         warnings.warn(msg, IntegrityWarning, stacklevel=2)
         notes.append(msg)
     classes = _unpickle(blobs[CIFAR10.meta["filename"]], where[CIFAR10.meta["filename"]])[CIFAR10.meta["key"]]

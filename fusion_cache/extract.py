@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import cache as cache_mod
 from .backbone import PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
-from .data import SPLITS, BadImage, Source, load_source, read_image, stratified_subset
+from .data import SPLITS, BadImage, IntegrityWarning, Source, load_source, read_image, stratified_subset
 from .errors import FusionCacheError
 from .taps import DEFAULT_TAPS, TAP_BY_NAME, parse_taps
 
@@ -103,13 +103,14 @@ def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndar
     """Load the sources and weights and work out what the cache will hold; no backbone pass yet."""
     validate(cfg)
     taps = parse_taps(list(cfg.taps))
+    weights = load_weights(cfg.weights, seed=cfg.seed)  # before the data: a bad weights file fails fast
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sources = {
             s: load_source(cfg.dataset, cfg.data_root, s, cfg.download, cfg.skip_integrity_check) for s in SPLITS
         }
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # pass integrity warnings on once
+    for message in dict.fromkeys(str(w.message) for w in caught):  # both splits share a tarball: warn once
+        warnings.warn(message, IntegrityWarning, stacklevel=2)
     if sources["train"].classes != sources["test"].classes:
         only_test = [c for c in sources["test"].classes if c not in sources["train"].classes]
         only_train = [c for c in sources["train"].classes if c not in sources["test"].classes]
@@ -117,7 +118,6 @@ def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndar
         raise FusionCacheError(f"{what}; train and test must hold the same class folders")
     sizes = {"train": cfg.train_size, "test": cfg.test_size}
     subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
-    weights = load_weights(cfg.weights, seed=cfg.seed)
     pre = Preprocess(cfg.image_size)
     spec = {
         "schema_version": cache_mod.SCHEMA_VERSION,

@@ -1,0 +1,250 @@
+"""Train heads on a cache view, record per-epoch metrics with provenance, save heads, and run ablations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import log_loss
+
+from .cache import Cache
+from .errors import FusionCacheError
+from .heads import HEADS, LinearHead, linear_form, make_logreg
+
+
+@dataclass
+class HeadParams:
+    """Hyper-parameters of both heads. Defaults are the case study's protocol."""
+
+    epochs: int = 2  # the case study trains 2 epochs
+    lr: float = 1e-3  # Adam's default, as in the case study
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    standardize: bool = False  # the case study feeds raw pooled features
+    solver: str = "adam"  # adam (mini-batches) | lbfgs (full batch, converged)
+    C: float = 0.1  # inverse L2 strength of the logreg baseline
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise FusionCacheError(f"--epochs must be at least 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise FusionCacheError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise FusionCacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise FusionCacheError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.C > 0:
+            raise FusionCacheError(f"--C must be positive, got {self.C}")
+        if self.solver not in ("adam", "lbfgs"):
+            raise FusionCacheError(f"unknown --solver '{self.solver}'; use adam or lbfgs")
+
+
+@dataclass
+class FitResult:
+    head: str
+    view: str
+    features: list[str]  # the taps, in order
+    dim: int
+    seed: int
+    params: dict
+    epochs: list[dict]  # {epoch, train_loss, train_acc, test_loss, test_acc}; one row for logreg
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    fit_seconds: float
+    fingerprint: str
+    provenance: dict = field(default_factory=dict)
+    estimator: object = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("estimator")
+        return d
+
+
+def make_head(head: str, params: HeadParams, seed: int):
+    if head == "linear":
+        return LinearHead(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
+                          weight_decay=params.weight_decay, standardize=params.standardize, solver=params.solver,
+                          random_state=seed, device=params.device)
+    if head == "logreg":
+        return make_logreg(C=params.C, random_state=seed)
+    raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEADS)}")
+
+
+def provenance(cache: Cache) -> dict:
+    a = cache.attrs
+    keys = ("backbone", "weights", "weights_sha256", "image_size", "mean", "std", "resize", "pool", "dataset",
+            "train_size", "test_size", "seed", "dtype", "precision", "versions")
+    return {"cache": str(cache.path), "classes": cache.classes, **{k: a.get(k) for k in keys}}
+
+
+def load_view(cache: Cache, view: str):
+    """(taps, X_train, y_train, X_test, y_test) for a view; refuses an empty cache."""
+    taps = cache.view_taps(view)
+    Xtr, ytr = cache.view(view, "train")
+    Xte, yte = cache.view(view, "test")
+    if len(ytr) == 0 or len(yte) == 0:
+        raise FusionCacheError(f"{cache.path} has an empty split (train {len(ytr)}, test {len(yte)}); re-extract it")
+    if len(np.unique(ytr)) < 2:
+        raise FusionCacheError(f"{cache.path} has a single class in its train split; a classifier needs two or more")
+    return taps, Xtr, ytr, Xte, yte
+
+
+def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: HeadParams | None = None,
+             seed: int = 0, data=None) -> FitResult:
+    """Fit one head on one view of the cache and measure it on the test split."""
+    params = params or HeadParams()
+    params.check()
+    taps, Xtr, ytr, Xte, yte = data if data is not None else load_view(cache, view)
+    est = make_head(head, params, seed)
+    start = time.perf_counter()
+    if head == "linear":
+        est.fit(Xtr, ytr, eval_set=(Xte, yte))
+        seconds = time.perf_counter() - start
+        epochs = est.history_
+        last = epochs[-1]
+        train_loss, train_acc, test_loss, test_acc = (last["train_loss"], last["train_acc"], last["test_loss"],
+                                                       last["test_acc"])
+        used = {k: v for k, v in asdict(params).items() if k != "C"}
+    else:
+        est.fit(Xtr, ytr)
+        seconds = time.perf_counter() - start
+        labels = est.classes_
+        train_loss = float(log_loss(ytr, est.predict_proba(Xtr), labels=labels))
+        train_acc = float(est.score(Xtr, ytr))
+        test_loss = float(log_loss(yte, est.predict_proba(Xte), labels=labels))
+        test_acc = float(est.score(Xte, yte))
+        epochs = [{"epoch": 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
+                   "test_acc": test_acc}]
+        used = {"C": params.C, "standardize": True, "solver": "lbfgs"}
+    return FitResult(head, view, taps, int(Xtr.shape[1]), seed, used, epochs, train_loss, train_acc, test_loss,
+                     test_acc, seconds, cache.fingerprint, provenance(cache), est)
+
+
+def save_head(result: FitResult, out_dir: str | Path) -> Path:
+    """Write `head.pt` (linear form, taps, classes, provenance; loads with weights_only=True) and `metrics.json`."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FusionCacheError(f"cannot create --out folder {out} ({e.strerror}); choose a writable folder") from None
+    form = linear_form(result.estimator)
+    state = {
+        "format": "fusion-cache-head/1",
+        "head": result.head,
+        "taps": list(result.features),
+        "classes": [result.provenance["classes"][int(c)] for c in result.estimator.classes_],
+        "coef": torch.from_numpy(np.ascontiguousarray(form["coef"], dtype=np.float32)),
+        "intercept": torch.from_numpy(np.ascontiguousarray(form["intercept"], dtype=np.float32)),
+        "mean": torch.from_numpy(np.ascontiguousarray(form["mean"], dtype=np.float32)),
+        "scale": torch.from_numpy(np.ascontiguousarray(form["scale"], dtype=np.float32)),
+        "fingerprint": result.fingerprint,
+        "provenance": json.dumps(result.provenance),
+    }
+    atomic_write(out / "head.pt", lambda f: torch.save(state, f))
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(result.to_json(), indent=2).encode()))
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder and rename, so `path` is never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- ablation
+
+
+def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], params: HeadParams | None = None,
+           progress=None) -> list[dict]:
+    """Every view x head x seed from the one cache. Returns one row per run."""
+    params = params or HeadParams()
+    params.check()
+    if not views or not heads or not seeds:
+        raise FusionCacheError("ablate needs at least one view, one head and one seed")
+    for h in heads:
+        if h not in HEADS:
+            raise FusionCacheError(f"unknown head '{h}'; use one of {', '.join(HEADS)}")
+    data = {v: load_view(cache, v) for v in views}  # validates every view before any training
+    rows = []
+    for view in views:
+        for head in heads:
+            for seed in seeds:
+                r = fit_head(cache, view, head, params, seed, data=data[view])
+                rows.append({"view": view, "head": head, "seed": seed, "taps": ",".join(r.features), "dim": r.dim,
+                             "train_acc": r.train_acc, "test_acc": r.test_acc, "train_loss": r.train_loss,
+                             "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs})
+                if progress:
+                    progress(rows[-1])
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std (over seeds) per view x head, in the order the rows came."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["view"], r["head"]), []).append(r)
+    out = []
+    for (view, head), rs in groups.items():
+        test = np.array([r["test_acc"] for r in rs])
+        train = np.array([r["train_acc"] for r in rs])
+        out.append({"view": view, "head": head, "dim": rs[0]["dim"], "n_seeds": len(rs),
+                    "test_acc_mean": float(test.mean()), "test_acc_std": float(test.std(ddof=1) if len(rs) > 1 else 0.0),
+                    "train_acc_mean": float(train.mean()),
+                    "train_acc_std": float(train.std(ddof=1) if len(rs) > 1 else 0.0)})
+    return out
+
+
+def markdown_table(summary: list[dict]) -> str:
+    lines = ["| view | head | dim | test acc (%) | train acc, final epoch (%) | seeds |", "|---|---|---:|---:|---:|---:|"]
+    for s in summary:
+        train = f"{100 * s['train_acc_mean']:.2f} ± {100 * s['train_acc_std']:.2f}" if s["head"] == "linear" else "—"
+        lines.append(f"| {s['view']} | {s['head']} | {s['dim']} | {100 * s['test_acc_mean']:.2f} ± "
+                     f"{100 * s['test_acc_std']:.2f} | {train} | {s['n_seeds']} |")
+    return "\n".join(lines)
+
+
+def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict) -> Path:
+    """results.json (meta + one row per run), results.csv and results.md, each written atomically."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FusionCacheError(f"cannot create --out folder {out} ({e.strerror}); choose a writable folder") from None
+    summary = summarize(rows)
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(
+        {**meta, "rows": rows, "summary": summary}, indent=2).encode()))
+
+    def write_csv(f):
+        import io
+
+        buf = io.StringIO()
+        cols = ["view", "head", "seed", "taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        f.write(buf.getvalue().encode())
+
+    atomic_write(out / "results.csv", write_csv)
+    md = (f"# Ablation\n\nCache `{meta['cache']}` (fingerprint `{meta['fingerprint'][:16]}`), "
+          f"command `{meta['command']}`.\nAccuracies in percent, mean ± std over seeds {meta['seeds']}.\n\n"
+          + markdown_table(summary) + "\n")
+    atomic_write(out / "results.md", lambda f: f.write(md.encode()))
+    return out

@@ -1,0 +1,309 @@
+"""extract: taps, features equal to a direct forward, stratified subsets, provenance, reuse/refusal, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torchvision.models import mobilenet_v2
+from torchvision.transforms import v2
+
+from fusion_cache.backbone import PooledExtractor, load_weights
+from fusion_cache.cache import open_cache
+from fusion_cache.cli import main
+from fusion_cache.data import stratified_subset
+from fusion_cache.extract import ExtractConfig, extract
+from fusion_cache.taps import ALL_TAPS, TAPS
+
+from .conftest import CIFAR_CLASSES, write_cifar
+
+
+def _model(weights_file) -> torch.nn.Module:
+    m = mobilenet_v2(weights=None)
+    m.load_state_dict(torch.load(weights_file, weights_only=True))
+    return m.eval()
+
+
+def _direct_pooled(model, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Reference: run model.features block by block (NCHW, fp32) and average-pool every block output."""
+    out = {}
+    with torch.no_grad():
+        h = x
+        for i, block in enumerate(model.features):
+            h = block(h)
+            out[f"features.{i}"] = h.mean(dim=(2, 3)).numpy()
+    return out
+
+
+def _cifar_arrays(root: Path, split: str) -> np.ndarray:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    data = []
+    for n in names:
+        with open(root / "cifar-10-batches-py" / n, "rb") as f:
+            data.append(pickle.load(f, encoding="latin1")["data"])
+    return np.concatenate(data).reshape(-1, 3, 32, 32)
+
+
+def test_declared_channels_and_strides_match_the_model():
+    model = mobilenet_v2(weights=None).eval()
+    ex = PooledExtractor(model, list(ALL_TAPS))
+    with torch.no_grad():
+        feats = ex(torch.zeros(1, 3, 64, 64))
+        maps = ex.body(torch.zeros(1, 3, 64, 64))
+    for tap in TAPS:
+        assert feats[tap.name].shape == (1, tap.channels), tap.name
+        assert 64 // maps[tap.name].shape[-1] == tap.reduction, tap.name
+    assert sum(t.channels for t in TAPS) == 2816
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cached_features_equal_direct_forward(tiny_cache, cifar_root, weights_file, split):
+    cache = open_cache(tiny_cache)
+    idx = cache.indices(split)
+    images = torch.from_numpy(_cifar_arrays(cifar_root, split)[idx])
+    # An independent preprocessing path: torchvision's v2 transform objects, one image at a time.
+    tf = v2.Compose([v2.Resize(48, antialias=True), v2.CenterCrop(48), v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    x = torch.stack([tf(img) for img in images])
+    ref = _direct_pooled(_model(weights_file), x)
+    for tap in cache.taps:
+        np.testing.assert_allclose(cache.features(tap, split), ref[tap], rtol=1e-4, atol=1e-5, err_msg=tap)
+    # labels are the source labels at the stored indices
+    with open(cifar_root / "cifar-10-batches-py" / ("test_batch" if split == "test" else "data_batch_1"), "rb") as f:
+        first = pickle.load(f, encoding="latin1")["labels"]
+    in_first = idx < len(first)
+    assert np.array_equal(cache.labels(split)[in_first], np.asarray(first)[idx[in_first]])
+
+
+def test_stratified_counts_and_provenance(tiny_cache, weights_file):
+    cache = open_cache(tiny_cache)
+    assert np.bincount(cache.labels("train"), minlength=10).tolist() == [6] * 10
+    assert np.bincount(cache.labels("test"), minlength=10).tolist() == [2] * 10
+    assert len(np.unique(cache.indices("train"))) == 60
+    a = cache.attrs
+    assert a["weights_sha256"] == hashlib.sha256(Path(weights_file).read_bytes()).hexdigest()
+    assert a["taps"] == list(ALL_TAPS)
+    assert a["image_size"] == 48 and a["mean"] == [0.485, 0.456, 0.406] and a["std"] == [0.229, 0.224, 0.225]
+    assert a["classes"] == CIFAR_CLASSES
+    assert a["dataset"] == "cifar10" and a["seed"] == 0 and a["train_size"] == 60 and a["test_size"] == 20
+    assert a["schema_version"] == 1 and a["complete"] is True and a["integrity_checked"] is False
+    assert {"torch", "torchvision", "h5py", "numpy", "sklearn", "fusion_cache"} <= set(a["versions"])
+    assert len(a["fingerprint"]) == 64
+    with h5py.File(tiny_cache, "r") as f:
+        ds = f["train/features/features.18"]
+        assert ds.chunks is not None and ds.maxshape == (None, 1280) and ds.dtype == np.float32
+        assert f["train/labels"].dtype == np.int64 and f["train/indices"].dtype == np.int64
+
+
+def test_view_api_concatenates_taps_in_order(tiny_cache):
+    cache = open_cache(tiny_cache)
+    X, y = cache.view("fused", split="train")
+    assert X.shape == (60, 96 + 1280) and X.dtype == np.float32 and y.shape == (60,)
+    np.testing.assert_array_equal(X[:, :96], cache.features("features.13"))
+    np.testing.assert_array_equal(X[:, 96:], cache.features("features.18"))
+    X2, _ = cache.view("features.0,features.18", split="test")
+    assert X2.shape == (20, 32 + 1280)
+
+
+def test_stratified_subset_is_seeded_proportional_and_unique():
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+    a = stratified_subset(labels, 20, seed=3)
+    assert np.array_equal(a, stratified_subset(labels, 20, seed=3))
+    assert not np.array_equal(a, stratified_subset(labels, 20, seed=4))
+    assert len(np.unique(a)) == 20
+    assert np.bincount(labels[a], minlength=4).tolist() == [10, 6, 3, 1]
+    assert np.array_equal(stratified_subset(labels, None, seed=0), np.arange(100))
+
+
+def _cfg(tmp_path, cifar_root, weights_file, **kw):
+    base = dict(out=tmp_path / "c.h5", data_root=cifar_root, train_size=20, test_size=10, weights=str(weights_file),
+                image_size=32, taps=("features.13", "features.18"), batch_size=8, download=False,
+                skip_integrity_check=True, progress=False)
+    return ExtractConfig(**{**base, **kw})
+
+
+def test_reuse_and_refusal(tmp_path, cifar_root, weights_file):
+    first = extract(_cfg(tmp_path, cifar_root, weights_file))
+    assert not first.reused
+    before = (tmp_path / "c.h5").stat().st_mtime_ns
+    again = extract(_cfg(tmp_path, cifar_root, weights_file))
+    assert again.reused and "reused" in again.summary()
+    assert (tmp_path / "c.h5").stat().st_mtime_ns == before
+    with pytest.raises(Exception, match="built with other settings; pass --force"):
+        extract(_cfg(tmp_path, cifar_root, weights_file, seed=1))
+    assert open_cache(tmp_path / "c.h5").attrs["seed"] == 0  # the existing file is untouched
+    forced = extract(_cfg(tmp_path, cifar_root, weights_file, seed=1, force=True))
+    assert not forced.reused and open_cache(tmp_path / "c.h5").attrs["seed"] == 1
+    assert not (tmp_path / "c.h5.partial").exists() and not (tmp_path / "c.h5.lock").exists()
+
+
+def test_fingerprint_changes_with_preprocessing(tmp_path, cifar_root, weights_file):
+    extract(_cfg(tmp_path, cifar_root, weights_file))
+    fp = open_cache(tmp_path / "c.h5").fingerprint
+    extract(_cfg(tmp_path, cifar_root, weights_file, image_size=40, out=tmp_path / "d.h5"))
+    assert open_cache(tmp_path / "d.h5").fingerprint != fp
+
+
+def test_tarball_gives_the_same_cache_as_the_extracted_folder(tmp_path, cifar_root, weights_file):
+    tar_root = tmp_path / "tar"
+    tar_root.mkdir()
+    with tarfile.open(tar_root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(cifar_root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    extract(_cfg(tmp_path, cifar_root, weights_file))
+    extract(_cfg(tmp_path, tar_root, weights_file, out=tmp_path / "t.h5"))
+    a, b = open_cache(tmp_path / "c.h5"), open_cache(tmp_path / "t.h5")
+    assert a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.features("features.18", "test"), b.features("features.18", "test"))
+    assert list(tar_root.iterdir()) == [tar_root / "cifar-10-python.tar.gz"]  # nothing unpacked into the user's folder
+
+
+def test_image_folder_of_awkward_images(tmp_path, folder_root, weights_file):
+    out = tmp_path / "f.h5"
+    res = extract(ExtractConfig(out=out, dataset="imagefolder", data_root=folder_root, train_size=None, test_size=None,
+                                weights=str(weights_file), image_size=32, taps=("features.3", "features.18"),
+                                batch_size=4, workers=0, progress=False))
+    cache = open_cache(out)
+    assert cache.classes == ["cats", "dogs", "owls"]
+    assert res.counts == {"train": 15, "test": 6}
+    # direct forward through PIL + torchvision transforms
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder_root / "train"))
+    tf = v2.Compose([v2.PILToTensor(), v2.Resize(32, antialias=True), v2.CenterCrop(32),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    rgb_like = [i for i, (p, _) in enumerate(ds.samples) if Image.open(p).mode in ("RGB", "L")]
+    x = torch.stack([tf(Image.open(ds.samples[i][0]).convert("RGB")) for i in rgb_like])
+    ref = _direct_pooled(_model(weights_file), x)
+    rows = [list(cache.indices("train")).index(i) for i in rgb_like]
+    np.testing.assert_allclose(cache.features("features.18")[rows], ref["features.18"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cache.features("features.3")[rows], ref["features.3"], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CLI errors
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _base_args(tmp_path, cifar_root, weights_file):
+    return ["extract", "--out", tmp_path / "c.h5", "--data-root", cifar_root, "--weights", weights_file,
+            "--train-size", 20, "--test-size", 10, "--image-size", 32, "--no-download", "--skip-integrity-check",
+            "--no-progress"]
+
+
+def test_cli_extract_and_info(tmp_path, cifar_root, weights_file):
+    r = _run(*_base_args(tmp_path, cifar_root, weights_file), "--taps", "fused")
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.output and "train 20, test 10 images, 1376 dims" in r.output
+    assert r.output.count("checksums differ from the official release") == 1  # the warning, once
+    r = _run("info", tmp_path / "c.h5")
+    assert r.exit_code == 0 and "features.13" in r.output and "sha256" in r.output
+    r = _run(*_base_args(tmp_path, cifar_root, weights_file), "--taps", "fused")
+    assert r.exit_code == 0 and "reused" in r.output
+
+
+def test_cli_unknown_tap_lists_valid_ones(tmp_path, cifar_root, weights_file):
+    r = _run(*_base_args(tmp_path, cifar_root, weights_file), "--taps", "features.19")
+    assert r.exit_code == 1
+    assert r.output == (
+        "Error: unknown tap 'features.19'; valid taps are features.0 ... features.18 "
+        "(see `fusion-cache taps`) or a view: early, late, fused, all\n"
+    )
+
+
+def test_cli_missing_dataset_with_no_download(tmp_path, weights_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _run("extract", "--out", tmp_path / "c.h5", "--data-root", empty, "--weights", weights_file, "--no-download")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.startswith(f"Error: CIFAR-10 not found under {empty}/")
+    assert "drop --no-download" in r.output and r.output.count("\n") == 1
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cli_integrity_refusal_names_file_and_flag(tmp_path, cifar_root, weights_file):
+    args = [a for a in _base_args(tmp_path, cifar_root, weights_file) if a != "--skip-integrity-check"]
+    r = _run(*args)
+    assert r.exit_code == 1
+    assert "does not match the official CIFAR-10 checksum" in r.output and "--skip-integrity-check" in r.output
+    assert "data_batch_1" in r.output and not (tmp_path / "c.h5").exists()
+
+
+def test_cli_truncated_batch_fails_even_with_the_flag(tmp_path, weights_file):
+    root = write_cifar(tmp_path / "broken")
+    p = root / "cifar-10-batches-py" / "data_batch_3"
+    p.write_bytes(p.read_bytes()[: 5000])
+    r = _run(*_base_args(tmp_path, root, weights_file))
+    assert r.exit_code == 1 and "data_batch_3 is truncated or corrupt" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cli_weights_of_another_architecture(tmp_path, cifar_root):
+    from torchvision.models import resnet18
+
+    w = tmp_path / "resnet.pth"
+    torch.save(resnet18(weights=None).state_dict(), w)
+    r = _run(*_base_args(tmp_path, cifar_root, w))
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "does not hold torchvision MobileNetV2 (width 1.0) weights" in r.output and "missing keys" in r.output
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cli_weights_pickle_with_code_is_not_run(tmp_path, cifar_root):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    w = tmp_path / "evil.pth"
+    torch.save({"features.0.0.weight": Evil()}, w)
+    r = _run(*_base_args(tmp_path, cifar_root, w))
+    assert r.exit_code == 1 and "not a plain state_dict" in r.output and "Traceback" not in r.output
+    assert not marker.exists()
+
+
+def test_cli_unwritable_output(tmp_path, cifar_root, weights_file):
+    if os.geteuid() == 0:  # root writes anywhere on a normal filesystem; sysfs refuses even root
+        out = Path("/sys/fusion-cache-test.h5")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "c.h5"
+    args = _base_args(tmp_path, cifar_root, weights_file)
+    args[args.index("--out") + 1] = out
+    r = _run(*args)
+    assert r.exit_code == 1 and r.output.count("\n") == 2  # the integrity warning, then the error
+    assert f"Error: cannot write {out}" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_cli_bad_sizes(tmp_path, cifar_root, weights_file):
+    args = _base_args(tmp_path, cifar_root, weights_file)
+    args[args.index("--train-size") + 1] = "0"
+    r = _run(*args)
+    assert r.exit_code == 2 and "must be positive" in r.output
+    args[args.index("--train-size") + 1] = "1000"
+    r = _run(*args)
+    assert r.exit_code == 1 and "--train-size 1000 is larger than the train split (100 images)" in r.output
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, cmd in main.commands.items():
+        assert cmd.help, name
+        assert f"fusion-cache {name}" in readme, name
+        r = _run(name, "--help")
+        assert r.exit_code == 0 and "Usage:" in r.output

@@ -1,0 +1,178 @@
+"""fit and ablate: views select the right columns, seeds reproduce, JSON schema, estimator contract, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.model_selection import cross_val_score
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from fusion_cache.cache import open_cache
+from fusion_cache.cli import main
+from fusion_cache.fit import HeadParams, fit_head
+from fusion_cache.heads import LinearHead
+
+from .conftest import write_synthetic_cache
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("head", ["linear", "logreg"])
+def test_views_select_the_right_columns(encoded_cache, head):
+    cache = open_cache(encoded_cache)
+    params = HeadParams(epochs=20, lr=1e-2, standardize=True)
+    acc = {v: fit_head(cache, v, head, params, seed=0).test_acc for v in ("early", "fused", "late")}
+    assert acc["early"] > 0.9 and acc["fused"] > 0.9, acc
+    assert acc["late"] < 0.45, acc  # chance is 0.25: the late tap carries no label information
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_cache):
+    a = _run("fit", tiny_cache, "--features", "fused", "--seed", 3, "--json")
+    b = _run("fit", tiny_cache, "--features", "fused", "--seed", 3, "--json")
+    c = _run("fit", tiny_cache, "--features", "fused", "--seed", 4, "--json")
+    ja, jb, jc = (json.loads(r.output) for r in (a, b, c))
+    assert ja["epochs"] == jb["epochs"] and ja["test_acc"] == jb["test_acc"]
+    assert ja["epochs"] != jc["epochs"]
+
+
+def test_fit_json_schema(tiny_cache):
+    r = _run("fit", tiny_cache, "--head", "linear", "--features", "late", "--epochs", 3, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert {"head", "features", "dim", "epochs", "test_acc", "fit_seconds", "fingerprint"} <= set(d)
+    assert d["head"] == "linear" and d["features"] == ["features.18"] and d["dim"] == 1280
+    assert [e["epoch"] for e in d["epochs"]] == [1, 2, 3]
+    for e in d["epochs"]:
+        assert set(e) == {"epoch", "train_loss", "train_acc", "test_loss", "test_acc"}
+        assert 0.0 <= e["train_acc"] <= 1.0 and 0.0 <= e["test_acc"] <= 1.0
+    assert d["test_acc"] == d["epochs"][-1]["test_acc"]
+    assert d["fingerprint"] == open_cache(tiny_cache).fingerprint
+    assert d["provenance"]["weights_sha256"] == open_cache(tiny_cache).attrs["weights_sha256"]
+    r = _run("fit", tiny_cache, "--head", "logreg", "--features", "all", "--json")
+    d = json.loads(r.output)
+    assert d["head"] == "logreg" and d["dim"] == 2816 and len(d["features"]) == 19
+
+
+def test_fit_table_output_is_in_percent(tiny_cache):
+    r = _run("fit", tiny_cache, "--features", "early")
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert lines[1].split() == ["epoch", "train", "loss", "train", "acc", "%", "test", "loss", "test", "acc", "%"]
+    last = json.loads(_run("fit", tiny_cache, "--features", "early", "--json").output)["test_acc"]
+    assert lines[-1].startswith(f"test accuracy {100 * last:.2f} %")
+
+
+def test_saved_head_reproduces_predictions(tiny_cache, tmp_path):
+    r = _run("fit", tiny_cache, "--features", "fused", "--standardize", "--out", tmp_path / "head")
+    assert r.exit_code == 0, r.output
+    state = torch.load(tmp_path / "head" / "head.pt", weights_only=True)
+    metrics = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    cache = open_cache(tiny_cache)
+    assert state["taps"] == ["features.13", "features.18"] and state["fingerprint"] == cache.fingerprint
+    assert state["classes"] == cache.classes
+    X, y = cache.view("fused", "test")
+    logits = ((torch.from_numpy(X) - state["mean"]) / state["scale"]) @ state["coef"].T + state["intercept"]
+    acc = (logits.argmax(1).numpy() == y).mean()
+    assert acc == pytest.approx(metrics["test_acc"])
+
+
+def test_ablate_writes_every_run(tiny_cache, tmp_path):
+    r = _run("ablate", tiny_cache, "--views", "early,late,features.3+features.18", "--heads", "linear,logreg",
+             "--seeds", "0,1", "--out", tmp_path / "abl")
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert len(d["rows"]) == 3 * 2 * 2 and d["fingerprint"] == open_cache(tiny_cache).fingerprint
+    assert {(s["view"], s["head"]) for s in d["summary"]} == {
+        (v, h) for v in ("early", "late", "features.3,features.18") for h in ("linear", "logreg")}
+    with open(tmp_path / "abl" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    md = (tmp_path / "abl" / "results.md").read_text()
+    assert "| early | linear |" in md and "±" in md
+    # the ablation's numbers are fit's numbers
+    one = json.loads(_run("fit", tiny_cache, "--features", "late", "--head", "linear", "--seed", 1, "--json").output)
+    row = next(x for x in d["rows"] if x["view"] == "late" and x["head"] == "linear" and x["seed"] == 1)
+    assert row["test_acc"] == one["test_acc"] and row["train_acc"] == one["epochs"][-1]["train_acc"]
+
+
+def test_lbfgs_solver_converges_on_separable_data(encoded_cache):
+    cache = open_cache(encoded_cache)
+    r = fit_head(cache, "early", "linear", HeadParams(solver="lbfgs", weight_decay=1e-3, standardize=True))
+    assert r.test_acc > 0.9 and len(r.epochs) == 1
+
+
+def test_linear_head_works_inside_sklearn_tools(encoded_cache):
+    X, y = open_cache(encoded_cache).view("early", "train")
+    scores = cross_val_score(LinearHead(epochs=10, lr=1e-2), X, y, cv=3)
+    assert scores.mean() > 0.85
+
+
+@parametrize_with_checks([LinearHead(epochs=30, lr=1e-2), LinearHead(solver="lbfgs", weight_decay=1e-3)])
+def test_sklearn_estimator_contract(estimator, check):
+    check(estimator)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_view(tiny_cache):
+    r = _run("fit", tiny_cache, "--features", "middle")
+    assert r.exit_code == 1
+    assert r.output == ("Error: unknown view or tap 'middle'; use one of early, late, fused, all "
+                        "or comma-separated taps such as features.13,features.18\n")
+
+
+def test_view_whose_tap_the_cache_lacks_lists_what_it_has(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = {s: {"features.18": rng.normal(size=(10, 1280)).astype(np.float32)} for s in ("train", "test")}
+    labels = {s: np.arange(10) % 2 for s in ("train", "test")}
+    path = write_synthetic_cache(tmp_path / "late-only.h5", feats, labels, ["x", "y"])
+    r = _run("fit", path, "--features", "fused")
+    assert r.exit_code == 1
+    assert r.output == ("Error: view 'fused' needs features.13, which this cache lacks; it holds features.18. "
+                        "Re-run extract with --taps including them\n")
+
+
+def test_incomplete_cache_is_refused_with_how_to_resume(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = {s: {"features.18": rng.normal(size=(10, 1280)).astype(np.float32)} for s in ("train", "test")}
+    labels = {s: np.arange(10) % 2 for s in ("train", "test")}
+    write_synthetic_cache(tmp_path / "c.h5", feats, labels, ["x", "y"], complete=False)
+    r = _run("fit", tmp_path / "c.h5")
+    assert r.exit_code == 1 and "an interrupted extraction left" in r.output and "resume" in r.output
+    r = _run("fit", tmp_path / "c.h5.partial")
+    assert r.exit_code == 1 and "incomplete cache" in r.output and "resume" in r.output
+
+
+def test_empty_cache_is_refused(tmp_path):
+    feats = {s: {"features.18": np.zeros((0, 1280), np.float32)} for s in ("train", "test")}
+    labels = {s: np.zeros(0, np.int64) for s in ("train", "test")}
+    path = write_synthetic_cache(tmp_path / "empty.h5", feats, labels, ["x", "y"])
+    r = _run("fit", path, "--features", "late")
+    assert r.exit_code == 1 and "has an empty split" in r.output and "Traceback" not in r.output
+
+
+def test_not_a_cache(tmp_path):
+    p = tmp_path / "notes.h5"
+    p.write_text("hello")
+    r = _run("fit", p)
+    assert r.output == f"Error: {p} is not an HDF5 file; pass a cache written by `fusion-cache extract`\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "Error: --epochs must be at least 1, got -1\n"),
+    (["--lr", "0"], "Error: --lr must be positive, got 0.0\n"),
+    (["--lr", "-0.1"], "Error: --lr must be positive, got -0.1\n"),
+    (["--batch-size", "0"], "Error: --batch-size must be at least 1, got 0\n"),
+    (["--head", "logreg", "--C", "0"], "Error: --C must be positive, got 0.0\n"),
+    (["--weight-decay", "-1"], "Error: --weight-decay must be >= 0, got -1.0\n"),
+])
+def test_nonsense_hyper_parameters(tiny_cache, args, message):
+    r = _run("fit", tiny_cache, *args)
+    assert r.exit_code == 1 and r.output == message
