@@ -8,7 +8,7 @@ EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
 OUT ?= data/runs
 
-.PHONY: install test demo clean
+.PHONY: install test demo reference clean
 
 install: $(BIN)/fusion-cache
 
@@ -24,6 +24,15 @@ test: install
 demo: install
 	$(BIN)/fusion-cache extract --out $(CACHE) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache fit $(CACHE) --head linear --features fused
+
+# Issue 3's reference protocol on three subset draws: linear head, 2 epochs, Adam 1e-3, batch 32, raw features.
+reference: install
+	for s in 0 1 2; do \
+	  $(BIN)/fusion-cache extract --out data/cifar10-paper-s$$s.h5 --seed $$s --data-root $(DATA_ROOT) \
+	    --weights $(WEIGHTS) $(EXTRACT_FLAGS) && \
+	  $(BIN)/fusion-cache ablate data/cifar10-paper-s$$s.h5 --views late,features.13+features.18,all \
+	    --heads linear --seeds 0,1,2 --out data/reference-s$$s || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -311,5 +311,78 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
         click.echo(f"wrote {out}/results.json, results.csv, results.md")
 
 
+# ---------------------------------------------------------------------------------------------- predict / export
+
+
+@main.command()
+@click.argument("head_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--weights", default=None,
+              help="Backbone weights [default: those the head recorded]; refused unless their sha256 matches.")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to print per image.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of reporting it.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: {path, class, prob} per image.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
+def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progress):
+    """Classify image files or folders with a head saved by `fit --out HEAD_DIR`.
+
+    Rebuilds the backbone, taps, pooling and standardization the head was trained
+    with. Prints one line per image: path, class, probability.
+
+    \b
+    Example:
+      fusion-cache predict data/head photos/ --top-k 3
+    """
+    from .predict import build_deployed, list_images, load_head
+    from .predict import predict as run_predict
+
+    head = load_head(head_dir)
+    model = build_deployed(head, weights)
+    paths = list_images(list(images))
+    results, failed = [], 0
+    for r in run_predict(model, head, paths, batch_size, top_k, strict, progress):
+        if "error" in r:
+            failed += 1
+            click.echo(f"{r['path']}: cannot read ({r['error']})", err=True)
+            if as_json:
+                results.append({"path": r["path"], "class": None, "prob": None, "error": r["error"]})
+            continue
+        if as_json:
+            item = {"path": r["path"], "class": r["class"], "prob": r["prob"]}
+            if top_k > 1:
+                item["top"] = r["top"]
+            results.append(item)
+        else:
+            click.echo(f"{r['path']}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in r["top"]))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    if failed:
+        click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
+
+
+@main.command()
+@click.argument("head_dir", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .pt2 file to write (torch.export program + fusion_cache.json extra file).")
+@click.option("--weights", default=None, help="Backbone weights [default: those the head recorded].")
+def export(head_dir, out, weights):
+    """Write one standalone torch.export program: normalized image tensor in, logits out.
+
+    Load it without fusion-cache:
+
+    \b
+      extra = {"fusion_cache.json": ""}
+      program = torch.export.load("model.pt2", extra_files=extra)
+      meta = json.loads(extra["fusion_cache.json"])   # classes, image_size, mean, std
+      logits = program.module()(x)                     # x: (N, 3, S, S), normalized
+    """
+    from .predict import export as run_export
+    from .predict import load_head
+
+    path = run_export(load_head(head_dir), out, weights)
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,182 @@
+"""A saved head on new images: rebuild backbone + taps + pooling + standardization + linear, predict, export."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm.auto import tqdm
+
+from .backbone import Preprocess, PooledExtractor, build_model, load_weights
+from .data import BadImage, read_image
+from .errors import FusionCacheError
+
+HEAD_FORMAT = "fusion-cache-head/1"
+
+
+class DeployedModel(nn.Module):
+    """Normalized image tensor (N, 3, S, S) -> logits (N, K): taps, average pooling, standardization, linear."""
+
+    def __init__(self, backbone: nn.Module, taps: list[str], coef, intercept, mean, scale):
+        super().__init__()
+        self.features = PooledExtractor(backbone, taps)
+        self.taps = list(taps)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+        self.linear = nn.Linear(coef.shape[1], coef.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.as_tensor(coef))
+            self.linear.bias.copy_(torch.as_tensor(intercept))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(x)
+        z = torch.cat([feats[t] for t in self.taps], dim=1)
+        return self.linear((z - self.mean) / self.scale)
+
+
+@dataclass
+class Head:
+    """What `fit --out` saved: the linear form, taps, classes and the provenance of the features."""
+
+    path: Path
+    state: dict
+    provenance: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.state["classes"])
+
+    @property
+    def preprocess(self) -> Preprocess:
+        p = self.provenance
+        return Preprocess(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]))
+
+    def logits_from_features(self, X: np.ndarray) -> np.ndarray:
+        s = self.state
+        return ((X - s["mean"].numpy()) / s["scale"].numpy()) @ s["coef"].numpy().T + s["intercept"].numpy()
+
+
+def load_head(head_dir: str | Path) -> Head:
+    head_dir = Path(head_dir)
+    f = head_dir / "head.pt" if head_dir.is_dir() else head_dir
+    if not f.is_file():
+        raise FusionCacheError(f"no head.pt in {head_dir}; train one with `fusion-cache fit CACHE --out {head_dir}`")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FusionCacheError(f"{f} is not a readable head ({type(e).__name__}); re-run `fusion-cache fit --out`") from None
+    if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
+        raise FusionCacheError(f"{f} is not a fusion-cache head; re-run `fusion-cache fit --out`")
+    return Head(f, state, json.loads(state["provenance"]))
+
+
+def build_deployed(head: Head, weights: str | None = None) -> DeployedModel:
+    """Rebuild the backbone from `weights` (default: the ones recorded) and refuse any other weights."""
+    p = head.provenance
+    spec = weights or p["weights"]
+    loaded = load_weights(spec, seed=int(p.get("seed", 0)))
+    if loaded.sha256 != p["weights_sha256"]:
+        raise FusionCacheError(
+            f"weights {spec} (sha256 {loaded.sha256[:12]}…) are not the ones this head's features came from "
+            f"(sha256 {p['weights_sha256'][:12]}…, {p['weights']}); pass --weights with that file"
+        )
+    s = head.state
+    model = DeployedModel(build_model(loaded), head.state["taps"], s["coef"], s["intercept"], s["mean"], s["scale"])
+    return model.eval().requires_grad_(False)
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image extensions, in sorted order."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMG_EXTENSIONS))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FusionCacheError(f"{p} does not exist; pass image files or folders")
+    if not out:
+        raise FusionCacheError(f"no images found in {', '.join(map(str, inputs))}; pass image files or folders")
+    return out
+
+
+def predict(model: DeployedModel, head: Head, paths: list[Path], batch_size: int = 64, top_k: int = 1,
+            strict: bool = False, progress: bool | None = None):
+    """Yield one dict per image: {path, class, prob, top: [[class, prob], ...], logits} or {path, error}."""
+    pre = head.preprocess
+    classes = head.classes
+    top_k = max(1, min(top_k, len(classes)))
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=None if progress is None else not progress)
+    try:
+        for lo in range(0, len(paths), batch_size):
+            chunk = paths[lo : lo + batch_size]
+            images, kept, errors = [], [], {}
+            for p in chunk:
+                try:
+                    images.append(pre.resize(read_image(p)))
+                    kept.append(p)
+                except BadImage as e:
+                    if strict:
+                        raise FusionCacheError(f"cannot read image {e}; fix or remove it, or drop --strict") from None
+                    errors[p] = str(e).split(": ", 1)[-1]
+            logits = np.zeros((0, len(classes)), np.float32)
+            if images:
+                with torch.inference_mode():
+                    logits = model(pre.normalize(torch.stack(images))).numpy()
+            probs = _softmax(logits)
+            results = {p: (logits[i], probs[i]) for i, p in enumerate(kept)}
+            for p in chunk:
+                if p in errors:
+                    yield {"path": str(p), "error": errors[p]}
+                    continue
+                z, pr = results[p]
+                order = np.argsort(-pr)[:top_k]
+                yield {"path": str(p), "class": classes[order[0]], "prob": float(pr[order[0]]),
+                       "top": [[classes[i], float(pr[i])] for i in order], "logits": z.tolist()}
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True) if len(z) else z
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True) if len(z) else e
+
+
+EXTRA_FILE = "fusion_cache.json"
+
+
+def export(head: Head, out: str | Path, weights: str | None = None) -> Path:
+    """One `torch.export` program, normalized image in, logits out; classes and preprocessing in its extra files."""
+    from .fit import atomic_write
+
+    model = build_deployed(head, weights)
+    pre = head.preprocess
+    example = torch.zeros(2, 3, pre.image_size, pre.image_size)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    except Exception as e:  # pragma: no cover - depends on the torch version
+        raise FusionCacheError(f"torch.export failed ({type(e).__name__}: {e}); upgrade torch") from None
+    meta = {
+        "classes": head.classes,
+        "input": "float32 (N, 3, S, S): RGB scaled to [0, 1], resized (shorter side, bilinear) and center-cropped "
+                 "to S, then (x - mean) / std per channel",
+        "image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
+        "taps": head.state["taps"], "weights_sha256": head.provenance["weights_sha256"],
+        "fingerprint": head.state["fingerprint"],
+    }
+    out = Path(out)
+    if out.is_dir():
+        raise FusionCacheError(f"--out {out} is a folder; pass a file name such as {out / 'model.pt2'}")
+    if not out.parent.is_dir():
+        raise FusionCacheError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
+    atomic_write(out, lambda f: torch.export.save(program, f, extra_files={EXTRA_FILE: json.dumps(meta)}))
+    return out
