@@ -8,7 +8,7 @@ EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
 OUT ?= data/runs
 
-.PHONY: install test demo reference clean
+.PHONY: install test demo reference killtest clean
 
 install: $(BIN)/fusion-cache
 
@@ -33,6 +33,10 @@ reference: install
 	  $(BIN)/fusion-cache ablate data/cifar10-paper-s$$s.h5 --views late,features.13+features.18,all \
 	    --heads linear --seeds 0,1,2 --out data/reference-s$$s || exit 1; \
 	done
+
+# Issue 6's goal: 20 SIGKILLs at random moments, each resumed and compared bit for bit.
+killtest: install
+	$(BIN)/python scripts/killtest.py --kills 20
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NAMED_WEIGHTS = {"imagenet1k_v1": MobileNet_V2_Weights.IMAGENET1K_V1, "imagenet1k_v2": MobileNet_V2_Weights.IMAGENET1K_V2}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESIZE = "bilinear-antialias shorter side to image_size, center crop, uint8"  # recorded in every cache
+POOLS = {"avg": 1, "avgmax": 2}  # pooling of each tap -> multiple of its channel count in the cached vector
 
 
 @dataclass(frozen=True)
@@ -105,12 +104,17 @@ def load_weights(spec: str, seed: int = 0) -> LoadedWeights:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        unsafe = [line for line in str(e).splitlines() if "nsupported" in line and ("GLOBAL" in line or "global" in line)]
+        if not unsafe:
+            raise FusionCacheError(
+                f"{path} is not a readable PyTorch weights file (UnpicklingError); "
+                "pass a .pth saved with torch.save(model.state_dict(), path)"
+            ) from None
         raise FusionCacheError(
-            f"{path} is not a plain state_dict and was not loaded, because it would run code ({first[:120]}); "
-            "save the weights with torch.save(model.state_dict(), path)"
+            f"{path} is not a plain state_dict and was not loaded, because it would run code "
+            f"({unsafe[0].strip()[:100]}); save the weights with torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # torch.load raises RuntimeError, EOFError, struct.error, ... on files it cannot parse
         raise FusionCacheError(
             f"{path} is not a readable PyTorch weights file ({type(e).__name__}); "
             "pass a .pth saved with torch.save(model.state_dict(), path)"
@@ -154,19 +158,28 @@ def build_model(weights: LoadedWeights) -> nn.Module:
 
 
 class PooledExtractor(nn.Module):
-    """Backbone truncated at the taps (via `create_feature_extractor`), each output global-average-pooled.
+    """Backbone truncated at the taps (via `create_feature_extractor`), each output globally pooled.
 
-    forward(x) -> {tap: (N, C) float32}
+    pool="avg": (N, C) global average. pool="avgmax": (N, 2C), global average then global max.
+    forward(x) -> {tap: pooled float32}
     """
 
-    def __init__(self, model: nn.Module, taps: list[str]):
+    def __init__(self, model: nn.Module, taps: list[str], pool: str = "avg"):
         super().__init__()
+        if pool not in POOLS:
+            raise FusionCacheError(f"unknown pooling '{pool}'; use one of {', '.join(POOLS)}")
         self.taps = list(taps)
+        self.pool = pool
         self.body = create_feature_extractor(model, return_nodes={t: t for t in self.taps})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
-        return {t: feats[t].float().mean(dim=(2, 3)) for t in self.taps}
+        out = {}
+        for t in self.taps:
+            f = feats[t].float()
+            avg = f.mean(dim=(2, 3))
+            out[t] = avg if self.pool == "avg" else torch.cat([avg, f.amax(dim=(2, 3))], dim=1)
+        return out
 
 
 def resolve_device(device: str) -> torch.device:

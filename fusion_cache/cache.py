@@ -229,12 +229,7 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._f is not None:
-                try:
-                    self._f.close()
-                except Exception:
-                    pass
-                self._f = None
+            self.close()
         finally:
             self._release_lock()
 
@@ -314,6 +309,26 @@ class CacheWriter:
                 feats.create_dataset(tap, shape=(0, c), maxshape=(None, c), dtype=self.dtype, chunks=(rows, c))
         f.flush()
 
+    @contextmanager
+    def discard_on_error(self):
+        """Remove the partial file when the run fails for a reason a rerun would meet again (a NaN, a bad
+        image). Interrupts and write errors (disk full) keep it, so the same command resumes."""
+        try:
+            yield
+        except FusionCacheError as e:
+            if not e.resumable:
+                self.close()
+                self.partial.unlink(missing_ok=True)
+            raise
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except Exception:
+                pass
+            self._f = None
+
     # -- writing
 
     def next_position(self, split: str) -> int:
@@ -385,10 +400,12 @@ def _layout_ok(f: h5py.File, sizes: dict[str, int], channels: dict[str, int]) ->
 def _write_error(path: Path, e: OSError, done: int | None = None) -> FusionCacheError:
     where = f" after {done} rows" if done is not None else ""
     if e.errno == errno.ENOSPC or "No space" in str(e):
-        return FusionCacheError(
+        err = FusionCacheError(
             f"disk full while writing {path}{where}; the partial file is kept and marked incomplete: "
             "free space and run the same command again to resume"
         )
+        err.resumable = True
+        return err
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission" in str(e):
         return FusionCacheError(f"cannot write {path}: permission denied; choose a writable --out")
     if e.errno == errno.ENOENT:

@@ -73,7 +73,7 @@ def main():
 
 
 @main.command()
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Cache file to write (HDF5), e.g. data/cifar10-paper.h5.")
 @click.option("--dataset", type=click.Choice(["cifar10", "imagefolder"]), default="cifar10", show_default=True,
               help="cifar10: torchvision's CIFAR-10 under --data-root. imagefolder: DATA_ROOT/{train,test}/<class>/<image>.")
@@ -94,6 +94,8 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision of the forward pass (part of the cache fingerprint).")
+@click.option("--pool", type=click.Choice(["avg", "avgmax"]), default="avg", show_default=True,
+              help="Global pooling of each tap: avg (the case study), or avgmax (average and max, 2x the floats).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -107,7 +109,7 @@ def main():
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
 def extract(out, dataset, data_root, train_size, test_size, seed, weights, image_size, taps, batch_size, device,
-            precision, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force, progress):
+            precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force, progress):
     """Run the frozen backbone once and cache pooled features of every tap.
 
     Writes OUT atomically (OUT.partial, renamed when complete). Running the same
@@ -125,7 +127,7 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
     cfg = ExtractConfig(
         out=out, dataset=dataset, data_root=data_root, train_size=train_size, test_size=test_size, seed=seed,
         weights=weights, image_size=image_size, taps=tuple(parse_taps(taps)), batch_size=batch_size, device=device,
-        precision=precision, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
+        precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
         force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
     )
     with warnings.catch_warnings():  # a local copy used without checks is always said out loud
@@ -363,7 +365,7 @@ def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progr
 
 @main.command()
 @click.argument("head_dir", type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="The .pt2 file to write (torch.export program + fusion_cache.json extra file).")
 @click.option("--weights", default=None, help="Backbone weights [default: those the head recorded].")
 def export(head_dir, out, weights):

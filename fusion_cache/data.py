@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import FusionCacheError
@@ -166,13 +167,14 @@ def load_image_folder(root: str | Path, split: str) -> Source:
         raise FusionCacheError(
             f"{folder} is not a folder; --dataset imagefolder expects {root}/train/<class>/* and {root}/test/<class>/*"
         )
-    empty = sorted(p.name for p in folder.iterdir() if p.is_dir() and not any(q.is_file() for q in p.rglob("*")))
+    empty = sorted(p.name for p in folder.iterdir()
+                   if p.is_dir() and not any(q.suffix.lower() in IMG_EXTENSIONS for q in p.rglob("*") if q.is_file()))
     if empty:
         raise FusionCacheError(
-            f"class folder {folder / empty[0]} is empty; add images to it or remove it"
+            f"class folder {folder / empty[0]} holds no images; add images ({', '.join(IMG_EXTENSIONS[:4])}, ...) or remove it"
         )
     try:
-        ds = ImageFolder(str(folder), loader=lambda p: p, is_valid_file=lambda p: not Path(p).name.startswith("."))
+        ds = ImageFolder(str(folder), loader=lambda p: p)  # torchvision's image extensions; other files are ignored
     except (FileNotFoundError, RuntimeError) as e:
         raise FusionCacheError(f"no images found under {folder} ({e}); add <class>/<image> files") from None
     paths = [str(Path(p).relative_to(folder)) for p, _ in ds.samples]

@@ -7,3 +7,5 @@ class FusionCacheError(Exception):
     Messages follow the pattern "<what is wrong>; <what to do>", e.g.
     "unknown view 'mid'; choose one of early, late, fused, all, or a comma-separated tap list".
     """
+
+    resumable = False  # True when running the same command again picks up the work where it stopped

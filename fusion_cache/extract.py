@@ -6,7 +6,7 @@ import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as cache_mod
-from .backbone import PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
+from .backbone import POOLS, PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
 from .data import SPLITS, BadImage, IntegrityWarning, Source, load_source, read_image, stratified_subset
 from .errors import FusionCacheError
 from .taps import DEFAULT_TAPS, TAP_BY_NAME, parse_taps
@@ -38,6 +38,7 @@ class ExtractConfig:
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast for the forward pass
+    pool: str = "avg"  # avg (the case study's GAP) | avgmax (average and max of each tap, 2C floats)
     dtype: str = "float32"  # storage dtype of the features: float32 | float16
     download: bool = True
     skip_integrity_check: bool = False
@@ -83,6 +84,8 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.precision not in PRECISIONS:
         raise FusionCacheError(f"unknown --precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}")
+    if cfg.pool not in POOLS:
+        raise FusionCacheError(f"unknown --pool '{cfg.pool}'; use one of {', '.join(POOLS)}")
     if cfg.dtype not in DTYPES:
         raise FusionCacheError(f"unknown --dtype '{cfg.dtype}'; use one of {', '.join(DTYPES)}")
     if cfg.on_bad_image not in ("fail", "skip"):
@@ -127,7 +130,7 @@ def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndar
         "mean": list(pre.mean),
         "std": list(pre.std),
         "resize": RESIZE,
-        "pool": "avg",
+        "pool": cfg.pool,
         "taps": taps,
         "dataset": cfg.dataset,
         "data_identity": {s: sources[s].identity for s in SPLITS},
@@ -143,7 +146,7 @@ def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndar
         "mean": list(pre.mean),
         "std": list(pre.std),
         "resize": RESIZE,
-        "pool": "avg",
+        "pool": cfg.pool,
         "taps": taps,
         "dataset": cfg.dataset,
         "data_root": str(Path(cfg.data_root).resolve()),
@@ -173,7 +176,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     attrs, sources, subsets, weights = plan(cfg)
     out = Path(cfg.out)
     taps = list(attrs["taps"])
-    dims = sum(TAP_BY_NAME[t].channels for t in taps)
+    dims = sum(TAP_BY_NAME[t].channels for t in taps) * POOLS[cfg.pool]
     counts = {s: len(subsets[s]) for s in SPLITS}
     if out.exists():
         existing = cache_mod.peek_fingerprint(out)
@@ -186,14 +189,15 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     device = resolve_device(cfg.device)
     model = build_model(weights).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
-    extractor = PooledExtractor(model, taps).eval()
+    extractor = PooledExtractor(model, taps, cfg.pool).eval()
     if cfg.compile:
         extractor = torch.compile(extractor)
     pre = Preprocess(cfg.image_size)
-    channels = {t: TAP_BY_NAME[t].channels for t in taps}
+    channels = {t: TAP_BY_NAME[t].channels * POOLS[cfg.pool] for t in taps}
     start = time.perf_counter()
     processed = 0
-    with cache_mod.CacheWriter(out, attrs, counts, channels, cfg.dtype) as writer, ThreadPoolExecutor(1) as pool:
+    with cache_mod.CacheWriter(out, attrs, counts, channels, cfg.dtype) as writer, ThreadPoolExecutor(1) as pool, \
+            writer.discard_on_error():
         pending: Future | None = None
         total = sum(counts[s] - writer.next_position(s) for s in SPLITS)
         bar = tqdm(total=total, unit="img", desc="extract", disable=_no_bar(cfg.progress), dynamic_ncols=True)

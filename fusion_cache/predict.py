@@ -20,11 +20,11 @@ HEAD_FORMAT = "fusion-cache-head/1"
 
 
 class DeployedModel(nn.Module):
-    """Normalized image tensor (N, 3, S, S) -> logits (N, K): taps, average pooling, standardization, linear."""
+    """Normalized image tensor (N, 3, S, S) -> logits (N, K): taps, pooling, standardization, linear."""
 
-    def __init__(self, backbone: nn.Module, taps: list[str], coef, intercept, mean, scale):
+    def __init__(self, backbone: nn.Module, taps: list[str], coef, intercept, mean, scale, pool: str = "avg"):
         super().__init__()
-        self.features = PooledExtractor(backbone, taps)
+        self.features = PooledExtractor(backbone, taps, pool)
         self.taps = list(taps)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
@@ -86,7 +86,8 @@ def build_deployed(head: Head, weights: str | None = None) -> DeployedModel:
             f"(sha256 {p['weights_sha256'][:12]}…, {p['weights']}); pass --weights with that file"
         )
     s = head.state
-    model = DeployedModel(build_model(loaded), head.state["taps"], s["coef"], s["intercept"], s["mean"], s["scale"])
+    model = DeployedModel(build_model(loaded), s["taps"], s["coef"], s["intercept"], s["mean"], s["scale"],
+                          p.get("pool", "avg"))
     return model.eval().requires_grad_(False)
 
 

@@ -3,76 +3,21 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision.models import mobilenet_v2
 
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-PER_CLASS_TRAIN_BATCH = 2  # 5 batches x 10 classes x 2 = 100 train images
-PER_CLASS_TEST = 4  # 40 test images
+from fusion_cache.synthetic import write_cifar, write_image_folder
+
 SMALL = 32  # image size used by the tests: MobileNetV2 runs at 32 px in milliseconds
-
-
-def _cifar_batch(rng, per_class: int, label_offset: int = 0) -> dict:
-    labels = np.repeat(np.arange(10), per_class)
-    rng.shuffle(labels)
-    # Class-dependent colour plus noise, so a head can learn something.
-    base = (labels[:, None] * 25).astype(np.int64)
-    data = np.clip(base + rng.integers(0, 40, size=(len(labels), 3072)), 0, 255).astype(np.uint8)
-    return {"batch_label": "synthetic", "labels": labels.tolist(), "data": data}
-
-
-def write_cifar(root: Path, seed: int = 0) -> Path:
-    """A tiny CIFAR-10 in torchvision's python-pickle layout (cifar-10-batches-py/)."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump(_cifar_batch(rng, PER_CLASS_TRAIN_BATCH), f, protocol=2)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump(_cifar_batch(rng, PER_CLASS_TEST), f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": 20, "num_vis": 3072}, f, protocol=2)
-    return root
 
 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar"))
-
-
-def write_image_folder(root: Path, seed: int = 0) -> Path:
-    """PNG folders with awkward images: grayscale, RGBA, palette, 16-bit, odd sizes."""
-    rng = np.random.default_rng(seed)
-    classes = ["cats", "dogs", "owls"]
-    for split, n in (("train", 4), ("test", 2)):
-        for ci, c in enumerate(classes):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
-                rgb = np.clip(ci * 80 + rng.integers(0, 60, size=(h, w, 3)), 0, 255).astype(np.uint8)
-                kind = i % 4
-                if kind == 0:
-                    im = Image.fromarray(rgb)
-                elif kind == 1:
-                    im = Image.fromarray(rgb[..., 0])
-                elif kind == 2:
-                    alpha = rng.integers(0, 255, size=(h, w, 1)).astype(np.uint8)
-                    im = Image.fromarray(np.concatenate([rgb, alpha], axis=2))
-                else:
-                    im = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)
-                im.save(d / f"{i:03d}.png")
-            if split == "train":
-                sixteen = (rng.integers(0, 65535, size=(33, 45))).astype(np.uint16)
-                Image.fromarray(sixteen).save(d / "zz_16bit.png")
-    return root
 
 
 @pytest.fixture(scope="session")

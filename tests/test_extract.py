@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -18,14 +17,14 @@ from PIL import Image
 from torchvision.models import mobilenet_v2
 from torchvision.transforms import v2
 
-from fusion_cache.backbone import PooledExtractor, load_weights
+from fusion_cache.backbone import PooledExtractor
 from fusion_cache.cache import open_cache
 from fusion_cache.cli import main
 from fusion_cache.data import stratified_subset
 from fusion_cache.extract import ExtractConfig, extract
 from fusion_cache.taps import ALL_TAPS, TAPS
 
-from .conftest import CIFAR_CLASSES, write_cifar
+from fusion_cache.synthetic import CIFAR_CLASSES, write_cifar
 
 
 def _model(weights_file) -> torch.nn.Module:
@@ -307,3 +306,22 @@ def test_every_command_has_help_and_is_in_the_readme():
         assert f"fusion-cache {name}" in readme, name
         r = _run(name, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_avgmax_pooling_stores_average_then_max(tmp_path, cifar_root, weights_file):
+    extract(_cfg(tmp_path, cifar_root, weights_file, pool="avgmax", image_size=48))
+    cache = open_cache(tmp_path / "c.h5")
+    assert cache.attrs["pool"] == "avgmax"
+    idx = cache.indices("test")
+    tf = v2.Compose([v2.Resize(48, antialias=True), v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    x = torch.stack([tf(img) for img in torch.from_numpy(_cifar_arrays(cifar_root, "test")[idx])])
+    model = _model(weights_file)
+    with torch.no_grad():
+        maps = model.features[:14](x)
+    got = cache.features("features.13", "test")
+    assert got.shape == (10, 2 * 96)
+    np.testing.assert_allclose(got[:, :96], maps.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[:, 96:], maps.amax(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    extract(_cfg(tmp_path, cifar_root, weights_file, out=tmp_path / "a.h5", image_size=48))  # same, but avg
+    assert open_cache(tmp_path / "a.h5").fingerprint != cache.fingerprint
