@@ -8,7 +8,7 @@ EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
 OUT ?= data/runs
 
-.PHONY: install test demo reference killtest clean
+.PHONY: install test demo reference reproduce reproduce-full killtest clean
 
 install: $(BIN)/fusion-cache
 
@@ -33,6 +33,21 @@ reference: install
 	  $(BIN)/fusion-cache ablate data/cifar10-paper-s$$s.h5 --views late,features.13+features.18,all \
 	    --heads linear --seeds 0,1,2 --out data/reference-s$$s || exit 1; \
 	done
+
+# Issue 4: the case study's subset (5000 / 1000), extract + report (paper and tuned protocols, five figures).
+reproduce: install
+	$(BIN)/fusion-cache extract --out data/cifar10-paper.h5 --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
+	$(BIN)/fusion-cache report data/cifar10-paper.h5 --out data/report-paper --data-root $(DATA_ROOT)
+
+# All 50,000 / 10,000 images; tuned rows for early, late, fused, all and the best early+late pair, 3 seeds.
+# FULL_POOL=avgmax caches average and max pooling of every tap; FULL_HEADS adds logreg (about 1 min a fit on 2 cores).
+FULL_POOL ?= avgmax
+FULL_HEADS ?= linear
+reproduce-full: install
+	$(BIN)/fusion-cache extract --out data/cifar10-full-$(FULL_POOL).h5 --train-size all --test-size all \
+	  --pool $(FULL_POOL) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
+	$(BIN)/fusion-cache report data/cifar10-full-$(FULL_POOL).h5 --out data/report-full-$(FULL_POOL) \
+	  --views early,late,fused,all --heads $(FULL_HEADS) --seeds 0,1,2 --data-root $(DATA_ROOT)
 
 # Issue 6's goal: 20 SIGKILLs at random moments, each resumed and compared bit for bit.
 killtest: install

@@ -35,7 +35,7 @@ LOCK_SUFFIX = ".lock"
 SPLITS = ("train", "test")
 # Attributes stored as lists (string or float arrays) and as JSON objects.
 _LIST_ATTRS = ("taps", "classes", "mean", "std")
-_JSON_ATTRS = ("versions", "skipped")
+_JSON_ATTRS = ("versions", "skipped", "data_identity")
 
 
 def fingerprint(spec: dict) -> str:

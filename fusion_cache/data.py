@@ -44,6 +44,12 @@ class Source:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def image(self, index: int) -> torch.Tensor:
+        """The source image at `index` as uint8 (3, H, W) RGB; raises BadImage for undecodable files."""
+        if self.images is not None:
+            return torch.from_numpy(self.images[index])
+        return read_image(self.root / self.paths[index])
+
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import cache as cache_mod
 from .backbone import POOLS, PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
-from .data import SPLITS, BadImage, IntegrityWarning, Source, load_source, read_image, stratified_subset
+from .data import SPLITS, BadImage, IntegrityWarning, Source, load_source, stratified_subset
 from .errors import FusionCacheError
 from .taps import DEFAULT_TAPS, TAP_BY_NAME, parse_taps
 
@@ -159,6 +159,7 @@ def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndar
         "dtype": cfg.dtype,
         "precision": cfg.precision,
         "integrity_checked": not any(src.notes for src in sources.values()),
+        "data_identity": spec["data_identity"],
         "versions": versions(),
         "fingerprint": cache_mod.fingerprint(spec),
     }
@@ -300,7 +301,7 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, position: int):
         rel = self.src.paths[self.idx[position]]
         try:
-            return position, self.pre.resize(read_image(self.src.root / rel)), None
+            return position, self.pre.resize(self.src.image(self.idx[position])), None
         except BadImage as e:
             return position, None, f"{rel}: {str(e).split(': ', 1)[-1]}"
 

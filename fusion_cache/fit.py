@@ -29,6 +29,7 @@ class HeadParams:
     weight_decay: float = 0.0
     standardize: bool = False  # the case study feeds raw pooled features
     solver: str = "adam"  # adam (mini-batches) | lbfgs (full batch, converged)
+    max_iter: int = 200  # L-BFGS iterations (solver="lbfgs")
     C: float = 0.1  # inverse L2 strength of the logreg baseline
     device: str = "cpu"
 
@@ -75,7 +76,7 @@ def make_head(head: str, params: HeadParams, seed: int):
     if head == "linear":
         return LinearHead(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
                           weight_decay=params.weight_decay, standardize=params.standardize, solver=params.solver,
-                          random_state=seed, device=params.device)
+                          max_iter=params.max_iter, random_state=seed, device=params.device)
     if head == "logreg":
         return make_logreg(C=params.C, random_state=seed)
     raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEADS)}")
@@ -115,7 +116,7 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         last = epochs[-1]
         train_loss, train_acc, test_loss, test_acc = (last["train_loss"], last["train_acc"], last["test_loss"],
                                                        last["test_acc"])
-        used = {k: v for k, v in asdict(params).items() if k != "C"}
+        used = {k: v for k, v in asdict(params).items() if k != "C" and (k != "max_iter" or params.solver == "lbfgs")}
     else:
         est.fit(Xtr, ytr)
         seconds = time.perf_counter() - start

@@ -40,6 +40,8 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     max_iter : L-BFGS iterations (solver="lbfgs").
     random_state : seeds the initialisation and the mini-batch order; same seed, same numbers.
     device : torch device for training.
+    warm_start : start from the previous fit's coef_ and intercept_ (same features and classes), as in
+        scikit-learn; used to walk a regularization path quickly.
 
     Fitted attributes: `classes_`, `n_features_in_`, `coef_` (k, d), `intercept_` (k,), `mean_`, `scale_`,
     `n_iter_` (epochs, or L-BFGS iterations),
@@ -48,7 +50,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, epochs=2, lr=1e-3, batch_size=32, weight_decay=0.0, standardize=False, solver="adam",
-                 max_iter=200, random_state=0, device="cpu"):
+                 max_iter=200, random_state=0, device="cpu", warm_start=False):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -58,6 +60,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
         self.device = device
+        self.warm_start = warm_start
 
     def _check_params(self):
         if self.solver not in ("adam", "lbfgs"):
@@ -102,6 +105,11 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
             layer = nn.Linear(X.shape[1], n_classes).to(device)
+        previous = getattr(self, "coef_", None)
+        if self.warm_start and previous is not None and previous.shape == (n_classes, X.shape[1]):
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(previous))
+                layer.bias.copy_(torch.from_numpy(self.intercept_))
         gen = torch.Generator().manual_seed(self.random_state)
         loss_fn = nn.CrossEntropyLoss()
         self.history_ = []

@@ -176,3 +176,13 @@ def test_not_a_cache(tmp_path):
 def test_nonsense_hyper_parameters(tiny_cache, args, message):
     r = _run("fit", tiny_cache, *args)
     assert r.exit_code == 1 and r.output == message
+
+
+def test_warm_start_continues_from_the_previous_fit(encoded_cache):
+    X, y = open_cache(encoded_cache).view("early", "train")
+    head = LinearHead(solver="lbfgs", standardize=True, weight_decay=1e-2, max_iter=200)
+    cold = head.fit(X, y).n_iter_
+    head.set_params(warm_start=True)
+    assert head.fit(X, y).n_iter_ < cold / 4  # already at the optimum: a few iterations confirm it
+    head.set_params(warm_start=False)
+    assert head.fit(X, y).n_iter_ == cold  # and a cold start is a cold start

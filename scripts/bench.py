@@ -1,0 +1,269 @@
+"""The performance benchmark of issue 5: every figure a ratio of two measurements taken in this one run.
+
+    python scripts/bench.py --data-root ../shared/data --weights ../shared/data/mobilenet_v2-7af39f22.pth \
+        --skip-integrity-check [--full-cache data/cifar10-full.h5] [--out bench.json]
+
+Keys of bench.json (each with the two measurements it divides):
+  extract_vs_backbone_ratio      `extract` end to end (load, resize, normalize, forward, pool, HDF5 write) on the
+                                 paper subset vs the raw extractor (same taps, batch, precision, device,
+                                 channels_last, inference mode) on the same images, already preprocessed
+  imagefolder_vs_backbone_ratio  the same with the subset written out as a folder of JPEGs
+  ablation_speedup               a paper-style pipeline (per-image PIL transforms in a DataLoader, backbone rerun
+                                 every epoch for every view) vs one extract + the heads, for views x seeds x epochs.
+                                 The paper pipeline is timed over one epoch (train + test) and multiplied by the
+                                 number of epochs it would run: its cost is the same every epoch.
+  head_vs_logreg_*               with --full-cache: the torch head (full-batch Adam on in-memory tensors) vs
+                                 scikit-learn's LogisticRegression (standardized, C=0.1) on the all-blocks view
+  rss_ratio                      peak RSS of an `extract` subprocess at --rss-images vs a tenth of them
+  bf16_speedup, bf16_acc_delta   the raw extractor under bf16 autocast vs fp32; fused logreg accuracy from a bf16
+                                 cache minus from an fp32 one
+  float16_cache_*                a --dtype float16 cache vs float32: file size and fused logreg accuracy
+Smaller sizes (--train-size, --image-size, ...) make a quick run; the test suite runs it on tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fusion_cache.backbone import PRECISIONS, Preprocess, PooledExtractor, build_model, load_weights, versions
+from fusion_cache.cache import open_cache
+from fusion_cache.data import load_source, stratified_subset
+from fusion_cache.extract import ExtractConfig, extract
+from fusion_cache.fit import HeadParams, ablate, fit_head, load_view
+from fusion_cache.taps import DEFAULT_TAPS
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def backbone_throughput(weights, images: torch.Tensor, pre: Preprocess, batch: int, precision: str = "fp32") -> float:
+    """Images/s of the raw extractor on preprocessed images held in memory (no loading, no writing)."""
+    model = build_model(weights).to(memory_format=torch.channels_last)
+    ex = PooledExtractor(model, list(DEFAULT_TAPS)).eval()
+    x_all = pre.normalize(images).contiguous(memory_format=torch.channels_last)
+    dtype = PRECISIONS[precision]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        ex(x_all[:batch])  # warm-up
+        start = time.perf_counter()
+        for lo in range(0, len(x_all), batch):
+            out = ex(x_all[lo : lo + batch])
+            _ = {t: v.float().numpy() for t, v in out.items()}  # the same host copy extract makes
+    return len(x_all) / (time.perf_counter() - start)
+
+
+def timed_extract(cfg: ExtractConfig) -> tuple[float, float]:
+    """(images/s end to end, seconds) of one extract call that builds the cache from nothing."""
+    start = time.perf_counter()
+    r = extract(cfg)
+    seconds = time.perf_counter() - start
+    n = sum(r.counts.values())
+    return n / seconds, seconds
+
+
+def write_jpeg_folder(root: Path, sources: dict, subsets: dict) -> Path:
+    for split, src in sources.items():
+        for i in subsets[split]:
+            d = root / split / src.classes[src.labels[i]]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(src.images[i].transpose(1, 2, 0)).save(d / f"{i:05d}.jpg", quality=95)
+    return root
+
+
+def paper_pipeline_epoch(weights, root: Path, image_size: int, batch: int, workers: int) -> float:
+    """Seconds for one epoch of the case study's pipeline: PIL transforms per image in a DataLoader, the frozen
+    backbone run on every batch (train split, then the test split for the epoch's test accuracy)."""
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
+                             transforms.Normalize(Preprocess().mean, Preprocess().std)])
+    model = build_model(weights).to(memory_format=torch.channels_last)
+    ex = PooledExtractor(model, ["features.13", "features.18"]).eval()
+    start = time.perf_counter()
+    for split in ("train", "test"):
+        loader = torch.utils.data.DataLoader(datasets.ImageFolder(root / split, tf), batch_size=batch,
+                                             num_workers=workers, shuffle=split == "train")
+        with torch.inference_mode():
+            for x, _ in loader:
+                ex(x.contiguous(memory_format=torch.channels_last))
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(args: list[str]) -> float:
+    """Peak RSS of `fusion-cache extract ARGS` in its own process (ru_maxrss of the waited-for child)."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "fusion_cache", "extract", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024
+
+
+def fused_logreg_acc(path: Path) -> float:
+    return fit_head(open_cache(path), "fused", "logreg", HeadParams(), 0).test_acc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", type=Path, required=True)
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--skip-integrity-check", action="store_true")
+    ap.add_argument("--train-size", type=int, default=5000)
+    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--views", default="early,late,fused")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rss-images", type=int, default=60000, help="images of the larger RSS run (train + test)")
+    ap.add_argument("--rss-image-size", type=int, default=32, help="image size of the RSS runs (memory, not speed)")
+    ap.add_argument("--full-cache", type=Path, help="a full CIFAR-10 cache (all taps) for head_vs_logreg")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    a = ap.parse_args()
+
+    views, seeds = a.views.split(","), [int(s) for s in a.seeds.split(",")]
+    weights = load_weights(a.weights)
+    pre = Preprocess(a.image_size)
+    res: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                             "cuda": torch.cuda.is_available()},
+                 "versions": versions(), "args": {k: str(v) for k, v in vars(a).items()}}
+    common = dict(data_root=a.data_root, weights=a.weights, image_size=a.image_size, batch_size=a.batch_size,
+                  download=False, skip_integrity_check=a.skip_integrity_check, progress=False, device="cpu",
+                  train_size=a.train_size, test_size=a.test_size)
+
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+        tmp = Path(tmp)
+        sources = {s: load_source("cifar10", a.data_root, s, False, a.skip_integrity_check) for s in ("train", "test")}
+        subsets = {"train": stratified_subset(sources["train"].labels, a.train_size, 0, "train"),
+                   "test": stratified_subset(sources["test"].labels, a.test_size, 0, "test")}
+        images = torch.cat([pre.resize(torch.from_numpy(sources[s].images[subsets[s]])) for s in ("train", "test")])
+        n = len(images)
+
+        log(f"[1/7] raw extractor vs extract end to end, {n} CIFAR-10 images")
+        backbone_ips = backbone_throughput(weights, images, pre, a.batch_size)
+        extract_ips, extract_s = timed_extract(ExtractConfig(out=tmp / "paper.h5", **common))
+        res["backbone_img_per_s"] = backbone_ips
+        res["extract_img_per_s"] = extract_ips
+        res["extract_vs_backbone_ratio"] = extract_ips / backbone_ips
+
+        log("[2/7] image folder of JPEGs")
+        folder = write_jpeg_folder(tmp / "jpeg", sources, subsets)
+        folder_cfg = ExtractConfig(out=tmp / "jpeg.h5", **{**common, "data_root": folder, "train_size": None,
+                                                          "test_size": None}, dataset="imagefolder",
+                                   workers=a.workers)
+        folder_ips, _ = timed_extract(folder_cfg)
+        res["imagefolder_img_per_s"] = folder_ips
+        res["imagefolder_vs_backbone_ratio"] = folder_ips / backbone_ips
+
+        log(f"[3/7] paper-style pipeline vs cache, {len(views)} views x {len(seeds)} seeds x 2 epochs")
+        epoch_s = paper_pipeline_epoch(weights, folder, a.image_size, 32, a.workers)
+        runs = len(views) * len(seeds)
+        paper_s = epoch_s * 2 * runs
+        start = time.perf_counter()
+        ablate(open_cache(tmp / "paper.h5"), views, ["linear"], seeds, HeadParams())
+        heads_s = time.perf_counter() - start
+        res["paper_pipeline_epoch_s"] = epoch_s
+        res["paper_pipeline_s"] = paper_s
+        res["cache_pipeline_s"] = extract_s + heads_s
+        res["cache_heads_s"] = heads_s
+        res["ablation_speedup"] = paper_s / (extract_s + heads_s)
+
+        log("[4/7] peak RSS of extract, small vs large")
+        rss_args = ["--data-root", str(a.data_root), "--weights", str(a.weights), "--image-size",
+                    str(a.rss_image_size), "--no-download", "--no-progress", "--device", "cpu"]
+        if a.skip_integrity_check:
+            rss_args.append("--skip-integrity-check")
+        big = a.rss_images
+        big_train = min(big * 5 // 6, len(sources["train"]))
+        big_test = min(big - big_train, len(sources["test"]))
+        small_train, small_test = max(1, big_train // 10), max(1, big_test // 10)
+        rss_small = peak_rss_mb(["--out", str(tmp / "rss-small.h5"), "--train-size", str(small_train),
+                                 "--test-size", str(small_test), *rss_args])
+        rss_big = peak_rss_mb(["--out", str(tmp / "rss-big.h5"), "--train-size", str(big_train),
+                               "--test-size", str(big_test), *rss_args])
+        res["rss_images"] = {"small": small_train + small_test, "large": big_train + big_test}
+        res["rss_mb"] = {"small": rss_small, "large": rss_big}
+        res["rss_ratio"] = rss_big / rss_small
+
+        log("[5/7] bf16 autocast vs fp32")
+        bf16_ips = backbone_throughput(weights, images, pre, a.batch_size, "bf16")
+        fp32_ips = backbone_throughput(weights, images, pre, a.batch_size, "fp32")
+        extract(ExtractConfig(out=tmp / "bf16.h5", **common, precision="bf16"))
+        acc32, acc16 = fused_logreg_acc(tmp / "paper.h5"), fused_logreg_acc(tmp / "bf16.h5")
+        res["bf16_img_per_s"], res["fp32_img_per_s"] = bf16_ips, fp32_ips
+        res["bf16_speedup"] = bf16_ips / fp32_ips
+        res["fused_logreg_acc"] = {"fp32": acc32, "bf16": acc16}
+        res["bf16_acc_delta"] = acc16 - acc32
+
+        log("[6/7] float16 cache")
+        extract(ExtractConfig(out=tmp / "f16.h5", **common, dtype="float16"))
+        size32, size16 = (tmp / "paper.h5").stat().st_size, (tmp / "f16.h5").stat().st_size
+        acc_f16 = fused_logreg_acc(tmp / "f16.h5")
+        res["float16_cache_bytes"] = {"float32": size32, "float16": size16}
+        res["float16_cache_size_ratio"] = size16 / size32
+        res["float16_cache_acc_delta"] = acc_f16 - acc32
+
+    if a.full_cache:
+        log(f"[7/7] torch head vs logreg on {a.full_cache}, all blocks")
+        res.update(head_vs_logreg(a.full_cache))
+    else:
+        log("[7/7] skipped head_vs_logreg: pass --full-cache")
+
+    tmp_out = a.out.with_name(a.out.name + ".tmp")
+    tmp_out.write_text(json.dumps(res, indent=2))
+    os.replace(tmp_out, a.out)
+    print(table(res))
+    return 0
+
+
+# The torch head of head_vs_logreg: standardized features held in memory as one tensor, full-batch-ish Adam.
+FAST_HEAD = HeadParams(epochs=10, lr=1e-3, batch_size=1024, standardize=True, weight_decay=0.0)
+
+
+def head_vs_logreg(path: Path) -> dict:
+    cache = open_cache(path)
+    data = load_view(cache, "all")
+    fast = fit_head(cache, "all", "linear", FAST_HEAD, 0, data=data)
+    base = fit_head(cache, "all", "logreg", HeadParams(C=0.1), 0, data=data)
+    return {"head_s": fast.fit_seconds, "logreg_s": base.fit_seconds, "head_acc": fast.test_acc,
+            "logreg_acc": base.test_acc, "head_params": fast.params, "head_vs_logreg_time_ratio":
+            fast.fit_seconds / base.fit_seconds, "head_vs_logreg_acc_delta": fast.test_acc - base.test_acc,
+            "head_vs_logreg_train_rows": int(len(data[2]))}
+
+
+ROWS = [
+    ("extract_vs_backbone_ratio", ">= 0.95", "{:.2f}"),
+    ("imagefolder_vs_backbone_ratio", ">= 0.8", "{:.2f}"),
+    ("ablation_speedup", ">= 15", "{:.1f}"),
+    ("head_vs_logreg_time_ratio", "<= 0.1", "{:.3f}"),
+    ("head_vs_logreg_acc_delta", ">= -0.005", "{:+.4f}"),
+    ("rss_ratio", "<= 1.1", "{:.2f}"),
+    ("bf16_speedup", ">= 1.6", "{:.2f}"),
+    ("bf16_acc_delta", "within 0.005", "{:+.4f}"),
+    ("float16_cache_size_ratio", "report", "{:.2f}"),
+    ("float16_cache_acc_delta", "report", "{:+.4f}"),
+]
+
+
+def table(res: dict) -> str:
+    lines = [f"{'key':<32} {'value':>10}  target"]
+    for key, target, fmt in ROWS:
+        value = fmt.format(res[key]) if key in res else "skipped"
+        lines.append(f"{key:<32} {value:>10}  {target}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The benchmark runs end to end on tiny synthetic data and writes every key. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+KEYS = ("extract_vs_backbone_ratio", "imagefolder_vs_backbone_ratio", "ablation_speedup", "head_vs_logreg_time_ratio",
+        "head_vs_logreg_acc_delta", "rss_ratio", "bf16_speedup", "bf16_acc_delta", "float16_cache_size_ratio",
+        "float16_cache_acc_delta")
+
+
+def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
+    out = tmp_path / "bench.json"
+    script = Path(__file__).parents[1] / "scripts" / "bench.py"
+    r = subprocess.run([sys.executable, str(script), "--data-root", str(cifar_root), "--weights", str(weights_file),
+                        "--skip-integrity-check", "--train-size", "30", "--test-size", "20", "--image-size", "32",
+                        "--batch-size", "8", "--views", "early,fused", "--seeds", "0", "--rss-images", "120",
+                        "--workers", "0", "--full-cache", str(tiny_cache), "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in KEYS:
+        assert isinstance(res[key], float) and math.isfinite(res[key]), key
+        assert key in r.stdout  # the printed table
+    assert res["rss_images"] == {"small": 12, "large": 120}  # 100 + 20, and a tenth of each
+    assert res["float16_cache_bytes"]["float16"] < res["float16_cache_bytes"]["float32"]
+    assert res["versions"]["torch"] and res["machine"]["cpus"]
+    assert not list(tmp_path.glob("*.tmp"))

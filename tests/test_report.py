@@ -1,0 +1,143 @@
+"""report: every file written, figures readable, numbers agree with ablate, the test split never used for selection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fusion_cache.cache import open_cache
+from fusion_cache.cli import main
+from fusion_cache.fit import load_view
+from fusion_cache.report import ReportConfig, tune, validation_split
+from fusion_cache.synthetic import write_cifar
+
+FIGURES = ("samples.png", "curves.png", "predictions.png", "confusion.png", "per_class.png")
+ARGS = ["--views", "early,late,fused", "--heads", "linear,logreg", "--seeds", "0,1", "--val-fraction", "0.2"]
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "r"
+    r = _run("report", tiny_cache, "--out", out, *ARGS)
+    assert r.exit_code == 0, r.output
+    assert "best view (tuned):" in r.output
+    return out
+
+
+def test_report_writes_every_file(report_dir):
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted(["report.md", "report.json", *FIGURES])
+    md = (report_dir / "report.md").read_text()
+    assert "*62.78*" in md and "*77.58*" in md  # the case study's numbers, beside ours
+    assert "fusion-cache report" in md and "sha256" in md
+    for fig in FIGURES:
+        assert f"]({fig})" in md
+
+
+# Expected pixel sizes at 100 dpi for the tiny cache: 10 classes, 3 samples a class, 18 test predictions.
+@pytest.mark.parametrize("name,size", [
+    ("samples.png", (1200, 680)),  # 30 images, 8 columns x 4 rows, 1.5 x 1.7 in each
+    ("curves.png", (1100, 420)),
+    ("predictions.png", (1200, 780)),  # 18 images, 6 columns x 3 rows, 2.0 x 2.6 in each
+    ("confusion.png", (920, 820)),  # 0.62 in a class + 2 in
+    ("per_class.png", (1100, 450)),
+])
+def test_every_png_opens_with_the_expected_size(report_dir, name, size):
+    with Image.open(report_dir / name) as im:
+        im.load()
+        assert im.format == "PNG" and im.size == size
+        pixels = np.asarray(im.convert("L"), dtype=float)
+    assert pixels.std() > 10  # something was drawn
+
+
+def test_report_json_agrees_with_ablate(report_dir, tiny_cache, tmp_path):
+    rep = json.loads((report_dir / "report.json").read_text())
+    r = _run("ablate", tiny_cache, "--views", "early,late,fused", "--heads", "linear,logreg", "--seeds", "0,1",
+             "--out", tmp_path / "abl")
+    assert r.exit_code == 0, r.output
+    abl = json.loads((tmp_path / "abl" / "results.json").read_text())
+    key = lambda row: (row["view"], row["head"], row["seed"])  # noqa: E731
+    ours = {key(row): row for row in rep["paper"]["rows"]}
+    theirs = {key(row): row for row in abl["rows"]}
+    assert ours.keys() == theirs.keys() and len(ours) == 12
+    for k in ours:
+        for field in ("test_acc", "train_acc", "test_loss", "train_loss", "epochs", "taps", "dim"):
+            assert ours[k][field] == theirs[k][field], (k, field)
+    assert rep["paper"]["summary"] == abl["summary"]
+    assert rep["fingerprint"] == abl["fingerprint"] == open_cache(tiny_cache).fingerprint
+
+
+def test_report_json_best_view_is_the_best_tuned_mean(report_dir):
+    rep = json.loads((report_dir / "report.json").read_text())
+    means = {(s["view"], s["head"]): s["test_acc_mean"] for s in rep["tuned"]["summary"]}
+    assert rep["best_test_acc"] == max(means.values())
+    assert means[(rep["best_view"], rep["best_head"])] == rep["best_test_acc"]
+    assert rep["best_view"] in {s["view"] for s in rep["tuned"]["summary"]}
+    # the pair search adds a features.i + features.18 view to the tuned rows
+    pair = [s["view"] for s in rep["tuned"]["summary"] if s["view"].endswith(",features.18")]
+    assert len(pair) == 1 and set(rep["tuned"]["pair_search"]) == {f"features.{i}" for i in range(18)}
+    for row in rep["tuned"]["rows"]:
+        assert row["fit_rows"] + row["val_rows"] == rep["provenance"]["train_size"]
+        assert row["val_acc"] == max(row["grid"].values())
+    assert rep["provenance"]["weights_sha256"] and rep["provenance"]["taps"]
+    assert rep["command"].startswith("fusion-cache report")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_validation_split_is_disjoint_stratified_and_seeded(seed):
+    y = np.repeat(np.arange(5), [40, 30, 20, 50, 10])
+    fit_rows, val_rows = validation_split(y, 0.1, seed)
+    assert not set(fit_rows) & set(val_rows)
+    assert sorted([*fit_rows, *val_rows]) == list(range(len(y)))
+    assert list(np.bincount(y[val_rows])) == [4, 3, 2, 5, 1]  # 10 % of each class
+    again = validation_split(y, 0.1, seed)
+    assert np.array_equal(again[1], val_rows)
+    assert not np.array_equal(validation_split(y, 0.1, seed + 100)[1], val_rows)
+
+
+@pytest.mark.parametrize("head", ["linear", "logreg"])
+def test_the_test_split_never_influences_selection(encoded_cache, head):
+    """Scrambling the test split changes only the final test number, never the chosen strength or val scores."""
+    cache = open_cache(encoded_cache)
+    cfg = ReportConfig(val_fraction=0.2, max_iter=50)
+    taps, Xtr, ytr, Xte, yte = load_view(cache, "fused")
+    a = tune(cache, "fused", head, 0, cfg, data=(taps, Xtr, ytr, Xte, yte))
+    rng = np.random.default_rng(0)
+    b = tune(cache, "fused", head, 0, cfg, data=(taps, Xtr, ytr, rng.normal(size=Xte.shape).astype(np.float32),
+                                                  rng.permutation(yte)))
+    key = "weight_decay" if head == "linear" else "C"
+    assert a[key] == b[key] and a["grid"] == b["grid"] and a["val_acc"] == b["val_acc"]
+    assert a["test_acc"] > 0.9 and b["test_acc"] < 0.5  # the test split was really scrambled, and really read
+
+
+def test_report_refuses_images_that_are_not_the_cache_source(tiny_cache, tmp_path):
+    other = write_cifar(tmp_path / "other", seed=99)
+    r = _run("report", tiny_cache, "--out", tmp_path / "r", "--data-root", other, *ARGS)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "are not the ones" in r.output and "pass --data-root" in r.output
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--seeds", "a,b"], "is not a comma-separated list of integers"),
+    (["--views", "nope"], "unknown view"),
+])
+def test_report_bad_arguments(tiny_cache, tmp_path, args, message):
+    r = _run("report", tiny_cache, "--out", tmp_path / "r", *args)
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_report_on_an_output_path_that_is_a_file(tiny_cache, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    r = _run("report", tiny_cache, "--out", f)
+    assert r.exit_code == 1 and "is a file; pass a folder" in r.output
+    assert f.read_text() == "keep me"
