@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-KEYS = ("extract_vs_backbone_ratio", "imagefolder_vs_backbone_ratio", "ablation_speedup", "head_vs_logreg_time_ratio",
+KEYS = ("extract_vs_backbone_ratio", "extract_vs_folded_backbone_ratio", "imagefolder_vs_backbone_ratio",
+        "ablation_speedup", "ablation_speedup_same_backbone", "head_vs_logreg_time_ratio",
         "head_vs_logreg_acc_delta", "rss_ratio", "bf16_speedup", "bf16_acc_delta", "float16_cache_size_ratio",
         "float16_cache_acc_delta")
 
