@@ -364,8 +364,9 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
     sources = figure_sources(c, data_root)
     r = run_report(c, cfg, progress=lambda msg: click.echo(msg, err=True))
     render_figures(r, c, out, sources)
-    machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    write_report(r, out, _command_line(), " ".join(machine.split()))
+    machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
+                                    f"torch {torch.__version__}") if x)
+    write_report(r, out, _command_line(), machine)
     click.echo(f"best view (tuned): {r['best_view']} with {r['best_head']}, "
                f"{100 * r['best_test_acc']:.2f} ± {100 * r['best_test_acc_std']:.2f} % test accuracy")
     click.echo(f"wrote {out}/report.md, report.json and 5 figures")
