@@ -21,7 +21,7 @@ from .cache import Cache
 from .errors import FusionCacheError
 from .fit import HeadParams, ablate, atomic_write, fit_head, load_view, make_head, summarize
 from .heads import HEADS
-from .taps import ALL_TAPS, LATE_TAP
+from .taps import LATE_TAP
 
 # The case study's reported numbers (fused head, training accuracy only).
 CASE_STUDY = {"epochs": [{"epoch": 1, "train_acc": 0.6278, "train_loss": 1.1648},

@@ -39,7 +39,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 

@@ -81,8 +81,10 @@ def test_report_json_best_view_is_the_best_tuned_mean(report_dir):
     assert means[(rep["best_view"], rep["best_head"])] == rep["best_test_acc"]
     assert rep["best_view"] in {s["view"] for s in rep["tuned"]["summary"]}
     # the pair search adds a features.i + features.18 view to the tuned rows
-    pair = [s["view"] for s in rep["tuned"]["summary"] if s["view"].endswith(",features.18")]
+    pair = {s["view"] for s in rep["tuned"]["summary"] if s["view"].endswith(",features.18")}
     assert len(pair) == 1 and set(rep["tuned"]["pair_search"]) == {f"features.{i}" for i in range(18)}
+    best_tap = max(rep["tuned"]["pair_search"], key=rep["tuned"]["pair_search"].get)
+    assert pair == {f"{best_tap},features.18"}
     for row in rep["tuned"]["rows"]:
         assert row["fit_rows"] + row["val_rows"] == rep["provenance"]["train_size"]
         assert row["val_acc"] == max(row["grid"].values())
