@@ -349,3 +349,17 @@ def test_folding_batchnorm_keeps_the_function_and_the_tap_names():
         a, b = PooledExtractor(plain, taps)(x), PooledExtractor(folded, taps)(x)
     for t in taps:
         np.testing.assert_allclose(b[t].numpy(), a[t].numpy(), rtol=1e-4, atol=1e-5, err_msg=t)
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, cifar_root, weights_file):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    from click.testing import CliRunner
+
+    from fusion_cache.cli import main
+
+    r = CliRunner().invoke(main, ["extract", "--out", str(tmp_path / "c.h5"), "--data-root", str(cifar_root),
+                                  "--weights", str(weights_file), "--no-download", "--skip-integrity-check",
+                                  "--train-size", "20", "--test-size", "10", "--device", "cuda"])
+    assert r.exit_code == 1 and "no CUDA GPU is visible; use --device cpu or auto" in r.output
+    assert not (tmp_path / "c.h5").exists()
