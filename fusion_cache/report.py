@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from .cache import Cache
 from .errors import FusionCacheError
-from .fit import HeadParams, ablate, atomic_write, fit_head, load_view, make_head, summarize
+from .fit import HeadParams, ablate, atomic_write, fit_head, load_view, make_head, provenance, summarize
 from .heads import HEADS
 from .taps import LATE_TAP
 
@@ -100,7 +100,7 @@ def best_pair(cache: Cache, seed: int, cfg: ReportConfig) -> tuple[str, dict[str
     """The early tap that best complements features.18, judged on validation accuracy only."""
     if LATE_TAP not in cache.taps:
         raise FusionCacheError(f"the pair search needs {LATE_TAP}; extract it, or pass --no-pair-search")
-    _, ytr = cache.view(LATE_TAP, "train")
+    ytr = cache.labels("train")
     fit_rows, val_rows = validation_split(ytr, cfg.val_fraction, seed)
     late = cache.features(LATE_TAP, "train").astype(np.float32)
     params = _tuned_params("linear", PAIR_WEIGHT_DECAY, HeadParams(), min(cfg.max_iter, 50))
@@ -146,7 +146,7 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None) -> dict:
     best = max(tuned_summary, key=lambda s: s["test_acc_mean"])
     estimators = {(r["view"], r["head"], r["seed"]): r.pop("_estimator") for r in tuned_rows}
     return {
-        "cache": str(cache.path), "fingerprint": cache.fingerprint, "provenance": _provenance(cache),
+        "cache": str(cache.path), "fingerprint": cache.fingerprint, "provenance": {**provenance(cache), "taps": cache.taps},
         "case_study": CASE_STUDY,
         "paper": {"params": asdict(HeadParams()), "rows": paper_rows, "summary": summarize(paper_rows)},
         "tuned": {"val_fraction": cfg.val_fraction, "weight_decay_grid": list(WEIGHT_DECAY_GRID),
@@ -157,13 +157,6 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None) -> dict:
         "best_test_acc_std": best["test_acc_std"],
         "_estimators": estimators,
     }
-
-
-def _provenance(cache: Cache) -> dict:
-    a = cache.attrs
-    return {k: a.get(k) for k in ("weights", "weights_sha256", "image_size", "mean", "std", "resize", "pool",
-                                  "taps", "dataset", "train_size", "test_size", "seed", "precision", "dtype",
-                                  "versions")}
 
 
 def markdown(report: dict, command: str, machine: str) -> str:

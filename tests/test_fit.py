@@ -128,11 +128,16 @@ def test_unknown_view(tiny_cache):
                         "or comma-separated taps such as features.13,features.18\n")
 
 
-def test_view_whose_tap_the_cache_lacks_lists_what_it_has(tmp_path):
+def _late_only_cache(path, complete=True):
+    """10 + 10 rows, two classes, only features.18 (random)."""
     rng = np.random.default_rng(0)
     feats = {s: {"features.18": rng.normal(size=(10, 1280)).astype(np.float32)} for s in ("train", "test")}
     labels = {s: np.arange(10) % 2 for s in ("train", "test")}
-    path = write_synthetic_cache(tmp_path / "late-only.h5", feats, labels, ["x", "y"])
+    return write_synthetic_cache(path, feats, labels, ["x", "y"], complete=complete)
+
+
+def test_view_whose_tap_the_cache_lacks_lists_what_it_has(tmp_path):
+    path = _late_only_cache(tmp_path / "late-only.h5")
     r = _run("fit", path, "--features", "fused")
     assert r.exit_code == 1
     assert r.output == ("Error: view 'fused' needs features.13, which this cache lacks; it holds features.18. "
@@ -140,10 +145,7 @@ def test_view_whose_tap_the_cache_lacks_lists_what_it_has(tmp_path):
 
 
 def test_incomplete_cache_is_refused_with_how_to_resume(tmp_path):
-    rng = np.random.default_rng(0)
-    feats = {s: {"features.18": rng.normal(size=(10, 1280)).astype(np.float32)} for s in ("train", "test")}
-    labels = {s: np.arange(10) % 2 for s in ("train", "test")}
-    write_synthetic_cache(tmp_path / "c.h5", feats, labels, ["x", "y"], complete=False)
+    _late_only_cache(tmp_path / "c.h5", complete=False)
     r = _run("fit", tmp_path / "c.h5")
     assert r.exit_code == 1 and "an interrupted extraction left" in r.output and "resume" in r.output
     r = _run("fit", tmp_path / "c.h5.partial")
