@@ -17,13 +17,13 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import FusionCacheError
+from .taps import POOLS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NAMED_WEIGHTS = {"imagenet1k_v1": MobileNet_V2_Weights.IMAGENET1K_V1, "imagenet1k_v2": MobileNet_V2_Weights.IMAGENET1K_V2}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESIZE = "bilinear-antialias shorter side to image_size, center crop, uint8"  # recorded in every cache
-POOLS = {"avg": 1, "avgmax": 2}  # pooling of each tap -> multiple of its channel count in the cached vector
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,6 @@ class Preprocess:
         """uint8 (N, 3, S, S) -> float32, scaled to [0, 1] and standardized with mean/std."""
         x = TF.to_dtype(images, torch.float32, scale=True)
         return TF.normalize(x, list(self.mean), list(self.std))
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.resize(images))
 
 
 @dataclass

@@ -1,50 +1,271 @@
-"""The HDF5 feature cache: its schema, written and read here and nowhere else.
+"""The HDF5 feature cache: its schema and metadata, written and read here and nowhere else.
 
-Layout (schema_version 1):
+Layout (schema_version 2):
 
-    /                     attrs: provenance (see `Cache.attrs`), `fingerprint`, `complete`
-    /<split>/labels       (N,)   int64   class index into attrs["classes"]
-    /<split>/indices      (N,)   int64   position of the image in the source split
-    /<split>/features/<tap> (N, C) float32 (or float16): the tap's output, global-average-pooled
+    /                        attrs: `CacheMeta` (provenance, fingerprint, schema_version, complete)
+    /<split>/labels          (N,)   int64   class index into the `classes` attribute
+    /<split>/indices         (N,)   int64   position of the image in the source split
+    /<split>/features/<tap>  (N, W) float32 (or float16): the tap's pooled output; W = C for `avg` pooling,
+                                            2C for `avgmax` (taps.channels(taps, pool) gives W)
 
 Splits are `train` and `test`. A cache is written under `<out>.partial`, flushed after every batch, and
 renamed to `<out>` only after `complete` is set, so a file under the final name is always whole. A
 partial file resumes from its last flushed batch when the same command runs again.
+
+`CacheMeta` declares every attribute once, with its type and whether it determines the features; the
+fingerprint is computed from the feature-determining fields, so a new field cannot be left out of it.
+`open_cache` checks every attribute, dataset shape, dtype and label range before handing out one number.
 """
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
+import stat
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .errors import FusionCacheError
-from .taps import resolve_view
+from .io import write_error
+from .taps import POOLS, TAP_BY_NAME, channels, resolve_view
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 SPLITS = ("train", "test")
-# Attributes stored as lists (string or float arrays) and as JSON objects.
-_LIST_ATTRS = ("taps", "classes", "mean", "std")
-_JSON_ATTRS = ("versions", "skipped", "data_identity")
-
-
-def fingerprint(spec: dict) -> str:
-    """sha256 over everything that determines the features (weights, preprocessing, taps, data, subset)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()
+DTYPES = ("float32", "float16")  # storage dtype of the features
+PRECISIONS = ("fp32", "bf16", "fp16")  # autocast precision of the forward pass
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_REBUILD = "rebuild it with `fusion-cache extract ... --force`"
 
 
 def partial_path(path: str | Path) -> Path:
     return Path(str(path) + PARTIAL_SUFFIX)
+
+
+def lock_path(path: str | Path) -> Path:
+    return Path(str(path) + LOCK_SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+def _attr(kind: str, fp: bool = False, **kw):
+    """A CacheMeta field: `kind` names its parser (_PARSERS); `fp` marks it as determining the features."""
+    return field(metadata={"kind": kind, "fp": fp}, **kw)
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Every attribute of a cache, typed. Fields marked fp=True determine the features and make the
+    fingerprint; the others are provenance. Parsed and checked by `from_attrs`, written by `to_attrs`."""
+
+    # -- what determines the features (the fingerprint)
+    backbone: str = _attr("str", fp=True)  # torchvision model name
+    weights_sha256: str = _attr("sha256", fp=True)  # of the weights file actually loaded
+    image_size: int = _attr("int", fp=True)  # resize shorter side + center crop to this
+    mean: tuple[float, ...] = _attr("floats", fp=True)  # normalization, per RGB channel
+    std: tuple[float, ...] = _attr("floats", fp=True)
+    resize: str = _attr("str", fp=True)  # how images are resized (a sentence)
+    pool: str = _attr("str", fp=True)  # a key of taps.POOLS
+    taps: tuple[str, ...] = _attr("strs", fp=True)  # in cache order
+    dataset: str = _attr("str", fp=True)  # cifar10 | imagefolder | ...
+    data_identity: dict = _attr("json", fp=True)  # {split: hash of the source items (pixels or file contents)}
+    subset: dict = _attr("json", fp=True)  # {split: sha256 of the chosen source indices}
+    dtype: str = _attr("str", fp=True)  # storage dtype of the features
+    precision: str = _attr("str", fp=True)  # autocast precision of the forward pass
+    # -- provenance
+    weights: str = _attr("str")  # what --weights said: a name or a path
+    data_root: str = _attr("str")
+    classes: tuple[str, ...] = _attr("strs")
+    train_size: int = _attr("int")  # rows actually cached (after skipped images)
+    test_size: int = _attr("int")
+    train_source_size: int = _attr("int")  # images in the source split
+    test_source_size: int = _attr("int")
+    seed: int = _attr("int")  # of the subset draw (and of --weights random)
+    integrity_checked: bool = _attr("bool")  # False: a local copy used with --skip-integrity-check
+    versions: dict = _attr("json")  # library versions that wrote the cache
+    device: str = _attr("str", default="")  # where the forward pass ran
+    skipped: dict = _attr("json", default_factory=dict)  # {split: [unreadable files]}
+    # -- state
+    schema_version: int = _attr("int", default=SCHEMA_VERSION)
+    complete: bool = _attr("bool", default=False)
+    fingerprint: str = _attr("sha256", default="")
+
+    @classmethod
+    def create(cls, **values) -> "CacheMeta":
+        """A new cache's metadata, checked, with its fingerprint computed from the fp fields."""
+        meta = cls(**values)
+        meta = dataclasses.replace(meta, fingerprint=meta.compute_fingerprint())
+        meta.check("new cache")
+        return meta
+
+    def compute_fingerprint(self) -> str:
+        """sha256 over the schema version and every feature-determining field."""
+        spec = {"schema_version": self.schema_version}
+        for f in dataclasses.fields(self):
+            if f.metadata["fp"]:
+                v = getattr(self, f.name)
+                spec[f.name] = list(v) if isinstance(v, tuple) else v
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    def split_size(self, split: str) -> int:
+        return self.train_size if split == "train" else self.test_size
+
+    def width(self, tap: str) -> int:
+        return channels([tap], self.pool)[0]
+
+    def to_attrs(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = f.metadata["kind"]
+            if kind == "json":
+                out[f.name] = json.dumps(v, sort_keys=True)
+            elif kind == "strs":
+                out[f.name] = np.array(list(v), dtype=h5py.string_dtype())
+            elif kind == "floats":
+                out[f.name] = np.asarray(v, dtype=np.float64)
+            else:
+                out[f.name] = v
+        return out
+
+    def as_dict(self) -> dict:
+        """Plain JSON-ready values (for `info --json` and result provenance)."""
+        return {f.name: (list(getattr(self, f.name)) if isinstance(getattr(self, f.name), tuple)
+                         else getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_attrs(cls, attrs, where: str) -> "CacheMeta":
+        """Parse HDF5 attributes; every field present (unless it has a default) and of its type."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in attrs:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise FusionCacheError(f"{where}: attribute '{f.name}' is missing; {_REBUILD}")
+                continue
+            try:
+                values[f.name] = _PARSERS[f.metadata["kind"]](attrs[f.name])
+            except (TypeError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise FusionCacheError(f"{where}: attribute '{f.name}' is not {_KIND_NAMES[f.metadata['kind']]} "
+                                       f"({str(e)[:80]}); {_REBUILD}") from None
+        meta = cls(**values)
+        meta.check(where)
+        return meta
+
+    @classmethod
+    def parse_fields(cls, values: dict, names: tuple[str, ...], where: str, fix: str) -> dict:
+        """Parse some fields from a JSON-decoded dict (a head's provenance) with the same typed parsers."""
+        kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(cls)}
+        out = {}
+        for name in names:
+            if name not in values:
+                raise FusionCacheError(f"{where}: '{name}' is missing; {fix}")
+            try:
+                out[name] = _PARSERS[kinds[name]](values[name])
+            except (TypeError, ValueError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise FusionCacheError(f"{where}: '{name}' is not {_KIND_NAMES[kinds[name]]} ({str(e)[:80]}); "
+                                       f"{fix}") from None
+        return out
+
+    def check(self, where: str) -> None:
+        """Value checks beyond types: known pooling, dtype, precision and taps; sane sizes."""
+        def bad(name, why):
+            raise FusionCacheError(f"{where}: attribute '{name}' {why}; {_REBUILD}")
+
+        if self.pool not in POOLS:
+            bad("pool", f"is {self.pool!r}, not one of {', '.join(POOLS)}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"is {self.dtype!r}, not one of {', '.join(DTYPES)}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"is {self.precision!r}, not one of {', '.join(PRECISIONS)}")
+        if not self.taps:
+            bad("taps", "is empty")
+        unknown = [t for t in self.taps if t not in TAP_BY_NAME]
+        if unknown:
+            bad("taps", f"names an unknown tap {unknown[0]!r}")
+        if len(set(self.taps)) != len(self.taps):
+            bad("taps", "lists a tap twice")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            bad("classes", "is empty or lists a class twice")
+        if not 1 <= self.image_size <= 4096:
+            bad("image_size", f"is {self.image_size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            bad("mean", "and std must be 3 finite numbers each, std positive")
+        for name in ("train_size", "test_size", "train_source_size", "test_source_size", "seed"):
+            if getattr(self, name) < 0:
+                bad(name, f"is negative ({getattr(self, name)})")
+        for name in ("data_identity", "subset", "versions", "skipped"):
+            if not isinstance(getattr(self, name), dict):
+                bad(name, "is not a JSON object")
+
+
+def _as_str(v) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, str):
+        return v
+    raise TypeError(f"a {type(v).__name__}")
+
+
+def _as_int(v) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"a {type(v).__name__}")
+    return int(v)
+
+
+def _as_bool(v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"a {type(v).__name__}")
+    return bool(v)
+
+
+def _as_sha256(v) -> str:
+    s = _as_str(v)
+    if s and (len(s) != 64 or any(c not in "0123456789abcdef" for c in s)):
+        raise ValueError(f"{s[:20]!r} is not a sha256 hex digest")
+    return s
+
+
+def _as_floats(v) -> tuple[float, ...]:
+    if isinstance(v, (list, tuple)) and not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise TypeError("not a list of numbers")
+    a = np.asarray(v)
+    if a.ndim != 1 or a.dtype.kind not in "fiu":
+        raise TypeError("not a list of numbers")
+    if not np.isfinite(a).all():
+        raise ValueError("holds NaN or inf")
+    return tuple(float(x) for x in a)
+
+
+def _as_strs(v) -> tuple[str, ...]:
+    if isinstance(v, (str, bytes)):
+        raise TypeError("a single string, not a list")
+    a = np.asarray(v, dtype=object)
+    if a.ndim != 1:
+        raise TypeError("not a list of strings")
+    return tuple(_as_str(x) for x in a)
+
+
+def _as_json(v) -> dict:
+    obj = v if isinstance(v, dict) else json.loads(_as_str(v))
+    if not isinstance(obj, dict):
+        raise TypeError(f"JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+_PARSERS = {"str": _as_str, "int": _as_int, "bool": _as_bool, "sha256": _as_sha256, "floats": _as_floats,
+            "strs": _as_strs, "json": _as_json}
+_KIND_NAMES = {"str": "a string", "int": "an integer", "bool": "a boolean", "sha256": "a sha256 hex digest",
+               "floats": "a list of finite numbers", "strs": "a list of strings", "json": "a JSON object"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -52,22 +273,22 @@ def partial_path(path: str | Path) -> Path:
 
 @dataclass
 class Cache:
-    """A complete cache, opened read-only. `view()` is the entry point for heads and notebooks."""
+    """A complete, validated cache, opened read-only. `view()` is the entry point for heads and notebooks."""
 
     path: Path
-    attrs: dict
+    meta: CacheMeta
 
     @property
     def taps(self) -> list[str]:
-        return list(self.attrs["taps"])
+        return list(self.meta.taps)
 
     @property
     def classes(self) -> list[str]:
-        return list(self.attrs["classes"])
+        return list(self.meta.classes)
 
     @property
     def fingerprint(self) -> str:
-        return self.attrs["fingerprint"]
+        return self.meta.fingerprint
 
     def view_taps(self, view: str) -> list[str]:
         return resolve_view(view, self.taps)
@@ -79,6 +300,7 @@ class Cache:
         return self._read(split, "indices")
 
     def features(self, tap: str, split: str = "train") -> np.ndarray:
+        """(N, W) pooled features of one tap: W = C for avg pooling, 2C for avgmax."""
         if tap not in self.taps:
             raise FusionCacheError(f"tap '{tap}' is not in {self.path}; it holds {', '.join(self.taps)}")
         return self._read(split, f"features/{tap}")
@@ -104,14 +326,13 @@ class Cache:
         try:
             with h5py.File(self.path, "r") as f:
                 yield f
-        except (OSError, KeyError) as e:
-            raise FusionCacheError(
-                f"{self.path} could not be read ({e}); run `fusion-cache extract` again with --force to rebuild it"
-            ) from None
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise FusionCacheError(f"{self.path} could not be read ({str(e)[:120]}); {_REBUILD}") from None
 
 
 def open_cache(path: str | Path) -> Cache:
-    """Open and validate a cache: HDF5, a known schema version, complete, with every dataset present."""
+    """Open and validate a cache: every attribute typed, the fingerprint matching them, complete, and every
+    dataset present with the right rank, dtype, width and length, labels within the classes."""
     path = Path(path)
     if not path.exists():
         part = partial_path(path)
@@ -121,65 +342,100 @@ def open_cache(path: str | Path) -> Cache:
             else "; create it with `fusion-cache extract --out PATH`"
         )
         raise FusionCacheError(f"cache {path} does not exist{hint}")
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise FusionCacheError(f"cannot read {path} ({e.strerror}); pass a readable cache file") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise FusionCacheError(f"{path} is {kind}; pass a cache file written by `fusion-cache extract`")
+    if not os.access(path, os.R_OK):
+        raise FusionCacheError(f"cannot read {path}: permission denied; pass a readable cache file")
     if not h5py.is_hdf5(path):
         raise FusionCacheError(f"{path} is not an HDF5 file; pass a cache written by `fusion-cache extract`")
+    where = str(path)
     try:
         with h5py.File(path, "r") as f:
-            attrs = read_attrs(f)
-            version = attrs.get("schema_version")
-            if version is None:
-                raise FusionCacheError(f"{path} is not a fusion-cache file (no schema_version); pass a cache from `fusion-cache extract`")
-            if int(version) > SCHEMA_VERSION:
+            raw = _raw_attrs(f, where)
+            _check_schema(raw, where)
+            meta = CacheMeta.from_attrs(raw, where)
+            if not meta.complete:
                 raise FusionCacheError(
-                    f"{path} has schema_version {version}, newer than this fusion-cache understands ({SCHEMA_VERSION}); "
-                    "upgrade fusion-cache"
+                    f"{path} is an incomplete cache (extraction was interrupted); run the same extract command "
+                    "again to resume it"
                 )
-            if not attrs.get("complete", False):
+            if meta.compute_fingerprint() != meta.fingerprint:
                 raise FusionCacheError(
-                    f"{path} is an incomplete cache (extraction was interrupted); run the same extract command again to resume it"
+                    f"{where}: its attributes do not match its fingerprint (edited after extraction?); {_REBUILD}"
                 )
-            for s in SPLITS:
-                n = len(f[s]["labels"])
-                for name in ["indices"] + [f"features/{t}" for t in attrs["taps"]]:
-                    if len(f[s][name]) != n:
-                        raise KeyError(f"{s}/{name} has {len(f[s][name])} rows, expected {n}")
+            _check_layout(f, meta, where)
     except FusionCacheError:
         raise
-    except (OSError, KeyError, ValueError) as e:
-        raise FusionCacheError(
-            f"{path} is damaged or truncated ({e}); rebuild it with `fusion-cache extract --force`"
-        ) from None
-    return Cache(path, attrs)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise FusionCacheError(f"{path} is damaged or truncated ({str(e)[:120]}); {_REBUILD}") from None
+    return Cache(path, meta)
 
 
-def read_attrs(f: h5py.File) -> dict:
+def _raw_attrs(f: h5py.File, where: str) -> dict:
     out = {}
-    for k, v in f.attrs.items():
-        if isinstance(v, bytes):
-            v = v.decode()
-        if k in _JSON_ATTRS:
-            v = json.loads(v)
-        elif k in _LIST_ATTRS:
-            v = [x.decode() if isinstance(x, bytes) else x.item() if hasattr(x, "item") else x for x in v]
-        elif isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
+    for k in f.attrs:
+        try:
+            v = f.attrs[k]
+        except (OSError, TypeError, ValueError) as e:
+            raise FusionCacheError(f"{where}: attribute '{k}' cannot be read ({str(e)[:80]}); {_REBUILD}") from None
+        out[k] = v.item() if isinstance(v, np.generic) else v
     return out
 
 
-def write_attrs(f: h5py.File, attrs: dict) -> None:
-    for k, v in attrs.items():
-        if k in _JSON_ATTRS:
-            f.attrs[k] = json.dumps(v, sort_keys=True)
-        elif k in _LIST_ATTRS:
-            if all(isinstance(x, str) for x in v):
-                f.attrs[k] = np.array(v, dtype=h5py.string_dtype())
-            else:
-                f.attrs[k] = np.asarray(v, dtype=np.float64)
-        elif v is None:
-            f.attrs[k] = ""
-        else:
-            f.attrs[k] = v
+def _check_schema(raw: dict, where: str) -> None:
+    if "schema_version" not in raw:
+        raise FusionCacheError(f"{where} is not a fusion-cache file (no schema_version); "
+                               "pass a cache from `fusion-cache extract`")
+    try:
+        version = _as_int(raw["schema_version"])
+    except TypeError:
+        raise FusionCacheError(f"{where}: attribute 'schema_version' is not an integer; {_REBUILD}") from None
+    if version > SCHEMA_VERSION:
+        raise FusionCacheError(f"{where} has schema_version {version}, newer than this fusion-cache understands "
+                               f"({SCHEMA_VERSION}); upgrade fusion-cache")
+    if version < SCHEMA_VERSION:
+        raise FusionCacheError(f"{where} has schema_version {version}, written by an older fusion-cache; {_REBUILD}")
+
+
+def _check_layout(f: h5py.File, meta: CacheMeta, where: str) -> None:
+    for s in SPLITS:
+        n = meta.split_size(s)
+        source = meta.train_source_size if s == "train" else meta.test_source_size
+        for name in ("labels", "indices"):
+            ds = _dataset(f, f"{s}/{name}", where)
+            if ds.ndim != 1 or ds.dtype.kind not in "iu":
+                raise FusionCacheError(f"{where}: dataset {s}/{name} is {ds.dtype} {ds.shape}, not 1-D integer; "
+                                       f"{_REBUILD}")
+            if len(ds) != n:
+                raise FusionCacheError(f"{where}: dataset {s}/{name} has {len(ds)} rows, but {s}_size says {n}; "
+                                       f"{_REBUILD}")
+        labels = f[s]["labels"][()]
+        if n and (labels.min() < 0 or labels.max() >= len(meta.classes)):
+            bad = int(labels.max() if labels.max() >= len(meta.classes) else labels.min())
+            raise FusionCacheError(f"{where}: dataset {s}/labels holds {bad}, outside the {len(meta.classes)} "
+                                   f"classes; {_REBUILD}")
+        indices = f[s]["indices"][()]
+        if n and (indices.min() < 0 or indices.max() >= source or len(np.unique(indices)) != n):
+            raise FusionCacheError(f"{where}: dataset {s}/indices holds positions outside the source split "
+                                   f"({source} images) or repeats one; {_REBUILD}")
+        for tap in meta.taps:
+            ds = _dataset(f, f"{s}/features/{tap}", where)
+            want = (n, meta.width(tap))
+            if ds.ndim != 2 or ds.dtype != np.dtype(meta.dtype) or ds.shape != want:
+                raise FusionCacheError(f"{where}: dataset {s}/features/{tap} is {ds.dtype} {ds.shape}; expected "
+                                       f"{meta.dtype} {want} ({meta.pool} pooling); {_REBUILD}")
+
+
+def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        raise FusionCacheError(f"{where}: dataset {name} is missing; {_REBUILD}")
+    return obj
 
 
 def peek_fingerprint(path: Path) -> str | None:
@@ -197,22 +453,25 @@ class CacheWriter:
     """Writes one cache under `<path>.partial`, resumable, then renames it into place.
 
     Usage:
-        with CacheWriter(path, attrs, sizes, channels, dtype) as w:
-            start = w.next_position(split)            # > 0 when resuming
-            w.append(split, next_pos, labels, indices, {tap: (n, C) array})
+        with CacheWriter(path, meta) as w:                 # meta: CacheMeta.create(...), complete=False
+            start = w.next_position(split)                 # > 0 when resuming
+            w.append(split, next_pos, labels, indices, {tap: (n, W) array})
             ...
-            w.finish(extra_attrs)                     # sets complete, flushes, renames
+            w.finish(skipped=..., train_size=..., ...)     # sets complete, flushes, renames
+
+    A `<path>.partial` or `<path>.lock` that fusion-cache did not write (a folder, a link, a file that is not
+    a partial cache) is refused, never deleted. A partial from other settings is replaced only with `force`.
     """
 
-    def __init__(self, path: str | Path, attrs: dict, sizes: dict[str, int], channels: dict[str, int], dtype: str):
+    def __init__(self, path: str | Path, meta: CacheMeta, force: bool = False):
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        self.attrs = dict(attrs)
-        self.sizes = sizes
-        self.channels = channels
-        self.dtype = np.dtype(dtype)
+        self.meta = meta
+        self.force = force
+        self.sizes = {s: meta.split_size(s) for s in SPLITS}
+        self.channels = dict(zip(meta.taps, channels(meta.taps, meta.pool)))
+        self.dtype = np.dtype(meta.dtype)
         self.resumed_from: dict[str, int] = {}
-        self.discarded_partial = False
         self._lock_fd: int | None = None
         self._f: h5py.File | None = None
 
@@ -234,12 +493,13 @@ class CacheWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        lock = Path(str(self.path) + LOCK_SUFFIX)
+        lock = lock_path(self.path)
         while True:
+            _refuse_foreign(lock, lambda p, st: st.st_size == 0, "is not an empty lock file that fusion-cache made")
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
-                raise _write_error(self.path, e) from None
+                raise write_error(lock, e) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -268,11 +528,13 @@ class CacheWriter:
             self._lock_fd = None
 
     def _open_partial(self) -> None:
-        if self.partial.exists():
+        if _refuse_foreign(self.partial, _empty_or_hdf5, "is not a partial cache that fusion-cache wrote"):
             f = None
             try:
                 f = h5py.File(self.partial, "r+")
-                if f.attrs.get("fingerprint") == self.attrs["fingerprint"] and _layout_ok(f, self.sizes, self.channels):
+                ours = "schema_version" in f.attrs and not bool(f.attrs.get("complete", True))
+                same = ours and f.attrs.get("fingerprint") == self.meta.fingerprint
+                if same and _layout_ok(f, self.sizes, self.channels):
                     for s in SPLITS:
                         rows = int(f[s].attrs["rows"])
                         for name in ["labels", "indices"] + [f"features/{t}" for t in self.channels]:
@@ -280,22 +542,30 @@ class CacheWriter:
                         self.resumed_from[s] = int(f[s].attrs["next_position"])
                     self._f = f
                     return
-            except Exception:  # a file killed mid-flush may be unreadable: start it again
-                pass
+            except Exception:  # a file killed mid-flush may be unreadable: it is ours, start it again
+                ours, same = True, False
             if f is not None:
                 try:
                     f.close()
                 except Exception:
                     pass
+            if not ours:
+                raise FusionCacheError(f"{self.partial} is an HDF5 file that fusion-cache did not write as a partial "
+                                       "cache; move it away or choose another --out")
+            if same is False and ours and not self.force and _readable_other_settings(self.partial):
+                raise FusionCacheError(
+                    f"{self.partial} holds an interrupted extraction with other settings; run that command again to "
+                    "resume it, or pass --force to start over"
+                )
             self.resumed_from = {}
             self.partial.unlink()
-            self.discarded_partial = True
         try:
             f = h5py.File(self.partial, "w")
         except OSError as e:
-            raise _write_error(self.partial, e) from None
+            raise write_error(self.partial, e) from None
         self._f = f
-        write_attrs(f, {**self.attrs, "schema_version": SCHEMA_VERSION, "complete": False})
+        for k, v in dataclasses.replace(self.meta, complete=False).to_attrs().items():
+            f.attrs[k] = v
         for s in SPLITS:
             g = f.create_group(s)
             g.attrs["rows"] = 0
@@ -359,13 +629,15 @@ class CacheWriter:
             g.attrs["next_position"] = next_position
             self._f.flush()
         except OSError as e:
-            raise _write_error(self.partial, e, done=rows) from None
+            raise write_error(self.partial, e, done=rows) from None
 
-    def finish(self, extra_attrs: dict) -> None:
+    def finish(self, **final) -> CacheMeta:
+        """Record the final provenance fields (`skipped`, sizes, `device`), mark complete, rename into place."""
+        meta = dataclasses.replace(self.meta, **final, complete=True)
         f = self._f
         try:
-            write_attrs(f, extra_attrs)
-            f.attrs["complete"] = True
+            for k, v in meta.to_attrs().items():
+                f.attrs[k] = v
             f.flush()
             f.close()
             self._f = None
@@ -378,7 +650,43 @@ class CacheWriter:
             finally:
                 os.close(dir_fd)
         except OSError as e:
-            raise _write_error(self.partial, e) from None
+            raise write_error(self.partial, e) from None
+        return meta
+
+
+def _refuse_foreign(path: Path, ok, why: str) -> bool:
+    """True when `path` exists and passes `ok(path, stat)`; absent: False; anything else (a folder, a link, a FIFO,
+    a file that fails `ok`) is refused with an error, never removed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise FusionCacheError(f"cannot inspect {path} ({e.strerror}); move it away or choose another --out") from None
+    if not stat.S_ISREG(st.st_mode) or not ok(path, st):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode) else \
+            "not a regular file" if not stat.S_ISREG(st.st_mode) else "a file"
+        raise FusionCacheError(f"{path} is {kind} and {why}; move it away or choose another --out")
+    return True
+
+
+def _empty_or_hdf5(path: Path, st) -> bool:
+    """A regular file (so reading cannot block) that is empty (killed at creation) or starts as HDF5 does."""
+    if st.st_size == 0:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def _readable_other_settings(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "fingerprint" in f.attrs
+    except Exception:
+        return False
 
 
 def _layout_ok(f: h5py.File, sizes: dict[str, int], channels: dict[str, int]) -> bool:
@@ -395,19 +703,3 @@ def _layout_ok(f: h5py.File, sizes: dict[str, int], channels: dict[str, int]) ->
         return True
     except (KeyError, OSError, ValueError):
         return False
-
-
-def _write_error(path: Path, e: OSError, done: int | None = None) -> FusionCacheError:
-    where = f" after {done} rows" if done is not None else ""
-    if e.errno == errno.ENOSPC or "No space" in str(e):
-        err = FusionCacheError(
-            f"disk full while writing {path}{where}; the partial file is kept and marked incomplete: "
-            "free space and run the same command again to resume"
-        )
-        err.resumable = True
-        return err
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "ermission" in str(e):
-        return FusionCacheError(f"cannot write {path}: permission denied; choose a writable --out")
-    if e.errno == errno.ENOENT:
-        return FusionCacheError(f"cannot write {path}: its folder does not exist; create it or choose another --out")
-    return FusionCacheError(f"cannot write {path} ({e}); check the path and free space, then run again")

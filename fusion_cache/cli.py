@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -10,23 +11,67 @@ from pathlib import Path
 import click
 
 from .errors import FusionCacheError
+from .io import dumps_json
+
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_WORKERS = max(1, 2 * (os.cpu_count() or 1))  # decoding processes: never thousands
 
 
 class _Group(click.Group):
-    """Turns library errors into `Error: <message>` with exit code 1, never a traceback."""
+    """Turns library errors into `Error: <message>` with exit code 1, never a traceback; warnings into one line."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except FusionCacheError as e:
-            raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; run the same command again (an extract resumes where it stopped)", err=True)
-            ctx.exit(130)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            try:
+                return super().invoke(ctx)
+            except FusionCacheError as e:
+                raise click.ClickException(_one_line(str(e))) from None
+            except KeyboardInterrupt:
+                click.echo("Error: interrupted; run the same command again (an extract resumes where it stopped)",
+                           err=True)
+                ctx.exit(130)
+            except MemoryError:
+                raise click.ClickException("out of memory; use a smaller --batch-size, view or subset") from None
+            except OSError as e:
+                if os.environ.get("FUSION_CACHE_DEBUG"):
+                    raise
+                where = f"{e.filename}: " if e.filename else ""
+                raise click.ClickException(_one_line(f"{where}{e.strerror or e}; check the path, its permissions "
+                                                     "and free space")) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"Warning: {message}", err=True)
+    click.echo(f"Warning: {_one_line(str(message))}", err=True)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number within [min, max] (open ends where asked): no nan, no inf."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False,
+                 max_open: bool = False):
+        self.min, self.max, self.min_open, self.max_open = min, max, min_open, max_open
+
+    def convert(self, value, param, ctx):
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        lo_bad = self.min is not None and (x <= self.min if self.min_open else x < self.min)
+        hi_bad = self.max is not None and (x >= self.max if self.max_open else x > self.max)
+        if lo_bad or hi_bad:
+            lo = "" if self.min is None else f"{'>' if self.min_open else '>='} {self.min:g}"
+            hi = "" if self.max is None else f"{'<' if self.max_open else '<='} {self.max:g}"
+            self.fail(f"{x:g} is out of range; pass a number {' and '.join(b for b in (lo, hi) if b)}", param, ctx)
+        return x
 
 
 class SizeType(click.ParamType):
@@ -49,8 +94,43 @@ class SizeType(click.ParamType):
         return n
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _csv(value: str, option: str) -> list[str]:
+    """A comma-separated option; an empty item (`a,,b`, a trailing comma) is a mistake, not something to skip."""
+    items = [v.strip() for v in value.split(",")]
+    if not value.strip() or any(not v for v in items):
+        raise click.BadParameter(f"{value!r} has an empty item; pass a comma-separated list such as a,b",
+                                 param_hint=option)
+    return items
+
+
+def _seeds(value: str) -> list[int]:
+    """Comma-separated seeds in numpy's range; a seed given twice is used once (with a note)."""
+    try:
+        seeds = [int(s) for s in _csv(value, "--seeds")]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers", param_hint="--seeds") from None
+    bad = [x for x in seeds if not 0 <= x <= MAX_SEED]
+    if bad:
+        raise click.BadParameter(f"seed {bad[0]} is out of range; pass seeds between 0 and {MAX_SEED}",
+                                 param_hint="--seeds")
+    unique = list(dict.fromkeys(seeds))
+    if len(unique) < len(seeds):
+        click.echo(f"note: repeated seeds removed; running seeds {', '.join(map(str, unique))}", err=True)
+    return unique
+
+
+def _views(value: str, option: str) -> list[str]:
+    """--views: views separated by commas, a tap list inside a view joined with '+'."""
+    views = [v.replace("+", ",") for v in _csv(value, option)]
+    for v in views:
+        if any(not t.strip() for t in v.split(",")):
+            raise click.BadParameter(f"{value!r} has an empty tap in a '+' list", param_hint=option)
+    return list(dict.fromkeys(views))
+
+
+def _features(value: str) -> str:
+    _csv(value, "--features")
+    return value
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -59,20 +139,25 @@ def main():
     """Frozen-MobileNetV2 transfer learning from cached features.
 
     \b
+    The workflow:
     1. `extract` runs the pretrained backbone once and stores the pooled output of
-       every block (tap) in an HDF5 cache.
+       every block (tap) in an HDF5 cache; `info` and `taps` describe it.
     2. `fit` trains a head on a view of that cache (early, late, fused, all, or any
-       list of taps) in seconds.
-    3. `ablate` compares views x heads x seeds from the same cache.
+       list of taps) in seconds; `ablate` compares views x heads x seeds.
+    3. `report` runs the case study's protocol and a validation-tuned one, with
+       tables and figures.
+    4. `predict` classifies new images with a saved head; `export` writes it with
+       the backbone as one torch.export program.
 
-    Run `fusion-cache COMMAND --help` for each command's options.
+    Nothing is overwritten without --force. Run `fusion-cache COMMAND --help` for
+    each command's options.
     """
 
 
 # ---------------------------------------------------------------------------------------------- extract
 
 
-@main.command()
+@main.command(short_help="Run the backbone once; cache pooled features of every tap.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Cache file to write (HDF5), e.g. data/cifar10-paper.h5.")
 @click.option("--dataset", type=click.Choice(["cifar10", "imagefolder"]), default="cifar10", show_default=True,
@@ -83,14 +168,16 @@ def main():
               help="Class-stratified random subset of the train split, or 'all'. 5000 is the case study's.")
 @click.option("--test-size", type=SizeType(), default="1000", show_default=True,
               help="Class-stratified random subset of the test split, or 'all'.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset draw (and of --weights random).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seed of the subset draw (and of --weights random).")
 @click.option("--weights", default="imagenet1k_v1", show_default=True,
               help="imagenet1k_v1 | imagenet1k_v2 (torchvision, downloaded once) | random | PATH to a MobileNetV2 state_dict.")
-@click.option("--image-size", type=int, default=128, show_default=True,
-              help="Images are resized (bilinear, shorter side) and center-cropped to this many pixels.")
+@click.option("--image-size", type=click.IntRange(32, 1024), default=128, show_default=True,
+              help="Images are resized (bilinear, shorter side) and center-cropped to this many pixels (32-1024).")
 @click.option("--taps", default="all", show_default=True,
               help="Comma-separated blocks to cache (features.0 ... features.18), or a view name. See `fusion-cache taps`.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision of the forward pass (part of the cache fingerprint).")
@@ -98,8 +185,8 @@ def main():
               help="Global pooling of each tap: avg (the case study), or avgmax (average and max, 2x the floats).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Image-decoding processes for --dataset imagefolder [default: min(4, CPUs)].")
+@click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
+              help="Image-decoding processes for --dataset imagefolder, at most 2 x CPUs [default: min(4, CPUs)].")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="What to do with an image file that cannot be decoded; skipped files are listed in the cache.")
 @click.option("--no-download", is_flag=True, help="Never download CIFAR-10; fail if it is not under --data-root.")
@@ -126,7 +213,7 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
 
     cfg = ExtractConfig(
         out=out, dataset=dataset, data_root=data_root, train_size=train_size, test_size=test_size, seed=seed,
-        weights=weights, image_size=image_size, taps=tuple(parse_taps(taps)), batch_size=batch_size, device=device,
+        weights=weights, image_size=image_size, taps=tuple(parse_taps(_csv(taps, "--taps"))), batch_size=batch_size, device=device,
         precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
         force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
     )
@@ -143,7 +230,7 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
 # ---------------------------------------------------------------------------------------------- info / taps
 
 
-@main.command()
+@main.command(short_help="A cache's provenance and shapes.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the attributes and shapes as one JSON object.")
 def info(cache, as_json):
@@ -152,29 +239,29 @@ def info(cache, as_json):
 
     c = open_cache(cache)
     shapes = c.shapes()
+    m = c.meta
     if as_json:
-        click.echo(json.dumps({"path": str(c.path), "attrs": c.attrs,
+        click.echo(dumps_json({"path": str(c.path), "attrs": m.as_dict(),
                                "shapes": {s: {t: list(v) for t, v in d.items()} for s, d in shapes.items()}}, indent=2))
         return
-    a = c.attrs
     click.echo(f"cache       {c.path}")
-    click.echo(f"fingerprint {a['fingerprint']}")
-    click.echo(f"backbone    {a['backbone']}  weights {a['weights']}  sha256 {a['weights_sha256']}")
-    click.echo(f"preprocess  {a['image_size']} px, {a['resize']}, mean {a['mean']}, std {a['std']}")
-    click.echo(f"dataset     {a['dataset']} ({a['data_root']}), {len(a['classes'])} classes, seed {a['seed']}")
-    click.echo(f"subset      train {a['train_size']} of {a['train_source_size']}, test {a['test_size']} of {a['test_source_size']}")
-    click.echo(f"features    {a['dtype']}, {a['pool']}-pooled, forward in {a['precision']}, device {a.get('device', '?')}")
-    if not a.get("integrity_checked", True):
+    click.echo(f"fingerprint {m.fingerprint}")
+    click.echo(f"backbone    {m.backbone}  weights {m.weights}  sha256 {m.weights_sha256}")
+    click.echo(f"preprocess  {m.image_size} px, {m.resize}, mean {list(m.mean)}, std {list(m.std)}")
+    click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}")
+    click.echo(f"subset      train {m.train_size} of {m.train_source_size}, test {m.test_size} of {m.test_source_size}")
+    click.echo(f"features    {m.dtype}, {m.pool}-pooled, forward in {m.precision}, device {m.device or '?'}")
+    if not m.integrity_checked:
         click.echo("integrity   NOT checked (--skip-integrity-check)")
-    for split, files in (a.get("skipped") or {}).items():
+    for split, files in m.skipped.items():
         click.echo(f"skipped     {split}: {len(files)} unreadable image(s)")
-    click.echo("versions    " + ", ".join(f"{k} {v}" for k, v in a["versions"].items()))
+    click.echo("versions    " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     click.echo("taps:")
     for t in c.taps:
         click.echo(f"  {t:<12} train {shapes['train'][t]}  test {shapes['test'][t]}")
 
 
-@main.command()
+@main.command(short_help="The declared taps and the named views.")
 def taps():
     """List the declared taps (block, channels, stride) and the named views."""
     from .taps import TAPS, VIEWS
@@ -195,16 +282,20 @@ def taps():
 def _head_options(f):
     """Hyper-parameters shared by `fit` and `ablate` (the case study's protocol by default)."""
     options = [
-        click.option("--epochs", type=int, default=2, show_default=True, help="linear: passes over the train split."),
-        click.option("--lr", type=float, default=1e-3, show_default=True, help="linear: Adam learning rate."),
-        click.option("--batch-size", type=int, default=32, show_default=True, help="linear: mini-batch size."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True, help="linear: L2 penalty."),
+        click.option("--epochs", type=click.IntRange(1, 10_000), default=2, show_default=True,
+                     help="linear: passes over the train split."),
+        click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True,
+                     help="linear: Adam learning rate (> 0)."),
+        click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=32, show_default=True,
+                     help="linear: mini-batch size."),
+        click.option("--weight-decay", type=FiniteFloat(0), default=0.0, show_default=True,
+                     help="linear: L2 penalty (>= 0)."),
         click.option("--standardize", is_flag=True,
                      help="linear: standardize features with train-split statistics (logreg always does)."),
         click.option("--solver", type=click.Choice(["adam", "lbfgs"]), default="adam", show_default=True,
                      help="linear: Adam mini-batches (the case study) or full-batch L-BFGS to convergence."),
-        click.option("--C", "C", type=float, default=0.1, show_default=True,
-                     help="logreg: inverse L2 strength of LogisticRegression."),
+        click.option("--C", "C", type=FiniteFloat(0, min_open=True), default=0.1, show_default=True,
+                     help="logreg: inverse L2 strength of LogisticRegression (> 0)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -225,18 +316,21 @@ def _command_line() -> str:
         "fusion-cache " + " ".join(click.get_current_context().command_path.split()[1:])
 
 
-@main.command()
+@main.command(short_help="Train one head on a view of a cache.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--head", type=click.Choice(["linear", "logreg"]), default="linear", show_default=True,
               help="linear: torch nn.Linear, Adam + cross-entropy. logreg: scikit-learn LogisticRegression baseline.")
 @click.option("--features", "view", default="fused", show_default=True,
               help="View to train on: early, late, fused (early+late), all (every cached tap), or TAP[,TAP...].")
 @_head_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the head's initialisation and batch order.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Seeds the head's initialisation and batch order.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracies as fractions) instead of a table.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Save the head (head.pt: weights, feature statistics, taps, classes, fingerprint) and metrics.json.")
-def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, seed, as_json, out):
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder to save the head in (head.pt: weights, feature statistics, taps, classes, fingerprint) "
+                   "and metrics.json.")
+@click.option("--force", is_flag=True, help="Replace a head already saved in --out.")
+def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, seed, as_json, out, force):
     """Train a head on a view of CACHE and report train and test accuracy per epoch.
 
     \b
@@ -244,16 +338,20 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
       fusion-cache fit data/cifar10-paper.h5 --head linear --features fused
     """
     from .cache import open_cache
-    from .fit import fit_head, save_head
+    from .fit import HEAD_FILES, fit_head, save_head
+    from .io import check_output_folder
 
     params = _params(epochs, lr, batch_size, weight_decay, standardize, solver, C)
+    _features(view)
     c = open_cache(cache)
+    if out:
+        check_output_folder(out, force, lambda name: name in HEAD_FILES)  # before the work, not after
     r = fit_head(c, view, head, params, seed)
     if out:
-        save_head(r, out)
+        save_head(r, out, force)
     if as_json:
         d = r.to_json()
-        click.echo(json.dumps({k: d[k] for k in ("head", "view", "features", "dim", "seed", "params", "epochs",
+        click.echo(dumps_json({k: d[k] for k in ("head", "view", "features", "dim", "seed", "params", "epochs",
                                                  "train_acc", "test_acc", "fit_seconds", "fingerprint", "provenance")}))
         return
     click.echo(f"{head} head on '{view}' ({', '.join(r.features)}; {r.dim} dims), seed {seed}")
@@ -264,17 +362,19 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
 
 
-@main.command()
+@main.command(short_help="Views x heads x seeds from one cache.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+', e.g. features.13+features.18.")
 @click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; results are mean ± std over them.")
 @_head_options
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Write results.json (one row per run), results.csv and results.md here.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for results.json (one row per run), results.csv and results.md.")
+@click.option("--force", is_flag=True, help="Replace the results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
-def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, out, as_json):
+def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, out, force,
+           as_json):
     """Compare views x heads x seeds on one cache, with no re-extraction.
 
     \b
@@ -282,31 +382,32 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
       fusion-cache ablate data/cifar10-paper.h5 --views early,late,fused,all --seeds 0,1,2 --out data/ablation
     """
     from .cache import open_cache
+    from .fit import ABLATION_FILES, markdown_table, summarize, write_ablation
     from .fit import ablate as run_ablate
-    from .fit import markdown_table, summarize, write_ablation
+    from .io import check_output_folder
 
     params = _params(epochs, lr, batch_size, weight_decay, standardize, solver, C)
-    try:
-        seed_list = [int(s) for s in _csv(seeds)]
-    except ValueError:
-        raise click.BadParameter(f"'{seeds}' is not a comma-separated list of integers", param_hint="--seeds") from None
-    view_list = [v.replace("+", ",") for v in _csv(views)]
+    seed_list = _seeds(seeds)
+    view_list = _views(views, "--views")
+    head_list = list(dict.fromkeys(_csv(heads, "--heads")))
     c = open_cache(cache)
+    if out:
+        check_output_folder(out, force, lambda name: name in ABLATION_FILES)
 
     def tick(row):
         if not as_json:
             click.echo(f"  {row['view']:<10} {row['head']:<7} seed {row['seed']}: test {100 * row['test_acc']:.2f} %"
                        f" ({row['fit_seconds']:.1f} s)", err=True)
 
-    rows = run_ablate(c, view_list, _csv(heads), seed_list, params, progress=tick)
+    rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick)
     from dataclasses import asdict
 
     meta = {"cache": str(c.path), "fingerprint": c.fingerprint, "command": _command_line(), "seeds": seed_list,
             "params": asdict(params)}
     if out:
-        write_ablation(rows, out, meta)
+        write_ablation(rows, out, meta, force)
     if as_json:
-        click.echo(json.dumps({**meta, "rows": rows, "summary": summarize(rows)}))
+        click.echo(dumps_json({**meta, "rows": rows, "summary": summarize(rows)}))
         return
     click.echo(markdown_table(summarize(rows)))
     if out:
@@ -316,20 +417,21 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
 # ---------------------------------------------------------------------------------------------- report
 
 
-@main.command()
+@main.command(short_help="Case-study and tuned protocols, tables and figures.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md, report.json and the PNGs.")
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+'.")
 @click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the heads and of the validation split.")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True,
-              help="Tuned protocol: share of train held out (stratified) to choose the L2 strength.")
+@click.option("--val-fraction", type=FiniteFloat(0, 0.5, min_open=True), default=0.1, show_default=True,
+              help="Tuned protocol: share of train held out (stratified) to choose the L2 strength (0-0.5).")
 @click.option("--pair-search/--no-pair-search", default=True, show_default=True,
               help="Tuned protocol: also find the best features.i + features.18 pair (on validation) and tune it.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the cache's images are, for the figures [default: the folder recorded in the cache].")
-def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root):
+@click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
+def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root, force):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
 
     
@@ -339,34 +441,27 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
     OUT gets report.md, report.json (best_view, best_test_acc), samples.png,
     curves.png, predictions.png, confusion.png and per_class.png.
     """
-    import os
     import platform
 
     import torch
 
     from .cache import open_cache
-    from .report import ReportConfig, figure_sources, render_figures, run_report, write_report
+    from .io import check_output_folder, staged_folder
+    from .report import REPORT_FILES, ReportConfig, figure_sources, render_figures, run_report, write_report
 
-    try:
-        seed_list = [int(s) for s in _csv(seeds)]
-    except ValueError:
-        raise click.BadParameter(f"'{seeds}' is not a comma-separated list of integers", param_hint="--seeds") from None
-    cfg = ReportConfig(views=[v.replace("+", ",") for v in _csv(views)], heads=_csv(heads), seeds=seed_list,
-                       val_fraction=val_fraction, pair_search=pair_search)
+    cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
+                       seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search)
     cfg.check()
     c = open_cache(cache)
-    if out.exists() and not out.is_dir():
-        raise FusionCacheError(f"--out {out} is a file; pass a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FusionCacheError(f"cannot create --out folder {out} ({e.strerror}); choose a writable folder") from None
+    ours = lambda name: name in REPORT_FILES  # noqa: E731
+    check_output_folder(out, force, ours)  # before minutes of fitting, not after
     sources = figure_sources(c, data_root)
     r = run_report(c, cfg, progress=lambda msg: click.echo(msg, err=True))
-    render_figures(r, c, out, sources)
     machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
                                     f"torch {torch.__version__}") if x)
-    write_report(r, out, _command_line(), machine)
+    with staged_folder(out, force, ours) as tmp:
+        render_figures(r, c, tmp, sources)
+        write_report(r, tmp, _command_line(), machine)
     click.echo(f"best view (tuned): {r['best_view']} with {r['best_head']}, "
                f"{100 * r['best_test_acc']:.2f} ± {100 * r['best_test_acc_std']:.2f} % test accuracy")
     click.echo(f"wrote {out}/report.md, report.json and 5 figures")
@@ -375,13 +470,13 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
 # ---------------------------------------------------------------------------------------------- predict / export
 
 
-@main.command()
+@main.command(short_help="Classify images with a saved head.")
 @click.argument("head_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--weights", default=None,
               help="Backbone weights [default: those the head recorded]; refused unless their sha256 matches.")
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True, help="Classes to print per image.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--top-k", type=click.IntRange(1, 1000), default=1, show_default=True, help="Classes to print per image.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per forward pass.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of reporting it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list: {path, class, prob} per image.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: when stderr is a terminal].")
@@ -417,17 +512,18 @@ def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progr
         else:
             click.echo(f"{r['path']}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in r["top"]))
     if as_json:
-        click.echo(json.dumps(results, indent=2))
+        click.echo(dumps_json(results, indent=2))
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
 
 
-@main.command()
+@main.command(short_help="A saved head + backbone as one torch.export program.")
 @click.argument("head_dir", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="The .pt2 file to write (torch.export program + fusion_cache.json extra file).")
 @click.option("--weights", default=None, help="Backbone weights [default: those the head recorded].")
-def export(head_dir, out, weights):
+@click.option("--force", is_flag=True, help="Replace an existing --out file (never the head itself or a cache).")
+def export(head_dir, out, weights, force):
     """Write one standalone torch.export program: normalized image tensor in, logits out.
 
     Load it without fusion-cache:
@@ -441,7 +537,7 @@ def export(head_dir, out, weights):
     from .predict import export as run_export
     from .predict import load_head
 
-    path = run_export(load_head(head_dir), out, weights)
+    path = run_export(load_head(head_dir), out, weights, force)
     click.echo(f"wrote {path}")
 
 

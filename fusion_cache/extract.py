@@ -14,12 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as cache_mod
-from .backbone import POOLS, PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
+from .backbone import PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
 from .data import SPLITS, BadImage, IntegrityWarning, Source, load_source, stratified_subset
 from .errors import FusionCacheError
-from .taps import DEFAULT_TAPS, TAP_BY_NAME, parse_taps
+from .taps import DEFAULT_TAPS, POOLS, channels, parse_taps
 
-DTYPES = ("float32", "float16")
+DTYPES = cache_mod.DTYPES
 
 
 @dataclass
@@ -59,7 +59,6 @@ class ExtractResult:
     images_per_second: float = 0.0
     resumed_from: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         counts = ", ".join(f"{s} {n}" for s, n in self.counts.items())
@@ -102,7 +101,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} is not writable; choose a writable --out")
 
 
-def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndarray], object]:
+def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], dict[str, np.ndarray], object]:
     """Load the sources and weights and work out what the cache will hold; no backbone pass yet."""
     validate(cfg)
     taps = parse_taps(list(cfg.taps))
@@ -122,48 +121,32 @@ def plan(cfg: ExtractConfig) -> tuple[dict, dict[str, Source], dict[str, np.ndar
     sizes = {"train": cfg.train_size, "test": cfg.test_size}
     subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
     pre = Preprocess(cfg.image_size)
-    spec = {
-        "schema_version": cache_mod.SCHEMA_VERSION,
-        "backbone": "mobilenet_v2",
-        "weights_sha256": weights.sha256,
-        "image_size": pre.image_size,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "resize": RESIZE,
-        "pool": cfg.pool,
-        "taps": taps,
-        "dataset": cfg.dataset,
-        "data_identity": {s: sources[s].identity for s in SPLITS},
-        "subset": {s: hash_indices(subsets[s]) for s in SPLITS},
-        "dtype": cfg.dtype,
-        "precision": cfg.precision,
-    }
-    attrs = {
-        "backbone": "mobilenet_v2",
-        "weights": weights.name,
-        "weights_sha256": weights.sha256,
-        "image_size": pre.image_size,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "resize": RESIZE,
-        "pool": cfg.pool,
-        "taps": taps,
-        "dataset": cfg.dataset,
-        "data_root": str(Path(cfg.data_root).resolve()),
-        "classes": sources["train"].classes,
-        "train_size": len(subsets["train"]),
-        "test_size": len(subsets["test"]),
-        "train_source_size": len(sources["train"]),
-        "test_source_size": len(sources["test"]),
-        "seed": cfg.seed,
-        "dtype": cfg.dtype,
-        "precision": cfg.precision,
-        "integrity_checked": not any(src.notes for src in sources.values()),
-        "data_identity": spec["data_identity"],
-        "versions": versions(),
-        "fingerprint": cache_mod.fingerprint(spec),
-    }
-    return attrs, sources, subsets, weights
+    meta = cache_mod.CacheMeta.create(
+        backbone="mobilenet_v2",
+        weights_sha256=weights.sha256,
+        image_size=pre.image_size,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+        resize=RESIZE,
+        pool=cfg.pool,
+        taps=tuple(taps),
+        dataset=cfg.dataset,
+        data_identity={s: sources[s].identity for s in SPLITS},
+        subset={s: hash_indices(subsets[s]) for s in SPLITS},
+        dtype=cfg.dtype,
+        precision=cfg.precision,
+        weights=weights.name,
+        data_root=str(Path(cfg.data_root).resolve()),
+        classes=tuple(sources["train"].classes),
+        train_size=len(subsets["train"]),
+        test_size=len(subsets["test"]),
+        train_source_size=len(sources["train"]),
+        test_source_size=len(sources["test"]),
+        seed=cfg.seed,
+        integrity_checked=not any(src.notes for src in sources.values()),
+        versions=versions(),
+    )
+    return meta, sources, subsets, weights
 
 
 def hash_indices(indices: np.ndarray) -> str:
@@ -174,14 +157,15 @@ def hash_indices(indices: np.ndarray) -> str:
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract (or reuse, or resume) the cache that `cfg` describes. Returns what was done."""
-    attrs, sources, subsets, weights = plan(cfg)
+    meta, sources, subsets, weights = plan(cfg)
     out = Path(cfg.out)
-    taps = list(attrs["taps"])
-    dims = sum(TAP_BY_NAME[t].channels for t in taps) * POOLS[cfg.pool]
+    taps = list(meta.taps)
+    widths = dict(zip(taps, channels(taps, cfg.pool)))
+    dims = sum(widths.values())
     counts = {s: len(subsets[s]) for s in SPLITS}
     if out.exists():
         existing = cache_mod.peek_fingerprint(out)
-        if existing == attrs["fingerprint"] and not cfg.force:
+        if existing == meta.fingerprint and not cfg.force:
             return ExtractResult(out, True, counts, dims)
         if not cfg.force:
             why = "was built with other settings" if existing else "is not a complete fusion-cache file"
@@ -194,10 +178,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.compile:
         extractor = torch.compile(extractor)
     pre = Preprocess(cfg.image_size)
-    channels = {t: TAP_BY_NAME[t].channels * POOLS[cfg.pool] for t in taps}
     start = time.perf_counter()
     processed = 0
-    with cache_mod.CacheWriter(out, attrs, counts, channels, cfg.dtype) as writer, ThreadPoolExecutor(1) as pool, \
+    with cache_mod.CacheWriter(out, meta, force=cfg.force) as writer, ThreadPoolExecutor(1) as pool, \
             writer.discard_on_error():
         pending: Future | None = None
         total = sum(counts[s] - writer.next_position(s) for s in SPLITS)
@@ -212,7 +195,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                 f"cannot read image {bad[0]}; fix or remove it, or pass --on-bad-image skip"
                             )
                     feats = _forward(extractor, images, pre, device, cfg.precision) if len(positions) else {
-                        t: np.zeros((0, c), np.float32) for t, c in channels.items()}
+                        t: np.zeros((0, c), np.float32) for t, c in widths.items()}
                     _check_finite(feats, split, idx[positions[0]] if len(positions) else -1)
                     if pending is not None:
                         pending.result()
@@ -235,14 +218,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             bar.close()
         all_skipped = {s: writer.skipped(s) for s in SPLITS if writer.skipped(s)}
         counts = {s: writer.rows(s) for s in SPLITS}
-        writer.finish({"skipped": all_skipped, "train_size": counts["train"], "test_size": counts["test"],
-                       "device": str(device)})
+        writer.finish(skipped=all_skipped, train_size=counts["train"], test_size=counts["test"], device=str(device))
         resumed = dict(writer.resumed_from)
     seconds = time.perf_counter() - start
-    notes = [n for s in SPLITS for n in sources[s].notes]
-    return ExtractResult(
-        out, False, counts, dims, seconds, processed / max(seconds, 1e-9), resumed, all_skipped, notes
-    )
+    return ExtractResult(out, False, counts, dims, seconds, processed / max(seconds, 1e-9), resumed, all_skipped)
 
 
 def _no_bar(progress: bool | None) -> bool | None:

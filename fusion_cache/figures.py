@@ -16,7 +16,7 @@ CORRECT, WRONG = "#1a7f37", "#cf222e"
 
 
 def _save(fig, path: Path) -> None:
-    from .fit import atomic_write
+    from .io import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI, bbox_inches=None))
     plt.close(fig)
@@ -49,6 +49,9 @@ def curves(paper_rows: list[dict], path: Path, reported: list[dict] | None = Non
     views = list(dict.fromkeys(r["view"] for r in rows))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.get_cmap("tab10")
+    epochs = [e["epoch"] for e in reported] if reported else [1]
+    if not rows:  # e.g. --heads logreg: no per-epoch curves to draw, only the case study's points
+        ax_acc.text(0.5, 0.5, "no linear head in this report", ha="center", va="center", transform=ax_acc.transAxes)
     for k, view in enumerate(views):
         runs = [r["epochs"] for r in rows if r["view"] == view]
         epochs = [e["epoch"] for e in runs[0]]

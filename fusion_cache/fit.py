@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import csv
-import json
-import os
-import tempfile
+import io
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import log_loss
 
 from .cache import Cache
 from .errors import FusionCacheError
+from .headfile import HEAD_FILE, HeadFile
+from .headfile import save_head as write_head_file
 from .heads import HEADS, LinearHead, linear_form, make_logreg
+from .io import atomic_write_text, dumps_json, staged_folder
 
 
 @dataclass
@@ -83,30 +84,61 @@ def make_head(head: str, params: HeadParams, seed: int):
 
 
 def provenance(cache: Cache) -> dict:
-    a = cache.attrs
-    keys = ("backbone", "weights", "weights_sha256", "image_size", "mean", "std", "resize", "pool", "dataset",
-            "train_size", "test_size", "seed", "dtype", "precision", "versions")
-    return {"cache": str(cache.path), "classes": cache.classes, **{k: a.get(k) for k in keys}}
+    """What a result records about its features: the cache's path and its whole typed metadata."""
+    meta = cache.meta.as_dict()
+    for state in ("complete", "schema_version"):
+        meta.pop(state)
+    return {"cache": str(cache.path), **meta}
 
 
-def load_view(cache: Cache, view: str):
-    """(taps, X_train, y_train, X_test, y_test) for a view; refuses an empty cache."""
+@dataclass(frozen=True)
+class ViewData:
+    """One view of a cache, loaded: its taps and the train and test matrices."""
+
+    view: str
+    taps: list[str]
+    X_train: np.ndarray  # (n, d) float32
+    y_train: np.ndarray  # (n,) int64 class indices
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.X_train.shape[1])
+
+
+def load_view(cache: Cache, view: str) -> ViewData:
+    """A view's train and test data; refuses empty splits, NaN or inf features, and classes with no
+    training rows (which no head can learn)."""
     taps = cache.view_taps(view)
     Xtr, ytr = cache.view(view, "train")
     Xte, yte = cache.view(view, "test")
     if len(ytr) == 0 or len(yte) == 0:
         raise FusionCacheError(f"{cache.path} has an empty split (train {len(ytr)}, test {len(yte)}); re-extract it")
-    if len(np.unique(ytr)) < 2:
-        raise FusionCacheError(f"{cache.path} has a single class in its train split; a classifier needs two or more")
-    return taps, Xtr, ytr, Xte, yte
+    for split, X in (("train", Xtr), ("test", Xte)):
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        if bad:
+            raise FusionCacheError(f"{cache.path}: {bad} {split} rows of view '{view}' hold NaN or inf features; "
+                                   "re-extract with --precision fp32 and --force")
+    counts = np.bincount(ytr, minlength=len(cache.classes))
+    if (counts == 0).any():
+        missing = [cache.classes[i] for i in np.flatnonzero(counts == 0)]
+        skipped = sum(len(v) for v in cache.meta.skipped.values())
+        why = f" ({skipped} unreadable images were skipped)" if skipped else ""
+        raise FusionCacheError(
+            f"class '{missing[0]}' has no training rows in {cache.path}{why}; every class needs training images: "
+            "fix or add its images and re-extract"
+        )
+    return ViewData(view, taps, Xtr, ytr, Xte, yte)
 
 
 def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: HeadParams | None = None,
-             seed: int = 0, data=None) -> FitResult:
+             seed: int = 0, data: ViewData | None = None) -> FitResult:
     """Fit one head on one view of the cache and measure it on the test split."""
     params = params or HeadParams()
     params.check()
-    taps, Xtr, ytr, Xte, yte = data if data is not None else load_view(cache, view)
+    data = data if data is not None else load_view(cache, view)
+    taps, Xtr, ytr, Xte, yte = data.taps, data.X_train, data.y_train, data.X_test, data.y_test
     est = make_head(head, params, seed)
     start = time.perf_counter()
     if head == "linear":
@@ -128,49 +160,40 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         epochs = [{"epoch": 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc}]
         used = {"C": params.C, "standardize": True, "solver": "lbfgs"}
+    _check_converged(head, epochs, est, params)
     return FitResult(head, view, taps, int(Xtr.shape[1]), seed, used, epochs, train_loss, train_acc, test_loss,
                      test_acc, seconds, cache.fingerprint, provenance(cache), est)
 
 
-def save_head(result: FitResult, out_dir: str | Path) -> Path:
-    """Write `head.pt` (linear form, taps, classes, provenance; loads with weights_only=True) and `metrics.json`."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FusionCacheError(f"cannot create --out folder {out} ({e.strerror}); choose a writable folder") from None
+def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> None:
+    """A diverged fit (NaN or inf loss or weights) is an error, never a number."""
+    values = [v for e in epochs for v in e.values()]
+    weights_ok = all(np.isfinite(a).all() for a in linear_form(est).values())
+    if weights_ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        return
+    fix = (f"lower --lr (now {params.lr:g}) or pass --standardize" if head == "linear" and params.solver == "adam"
+           else "pass --standardize or a larger L2 penalty")
+    raise FusionCacheError(f"the {head} head diverged (its loss or weights became NaN or inf); {fix}")
+
+
+HEAD_FILES = (HEAD_FILE, "metrics.json")
+
+
+def save_head(result: FitResult, out_dir: str | Path, force: bool = False) -> Path:
+    """`out_dir/head.pt` (see headfile.py) and `metrics.json`, written into a fresh folder that replaces
+    `out_dir` only when both are complete; an existing head is replaced only with `force`."""
     form = linear_form(result.estimator)
-    state = {
-        "format": "fusion-cache-head/1",
-        "head": result.head,
-        "taps": list(result.features),
-        "classes": [result.provenance["classes"][int(c)] for c in result.estimator.classes_],
-        "coef": torch.from_numpy(np.ascontiguousarray(form["coef"], dtype=np.float32)),
-        "intercept": torch.from_numpy(np.ascontiguousarray(form["intercept"], dtype=np.float32)),
-        "mean": torch.from_numpy(np.ascontiguousarray(form["mean"], dtype=np.float32)),
-        "scale": torch.from_numpy(np.ascontiguousarray(form["scale"], dtype=np.float32)),
-        "fingerprint": result.fingerprint,
-        "provenance": json.dumps(result.provenance),
-    }
-    atomic_write(out / "head.pt", lambda f: torch.save(state, f))
-    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(result.to_json(), indent=2).encode()))
-    return out
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder and rename, so `path` is never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    head = HeadFile(
+        head=result.head, taps=tuple(result.features),
+        classes=tuple(result.provenance["classes"][int(c)] for c in result.estimator.classes_),
+        coef=form["coef"], intercept=form["intercept"], mean=form["mean"], scale=form["scale"],
+        fingerprint=result.fingerprint, provenance=result.provenance,
+    )
+    head.check("the fitted head")
+    with staged_folder(out_dir, force, lambda name: name in HEAD_FILES) as tmp:
+        write_head_file(head, tmp)
+        atomic_write_text(tmp / "metrics.json", dumps_json(result.to_json(), indent=2))
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- ablation
@@ -225,30 +248,23 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict) -> Path:
-    """results.json (meta + one row per run), results.csv and results.md, each written atomically."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FusionCacheError(f"cannot create --out folder {out} ({e.strerror}); choose a writable folder") from None
+ABLATION_FILES = ("results.json", "results.csv", "results.md")
+
+
+def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: bool = False) -> Path:
+    """results.json (meta + one row per run), results.csv and results.md, written into a fresh folder that
+    replaces `out_dir` only when all three are complete."""
     summary = summarize(rows)
-    atomic_write(out / "results.json", lambda f: f.write(json.dumps(
-        {**meta, "rows": rows, "summary": summary}, indent=2).encode()))
-
-    def write_csv(f):
-        import io
-
-        buf = io.StringIO()
-        cols = ["view", "head", "seed", "taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        f.write(buf.getvalue().encode())
-
-    atomic_write(out / "results.csv", write_csv)
+    buf = io.StringIO()
+    cols = ["view", "head", "seed", "taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
     md = (f"# Ablation\n\nCache `{meta['cache']}` (fingerprint `{meta['fingerprint'][:16]}`), "
           f"command `{meta['command']}`.\nAccuracies in percent, mean ± std over seeds {meta['seeds']}.\n\n"
           + markdown_table(summary) + "\n")
-    atomic_write(out / "results.md", lambda f: f.write(md.encode()))
-    return out
+    with staged_folder(out_dir, force, lambda name: name in ABLATION_FILES) as tmp:
+        atomic_write_text(tmp / "results.json", dumps_json({**meta, "rows": rows, "summary": summary}, indent=2))
+        atomic_write_text(tmp / "results.csv", buf.getvalue())
+        atomic_write_text(tmp / "results.md", md)
+    return Path(out_dir)

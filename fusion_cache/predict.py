@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ from tqdm.auto import tqdm
 from .backbone import Preprocess, PooledExtractor, build_model, load_weights
 from .data import BadImage, read_image
 from .errors import FusionCacheError
-
-HEAD_FORMAT = "fusion-cache-head/1"
+from .headfile import HeadFile, load_head  # noqa: F401  (load_head: predict's entry point)
+from .io import atomic_write, check_output_file
 
 
 class DeployedModel(nn.Module):
@@ -39,55 +38,18 @@ class DeployedModel(nn.Module):
         return self.linear((z - self.mean) / self.scale)
 
 
-@dataclass
-class Head:
-    """What `fit --out` saved: the linear form, taps, classes and the provenance of the features."""
-
-    path: Path
-    state: dict
-    provenance: dict
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.state["classes"])
-
-    @property
-    def preprocess(self) -> Preprocess:
-        p = self.provenance
-        return Preprocess(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]))
-
-    def logits_from_features(self, X: np.ndarray) -> np.ndarray:
-        s = self.state
-        return ((X - s["mean"].numpy()) / s["scale"].numpy()) @ s["coef"].numpy().T + s["intercept"].numpy()
-
-
-def load_head(head_dir: str | Path) -> Head:
-    head_dir = Path(head_dir)
-    f = head_dir / "head.pt" if head_dir.is_dir() else head_dir
-    if not f.is_file():
-        raise FusionCacheError(f"no head.pt in {head_dir}; train one with `fusion-cache fit CACHE --out {head_dir}`")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FusionCacheError(f"{f} is not a readable head ({type(e).__name__}); re-run `fusion-cache fit --out`") from None
-    if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
-        raise FusionCacheError(f"{f} is not a fusion-cache head; re-run `fusion-cache fit --out`")
-    return Head(f, state, json.loads(state["provenance"]))
-
-
-def build_deployed(head: Head, weights: str | None = None) -> DeployedModel:
+def build_deployed(head: HeadFile, weights: str | None = None) -> DeployedModel:
     """Rebuild the backbone from `weights` (default: the ones recorded) and refuse any other weights."""
     p = head.provenance
     spec = weights or p["weights"]
-    loaded = load_weights(spec, seed=int(p.get("seed", 0)))
+    loaded = load_weights(spec, seed=int(p["seed"]))
     if loaded.sha256 != p["weights_sha256"]:
         raise FusionCacheError(
             f"weights {spec} (sha256 {loaded.sha256[:12]}…) are not the ones this head's features came from "
             f"(sha256 {p['weights_sha256'][:12]}…, {p['weights']}); pass --weights with that file"
         )
-    s = head.state
-    model = DeployedModel(build_model(loaded), s["taps"], s["coef"], s["intercept"], s["mean"], s["scale"],
-                          p.get("pool", "avg"))
+    model = DeployedModel(build_model(loaded), list(head.taps), head.coef, head.intercept, head.mean, head.scale,
+                          head.pool)
     return model.eval().requires_grad_(False)
 
 
@@ -107,7 +69,7 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     return out
 
 
-def predict(model: DeployedModel, head: Head, paths: list[Path], batch_size: int = 64, top_k: int = 1,
+def predict(model: DeployedModel, head: HeadFile, paths: list[Path], batch_size: int = 64, top_k: int = 1,
             strict: bool = False, progress: bool | None = None):
     """Yield one dict per image: {path, class, prob, top: [[class, prob], ...], logits} or {path, error}."""
     pre = head.preprocess
@@ -154,10 +116,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 EXTRA_FILE = "fusion_cache.json"
 
 
-def export(head: Head, out: str | Path, weights: str | None = None) -> Path:
-    """One `torch.export` program, normalized image in, logits out; classes and preprocessing in its extra files."""
-    from .fit import atomic_write
-
+def export(head: HeadFile, out: str | Path, weights: str | None = None, force: bool = False) -> Path:
+    """One `torch.export` program, normalized image in, logits out; classes and preprocessing in its extra files.
+    `out` never replaces the head it reads or a cache, and another existing file only with `force`."""
+    out = check_output_file(out, force, inputs=[head.path])
     model = build_deployed(head, weights)
     pre = head.preprocess
     example = torch.zeros(2, 3, pre.image_size, pre.image_size)
@@ -167,17 +129,12 @@ def export(head: Head, out: str | Path, weights: str | None = None) -> Path:
     except Exception as e:  # pragma: no cover - depends on the torch version
         raise FusionCacheError(f"torch.export failed ({type(e).__name__}: {e}); upgrade torch") from None
     meta = {
-        "classes": head.classes,
+        "classes": list(head.classes),
         "input": "float32 (N, 3, S, S): RGB scaled to [0, 1], resized (shorter side, bilinear) and center-cropped "
                  "to S, then (x - mean) / std per channel",
         "image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
-        "taps": head.state["taps"], "weights_sha256": head.provenance["weights_sha256"],
-        "fingerprint": head.state["fingerprint"],
+        "taps": list(head.taps), "weights_sha256": head.provenance["weights_sha256"],
+        "fingerprint": head.fingerprint,
     }
-    out = Path(out)
-    if out.is_dir():
-        raise FusionCacheError(f"--out {out} is a folder; pass a file name such as {out / 'model.pt2'}")
-    if not out.parent.is_dir():
-        raise FusionCacheError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     atomic_write(out, lambda f: torch.export.save(program, f, extra_files={EXTRA_FILE: json.dumps(meta)}))
     return out

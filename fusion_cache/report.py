@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +18,8 @@ from sklearn.model_selection import train_test_split
 
 from .cache import Cache
 from .errors import FusionCacheError
-from .fit import HeadParams, ablate, atomic_write, fit_head, load_view, make_head, provenance, summarize
+from .fit import HeadParams, ViewData, ablate, fit_head, load_view, make_head, provenance, summarize
+from .io import atomic_write_text, dumps_json
 from .heads import HEADS
 from .taps import LATE_TAP
 
@@ -75,7 +75,8 @@ def tune(cache: Cache, view: str, head: str, seed: int, cfg: ReportConfig, data=
 
     The grid is walked from the strongest regularization to the weakest, each fit warm-started from the one
     before (scikit-learn's `warm_start`), so the path costs little more than one cold fit."""
-    taps, Xtr, ytr, Xte, yte = data if data is not None else load_view(cache, view)
+    data = data if data is not None else load_view(cache, view)
+    taps, Xtr, ytr = data.taps, data.X_train, data.y_train
     fit_rows, val_rows = validation_split(ytr, cfg.val_fraction, seed)
     name, grid = _grid(head)
     est = make_head(head, _tuned_params(head, grid[0], HeadParams(), cfg.max_iter), seed)
@@ -88,8 +89,7 @@ def tune(cache: Cache, view: str, head: str, seed: int, cfg: ReportConfig, data=
         est.fit(Xfit, yfit)
         val_scores.append(float(est.score(Xval, yval)))
     best = grid[int(np.argmax(val_scores))]  # first of the best: the strongest regularization wins ties
-    final = fit_head(cache, view, head, _tuned_params(head, best, HeadParams(), cfg.max_iter), seed,
-                     data=(taps, Xtr, ytr, Xte, yte))
+    final = fit_head(cache, view, head, _tuned_params(head, best, HeadParams(), cfg.max_iter), seed, data=data)
     return {"view": view, "head": head, "seed": seed, "taps": ",".join(taps), "dim": final.dim, name: best,
             "grid": {f"{v:g}": s for v, s in zip(grid, val_scores)}, "val_acc": max(val_scores),
             "train_acc": final.train_acc, "test_acc": final.test_acc, "fit_seconds": final.fit_seconds,
@@ -107,8 +107,9 @@ def best_pair(cache: Cache, seed: int, cfg: ReportConfig) -> tuple[str, dict[str
     scores = {}
     for tap in [t for t in cache.taps if t != LATE_TAP]:
         X = np.concatenate([cache.features(tap, "train").astype(np.float32), late], axis=1)
-        r = fit_head(cache, f"{tap},{LATE_TAP}", "linear", params, seed,
-                     data=([tap, LATE_TAP], X[fit_rows], ytr[fit_rows], X[val_rows], ytr[val_rows]))
+        view = f"{tap},{LATE_TAP}"
+        r = fit_head(cache, view, "linear", params, seed,
+                     data=ViewData(view, [tap, LATE_TAP], X[fit_rows], ytr[fit_rows], X[val_rows], ytr[val_rows]))
         scores[tap] = r.test_acc
     tap = max(scores, key=scores.get)
     return f"{tap},{LATE_TAP}", scores
@@ -215,17 +216,17 @@ def figure_sources(cache: Cache, data_root: str | Path | None = None) -> dict:
     Called before any fitting, so a missing dataset fails in a second, not after the report's runs."""
     from .data import IntegrityWarning, load_source
 
-    a = cache.attrs
-    root = Path(data_root) if data_root else Path(a["data_root"])
+    meta = cache.meta
+    root = Path(data_root) if data_root else Path(meta.data_root)
     sources = {}
     for split in ("train", "test"):
         try:
             with warnings.catch_warnings():  # the identity check below is stricter than the release checksums
                 warnings.simplefilter("ignore", IntegrityWarning)
-                src = load_source(a["dataset"], root, split, download=False, skip_integrity_check=True)
+                src = load_source(meta.dataset, root, split, download=False, skip_integrity_check=True)
         except FusionCacheError as e:
             raise FusionCacheError(f"the figures need the images the cache came from ({e}); pass --data-root") from None
-        recorded = (a.get("data_identity") or {}).get(split)
+        recorded = meta.data_identity.get(split)
         if recorded and src.identity != recorded:
             raise FusionCacheError(
                 f"the {split} images under {root} are not the ones {cache.path} was extracted from; "
@@ -240,8 +241,7 @@ def render_figures(report: dict, cache: Cache, out_dir: Path, sources: dict) -> 
     from . import figures
     from .backbone import Preprocess
 
-    a = cache.attrs
-    pre = Preprocess(int(a["image_size"]))
+    pre = Preprocess(cache.meta.image_size, cache.meta.mean, cache.meta.std)
     classes = cache.classes
 
     def images(split: str, positions) -> np.ndarray:
@@ -269,13 +269,12 @@ def render_figures(report: dict, cache: Cache, out_dir: Path, sources: dict) -> 
     figures.confusion(yte, pred, classes, out_dir / "confusion.png",
                       f"Confusion on test: {best_view}, tuned {best_head} ({100 * (pred == yte).mean():.1f} %)")
     acc = {}
-    for view in [v for v in ("early", "late", "fused") if (v, best_head, seed) in report["_estimators"]]:
+    shown = [v for v in ("early", "late", "fused") if (v, best_head, seed) in report["_estimators"]] or [best_view]
+    for view in shown:
         X, _ = cache.view(view, "test")
         p = report["_estimators"][(view, best_head, seed)].predict(X)
         acc[view] = np.array([(p[yte == c] == c).mean() if (yte == c).any() else 0.0 for c in range(len(classes))])
-    if acc:
-        figures.per_class(acc, classes, out_dir / "per_class.png",
-                          f"Per-class test accuracy, tuned {best_head}, seed {seed}")
+    figures.per_class(acc, classes, out_dir / "per_class.png", f"Per-class test accuracy, tuned {best_head}, seed {seed}")
 
 
 def _pm(values) -> str:
@@ -283,10 +282,14 @@ def _pm(values) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
 
 
+REPORT_FILES = ("report.md", "report.json", "samples.png", "curves.png", "predictions.png", "confusion.png",
+                "per_class.png")
+
+
 def write_report(report: dict, out_dir: Path, command: str, machine: str) -> None:
     out = Path(out_dir)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     public["command"] = command
     public["machine"] = machine
-    atomic_write(out / "report.json", lambda f: f.write(json.dumps(public, indent=2).encode()))
-    atomic_write(out / "report.md", lambda f: f.write(markdown(report, command, machine).encode()))
+    atomic_write_text(out / "report.json", dumps_json(public, indent=2))
+    atomic_write_text(out / "report.md", markdown(report, command, machine))

@@ -1,6 +1,7 @@
 """Feature taps and views of MobileNetV2, declared once as data.
 
-A *tap* is a torchvision graph node whose output (N, C, H, W) is global-average-pooled to (N, C).
+A *tap* is a torchvision graph node whose output (N, C, H, W) is globally pooled to (N, C), or (N, 2C) with
+`avgmax` pooling (`POOLS`).
 A *view* is a named list of taps whose pooled vectors are concatenated for a head.
 Everything else in fusion-cache reads taps and views from here; no layer index appears elsewhere.
 """
@@ -57,9 +58,19 @@ VIEWS: dict[str, tuple[str, ...]] = {
 DEFAULT_TAPS: tuple[str, ...] = ALL_TAPS  # 2,816 floats an image: every view can be ablated from one cache
 
 
-def channels(taps: list[str] | tuple[str, ...]) -> list[int]:
-    """Declared channel count per tap (only for the 19 declared blocks)."""
-    return [TAP_BY_NAME[t].channels for t in taps]
+# Global pooling of each tap's (N, C, H, W) map, and the multiple of C it stores: avg is the case study's
+# global average; avgmax stores the average and the max side by side.
+POOLS: dict[str, int] = {"avg": 1, "avgmax": 2}
+
+
+def channels(taps: list[str] | tuple[str, ...], pool: str = "avg") -> list[int]:
+    """Width of each tap's pooled vector in a cache: declared channels x the pooling's multiple."""
+    if pool not in POOLS:
+        raise FusionCacheError(f"unknown pooling '{pool}'; use one of {', '.join(POOLS)}")
+    unknown = [t for t in taps if t not in TAP_BY_NAME]
+    if unknown:
+        raise FusionCacheError(f"unknown tap '{unknown[0]}'; valid taps are {ALL_TAPS[0]} ... {ALL_TAPS[-1]}")
+    return [TAP_BY_NAME[t].channels * POOLS[pool] for t in taps]
 
 
 def parse_taps(spec: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -64,23 +64,23 @@ def real_data() -> tuple[Path, Path] | None:
 def write_synthetic_cache(path: Path, feats: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray],
                           classes: list[str], complete: bool = True) -> Path:
     """A cache written through the real schema module, with features chosen by the test."""
-    from fusion_cache.cache import CacheWriter, fingerprint
+    from fusion_cache.cache import CacheMeta, CacheWriter
 
     taps = list(feats["train"])
-    attrs = {"backbone": "mobilenet_v2", "weights": "synthetic", "weights_sha256": "0" * 64, "image_size": 32,
-             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": "none", "pool": "avg",
-             "taps": taps, "dataset": "synthetic", "data_root": "", "classes": classes,
-             "train_size": len(labels["train"]), "test_size": len(labels["test"]), "train_source_size": 0,
-             "test_source_size": 0, "seed": 0, "dtype": "float32", "precision": "fp32", "integrity_checked": True,
-             "versions": {}, "fingerprint": fingerprint({"synthetic": str(path)})}
     sizes = {s: len(labels[s]) for s in ("train", "test")}
-    channels = {t: feats["train"][t].shape[1] for t in taps}
-    with CacheWriter(path, attrs, sizes, channels, "float32") as w:
+    meta = CacheMeta.create(
+        backbone="mobilenet_v2", weights_sha256="0" * 64, image_size=32, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), resize="none", pool="avg", taps=tuple(taps), dataset="synthetic",
+        data_identity={"synthetic": str(path)}, subset={}, dtype="float32", precision="fp32", weights="synthetic",
+        data_root="", classes=tuple(classes), train_size=sizes["train"], test_size=sizes["test"],
+        train_source_size=sizes["train"], test_source_size=sizes["test"], seed=0, integrity_checked=True, versions={},
+    )
+    with CacheWriter(path, meta) as w:
         for s in ("train", "test"):
             n = sizes[s]
             w.append(s, n, labels[s], np.arange(n), {t: feats[s][t] for t in taps})
         if complete:
-            w.finish({"skipped": {}})
+            w.finish(skipped={})
     return path
 
 
@@ -88,6 +88,7 @@ def write_synthetic_cache(path: Path, feats: dict[str, dict[str, np.ndarray]], l
 def encoded_cache(tmp_path_factory) -> Path:
     """4 classes; the label is linearly encoded in features.13 only; features.3 and features.18 are noise."""
     rng = np.random.default_rng(0)
+    mix = rng.normal(size=(16, 1280))
     feats, labels = {}, {}
     for split, n in (("train", 1000), ("test", 400)):
         y = rng.integers(0, 4, size=n)
@@ -96,7 +97,8 @@ def encoded_cache(tmp_path_factory) -> Path:
         feats[split] = {
             "features.3": rng.normal(size=(n, 24)).astype(np.float32),
             "features.13": (code + rng.normal(size=(n, 96))).astype(np.float32),
-            "features.18": rng.normal(size=(n, 64)).astype(np.float32),  # narrower than the real 1280: no overfit
+            # the real width, but noise of rank 16: no label information, and too few directions to overfit
+            "features.18": (rng.normal(size=(n, 16)) @ mix).astype(np.float32),
         }
         labels[split] = y.astype(np.int64)
     return write_synthetic_cache(tmp_path_factory.mktemp("enc") / "encoded.h5", feats, labels, ["a", "b", "c", "d"])

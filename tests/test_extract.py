@@ -89,15 +89,15 @@ def test_stratified_counts_and_provenance(tiny_cache, weights_file):
     assert np.bincount(cache.labels("train"), minlength=10).tolist() == [6] * 10
     assert np.bincount(cache.labels("test"), minlength=10).tolist() == [2] * 10
     assert len(np.unique(cache.indices("train"))) == 60
-    a = cache.attrs
-    assert a["weights_sha256"] == hashlib.sha256(Path(weights_file).read_bytes()).hexdigest()
-    assert a["taps"] == list(ALL_TAPS)
-    assert a["image_size"] == 48 and a["mean"] == [0.485, 0.456, 0.406] and a["std"] == [0.229, 0.224, 0.225]
-    assert a["classes"] == CIFAR_CLASSES
-    assert a["dataset"] == "cifar10" and a["seed"] == 0 and a["train_size"] == 60 and a["test_size"] == 20
-    assert a["schema_version"] == 1 and a["complete"] is True and a["integrity_checked"] is False
-    assert {"torch", "torchvision", "h5py", "numpy", "sklearn", "fusion_cache"} <= set(a["versions"])
-    assert len(a["fingerprint"]) == 64
+    a = cache.meta
+    assert a.weights_sha256 == hashlib.sha256(Path(weights_file).read_bytes()).hexdigest()
+    assert a.taps == ALL_TAPS
+    assert a.image_size == 48 and a.mean == (0.485, 0.456, 0.406) and a.std == (0.229, 0.224, 0.225)
+    assert a.classes == tuple(CIFAR_CLASSES)
+    assert a.dataset == "cifar10" and a.seed == 0 and a.train_size == 60 and a.test_size == 20
+    assert a.schema_version == 2 and a.complete is True and a.integrity_checked is False
+    assert {"torch", "torchvision", "h5py", "numpy", "sklearn", "fusion_cache"} <= set(a.versions)
+    assert len(a.fingerprint) == 64 and a.fingerprint == a.compute_fingerprint()
     with h5py.File(tiny_cache, "r") as f:
         ds = f["train/features/features.18"]
         assert ds.chunks is not None and ds.maxshape == (None, 1280) and ds.dtype == np.float32
@@ -140,9 +140,9 @@ def test_reuse_and_refusal(tmp_path, cifar_root, weights_file):
     assert (tmp_path / "c.h5").stat().st_mtime_ns == before
     with pytest.raises(Exception, match="built with other settings; pass --force"):
         extract(_cfg(tmp_path, cifar_root, weights_file, seed=1))
-    assert open_cache(tmp_path / "c.h5").attrs["seed"] == 0  # the existing file is untouched
+    assert open_cache(tmp_path / "c.h5").meta.seed == 0  # the existing file is untouched
     forced = extract(_cfg(tmp_path, cifar_root, weights_file, seed=1, force=True))
-    assert not forced.reused and open_cache(tmp_path / "c.h5").attrs["seed"] == 1
+    assert not forced.reused and open_cache(tmp_path / "c.h5").meta.seed == 1
     assert not (tmp_path / "c.h5.partial").exists() and not (tmp_path / "c.h5.lock").exists()
 
 
@@ -311,7 +311,7 @@ def test_every_command_has_help_and_is_in_the_readme():
 def test_avgmax_pooling_stores_average_then_max(tmp_path, cifar_root, weights_file):
     extract(_cfg(tmp_path, cifar_root, weights_file, pool="avgmax", image_size=48))
     cache = open_cache(tmp_path / "c.h5")
-    assert cache.attrs["pool"] == "avgmax"
+    assert cache.meta.pool == "avgmax"
     idx = cache.indices("test")
     tf = v2.Compose([v2.Resize(48, antialias=True), v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])

@@ -54,7 +54,7 @@ def test_fit_json_schema(tiny_cache):
         assert 0.0 <= e["train_acc"] <= 1.0 and 0.0 <= e["test_acc"] <= 1.0
     assert d["test_acc"] == d["epochs"][-1]["test_acc"]
     assert d["fingerprint"] == open_cache(tiny_cache).fingerprint
-    assert d["provenance"]["weights_sha256"] == open_cache(tiny_cache).attrs["weights_sha256"]
+    assert d["provenance"]["weights_sha256"] == open_cache(tiny_cache).meta.weights_sha256
     r = _run("fit", tiny_cache, "--head", "logreg", "--features", "all", "--json")
     d = json.loads(r.output)
     assert d["head"] == "logreg" and d["dim"] == 2816 and len(d["features"]) == 19
@@ -168,16 +168,22 @@ def test_not_a_cache(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "-1"], "Error: --epochs must be at least 1, got -1\n"),
-    (["--lr", "0"], "Error: --lr must be positive, got 0.0\n"),
-    (["--lr", "-0.1"], "Error: --lr must be positive, got -0.1\n"),
-    (["--batch-size", "0"], "Error: --batch-size must be at least 1, got 0\n"),
-    (["--head", "logreg", "--C", "0"], "Error: --C must be positive, got 0.0\n"),
-    (["--weight-decay", "-1"], "Error: --weight-decay must be >= 0, got -1.0\n"),
+    (["--epochs", "-1"], "Error: Invalid value for '--epochs': -1 is not in the range 1<=x<=10000."),
+    (["--lr", "0"], "Error: Invalid value for '--lr': 0 is out of range; pass a number > 0"),
+    (["--lr", "-0.1"], "Error: Invalid value for '--lr': -0.1 is out of range; pass a number > 0"),
+    (["--lr", "nan"], "Error: Invalid value for '--lr': 'nan' is not a finite number"),
+    (["--lr", "inf"], "Error: Invalid value for '--lr': 'inf' is not a finite number"),
+    (["--batch-size", "0"], "Error: Invalid value for '--batch-size': 0 is not in the range 1<=x<=1048576."),
+    (["--head", "logreg", "--C", "0"], "Error: Invalid value for '--C': 0 is out of range; pass a number > 0"),
+    (["--head", "logreg", "--C", "-inf"], "Error: Invalid value for '--C': '-inf' is not a finite number"),
+    (["--weight-decay", "-1"], "Error: Invalid value for '--weight-decay': -1 is out of range; pass a number >= 0"),
+    (["--seed", "-1"], "Error: Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295."),
+    (["--features", "fused,"], "Error: Invalid value for --features: 'fused,' has an empty item"),
 ])
 def test_nonsense_hyper_parameters(tiny_cache, args, message):
     r = _run("fit", tiny_cache, *args)
-    assert r.exit_code == 1 and r.output == message
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert r.exit_code == 2 and len(errors) == 1 and errors[0].startswith(message), r.output
 
 
 def test_warm_start_continues_from_the_previous_fit(encoded_cache):

@@ -52,9 +52,9 @@ def _test_images(root) -> np.ndarray:
 def test_paper_subset_matches_an_independent_forward(paper_cache):
     root, weights = real_data()
     cache = open_cache(paper_cache)
-    assert cache.attrs["train_size"] == 5000 and cache.attrs["test_size"] == 1000
+    assert cache.meta.train_size == 5000 and cache.meta.test_size == 1000
     assert np.bincount(cache.labels("train")).tolist() == [500] * 10
-    assert cache.attrs["weights_sha256"].startswith("7af39f22")
+    assert cache.meta.weights_sha256.startswith("7af39f22")
     idx = cache.indices("test")[:48]
     tf = v2.Compose([v2.Resize(128, antialias=True), v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])

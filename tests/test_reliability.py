@@ -124,7 +124,7 @@ def test_sigkill_then_resume_is_bit_identical(kill_setup, tmp_path, kill_at):
 
 def test_a_second_writer_is_refused(tiny_cache, tmp_path, cifar_root, weights_file):
     out = tmp_path / "c.h5"
-    with CacheWriter(out, {"fingerprint": "x"}, {"train": 1, "test": 1}, {"features.18": 1280}, "float32"):
+    with CacheWriter(out, open_cache(tiny_cache).meta):
         r = _run("extract", "--out", out, "--data-root", cifar_root, "--weights", weights_file, "--train-size", 20,
                  "--test-size", 10, "--image-size", 32, "--no-download", "--skip-integrity-check")
         assert r.exit_code == 1
@@ -197,7 +197,7 @@ def test_bad_image_fails_by_default_and_is_skipped_on_request(tmp_path, weights_
     assert r.exit_code == 0, r.output
     assert f"skipped unreadable train image: cats/{name}" in r.output and "skipped 1 unreadable image" in r.output
     c = open_cache(out)
-    assert c.attrs["skipped"] == {"train": [f"cats/{name}"]} and c.attrs["train_size"] == 15
+    assert c.meta.skipped == {"train": [f"cats/{name}"]} and c.meta.train_size == 15
 
 
 def test_every_image_mode_just_works(tmp_path, weights_file):
@@ -209,7 +209,7 @@ def test_every_image_mode_just_works(tmp_path, weights_file):
              "all", "--test-size", "all", "--image-size", 32, "--workers", 0, "--out", tmp_path / "c.h5",
              "--no-progress")
     assert r.exit_code == 0, r.output
-    assert open_cache(tmp_path / "c.h5").attrs["train_size"] == 17
+    assert open_cache(tmp_path / "c.h5").meta.train_size == 17
     assert np.isfinite(open_cache(tmp_path / "c.h5").features("features.18")).all()
 
 
