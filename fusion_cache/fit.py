@@ -166,14 +166,18 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
 
 
 def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> None:
-    """A diverged fit (NaN or inf loss or weights) is an error, never a number."""
+    """A diverged fit is an error, never a number: NaN or inf in the loss or the weights, or a final training
+    loss far above that of predicting uniformly at random (10 x ln k for k classes)."""
     values = [v for e in epochs for v in e.values()]
     weights_ok = all(np.isfinite(a).all() for a in linear_form(est).values())
-    if weights_ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+    chance = math.log(max(2, len(est.classes_)))
+    if (weights_ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            and epochs[-1]["train_loss"] <= 10 * chance):
         return
     fix = (f"lower --lr (now {params.lr:g}) or pass --standardize" if head == "linear" and params.solver == "adam"
            else "pass --standardize or a larger L2 penalty")
-    raise FusionCacheError(f"the {head} head diverged (its loss or weights became NaN or inf); {fix}")
+    raise FusionCacheError(f"the {head} head diverged (final train loss {epochs[-1]['train_loss']:.3g}, chance level "
+                           f"{chance:.3g}); {fix}")
 
 
 HEAD_FILES = (HEAD_FILE, "metrics.json")
