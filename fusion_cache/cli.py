@@ -490,12 +490,13 @@ def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progr
     Example:
       fusion-cache predict data/head photos/ --top-k 3
     """
-    from .predict import build_deployed, list_images, load_head
+    from .data import list_image_files
+    from .predict import build_deployed, load_head
     from .predict import predict as run_predict
 
     head = load_head(head_dir)
     model = build_deployed(head, weights)
-    paths = list_images(list(images))
+    paths = list_image_files(list(images))
     results, failed = [], 0
     for r in run_predict(model, head, paths, batch_size, top_k, strict, progress):
         if "error" in r:

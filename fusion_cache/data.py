@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
+import re
+import stat
 import tarfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -14,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets import CIFAR10, ImageFolder
+from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import FusionCacheError
 
 SPLITS = ("train", "test")
-PAPER_SIZES = {"train": 5000, "test": 1000}  # the case study's subset
+MAX_PIXELS = 8192 * 8192  # larger images are refused before decoding (decompression bombs)
+MAX_ASPECT = 50  # longer side / shorter side; a 200000x1 image would resize to a 25-gigapixel raster
 
 
 class IntegrityWarning(UserWarning):
@@ -36,11 +40,13 @@ class Source:
     split: str
     classes: list[str]
     labels: np.ndarray  # (N,) int64, for the whole split
-    identity: str  # hash of what the items are (pixels or file list); part of the cache fingerprint
+    identity: str  # hash of what the items are (pixels, or file names and contents); part of the cache fingerprint
     images: np.ndarray | None = None  # (N, 3, 32, 32) uint8 for in-memory datasets
-    paths: list[str] | None = None  # for image folders, relative to the split folder
+    paths: list[str] | None = None  # image folders: display names relative to the split folder (printable,
+    #                                 one line, valid UTF-8; see display_path), as listed and stored in caches
     root: Path | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # integrity notes only (extract records their absence)
+    files: list[str] | None = None  # image folders: the real relative file names (os.fsdecode'd), to open
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,7 +55,8 @@ class Source:
         """The source image at `index` as uint8 (3, H, W) RGB; raises BadImage for undecodable files."""
         if self.images is not None:
             return torch.from_numpy(self.images[index])
-        return read_image(self.root / self.paths[index])
+        files = self.files if self.files is not None else self.paths
+        return read_image(self.root / files[index], name=self.paths[index])
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
@@ -185,59 +192,357 @@ def _unpickle(blob: bytes, where: str) -> dict:
 # ---------------------------------------------------------------------------------------------- folders
 
 
-def load_image_folder(root: str | Path, split: str) -> Source:
-    """`root/<split>/<class>/<image>` through torchvision's ImageFolder (file discovery and class order)."""
-    root = Path(root)
-    folder = root / split
-    if not folder.is_dir():
-        raise FusionCacheError(
-            f"{folder} is not a folder; --dataset imagefolder expects {root}/train/<class>/* and {root}/test/<class>/*"
-        )
-    empty = sorted(p.name for p in folder.iterdir()
-                   if p.is_dir() and not any(q.suffix.lower() in IMG_EXTENSIONS for q in p.rglob("*") if q.is_file()))
-    if empty:
-        raise FusionCacheError(
-            f"class folder {folder / empty[0]} holds no images; add images ({', '.join(IMG_EXTENSIONS[:4])}, ...) or remove it"
-        )
-    try:
-        ds = ImageFolder(str(folder), loader=lambda p: p)  # torchvision's image extensions; other files are ignored
-    except (FileNotFoundError, RuntimeError) as e:
-        raise FusionCacheError(f"no images found under {folder} ({e}); add <class>/<image> files") from None
-    paths = [str(Path(p).relative_to(folder)) for p, _ in ds.samples]
-    labels = np.asarray(ds.targets, dtype=np.int64)
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.encode() + b"\0" + str((folder / p).stat().st_size).encode() + b"\n")
-    return Source("imagefolder", split, list(ds.classes), labels, h.hexdigest(), paths=paths, root=folder)
+def display_path(path: str | bytes | os.PathLike) -> str:
+    r"""A file name as it can be printed, stored in JSON or HDF5, and kept on one line.
 
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """Any image file -> uint8 (3, H, W) RGB. Grayscale, palette, RGBA, CMYK and 16-bit all convert.
-
-    Raises `BadImage` for files PIL cannot decode.
+    Bytes that are not UTF-8 (e.g. b'caf\xe9.png' on Linux, which os.fsdecode turns into a lone surrogate)
+    become the four characters `\xe9`; control and line-break characters (newline, tab, U+2028, ...) are
+    escaped the same way. Valid UTF-8 names come back unchanged.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-            elif im.mode == "F":
-                arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadImage(f"{path}: {type(e).__name__}: {e}") from None
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a str with surrogates that no file system name produces
+        raw = os.fspath(path).encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _reason(e: OSError) -> str:
+    """An OSError as a short reason without the path (which may not be printable)."""
+    if e.errno == 40:  # ELOOP
+        return "a symbolic link loop"
+    if isinstance(e, FileNotFoundError):
+        return "missing (a broken symbolic link?)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return e.strerror or type(e).__name__
+
+
+def _has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)  # torchvision's has_file_allowed_extension
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(top: str, boundary: str, visited: set) -> list[str]:
+    """Files with image extensions under `top`, in torchvision's order: folders sorted by path, then names.
+
+    Like os.walk(top, followlinks=True), except for links to folders: one that resolves inside `boundary`
+    (its files are listed under their real place) or to a folder that holds `boundary` (a loop) is not
+    followed, nor is any folder a second time (`visited`: (st_dev, st_ino) of every folder walked). Every
+    non-folder entry with an image extension is returned, whatever it is (regular file, link, FIFO, ...);
+    nothing is opened here.
+    """
+    found: dict[str, list[str]] = {}
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            raise FusionCacheError(
+                f"cannot read folder {display_path(folder)} ({_reason(e)}); fix its permissions or remove it"
+            ) from None
+        names = []
+        subfolders = []
+        for entry in sorted(entries, key=lambda e: e.name):
+            try:
+                is_dir = entry.is_dir()  # follows links, as os.walk does
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                if _has_image_extension(entry.name):
+                    names.append(entry.name)
+                continue
+            try:
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if _inside(real, boundary) or _inside(boundary, real):
+                        continue  # a link back into the listing (duplicates) or to a folder above it (a loop)
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in visited:
+                visited.add((st.st_dev, st.st_ino))
+                subfolders.append(entry.path)
+        found[folder] = names
+        stack.extend(reversed(subfolders))  # depth first in name order: the same choice on every file system
+    return [os.path.join(folder, name) for folder in sorted(found) for name in sorted(found[folder])]
+
+
+def _classify(path: str) -> tuple[str, tuple | None, bool]:
+    """(problem or "", (st_dev, st_ino) of the file it names, is a symlink), from stat calls only: never opens."""
+    try:
+        st = os.lstat(path)
+        link = stat.S_ISLNK(st.st_mode)
+        if link:
+            st = os.stat(path)
+    except OSError as e:
+        return _reason(e), None, True
+    if not stat.S_ISREG(st.st_mode):
+        return _kind(st.st_mode), None, link
+    return "", (st.st_dev, st.st_ino), link
+
+
+def _digest(path: str) -> str:
+    """sha256 of a regular file's content, or a marker for one that cannot be read. Opened non-blocking and
+    checked with fstat, so a file swapped for a FIFO after listing cannot hang the hash."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        return "unreadable: " + _reason(e)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                return "special: " + _kind(mode)
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            return "unreadable: " + _reason(e)
+
+
+def load_image_folder(root: str | Path, split: str) -> Source:
+    r"""`root/<split>/<class>/<image>`, listed the way torchvision's ImageFolder lists it, but safely.
+
+    Classes are the sorted names of the folders in `root/<split>/`; samples are the files with torchvision's
+    image extensions (`IMG_EXTENSIONS`, any case) under each class folder, recursively, in torchvision's
+    order (sorted folder paths, then sorted names), so class indices and sample positions are ImageFolder's.
+    What differs from ImageFolder:
+
+    - Links to folders are followed only when they point outside the split folder, and no folder is walked
+      twice: a link to a parent (a loop) or to another class is ignored. A class folder that is such a link
+      is refused with an error.
+    - A symbolic link to a file that is already listed (by st_dev and st_ino: another class's image, or a
+      second link to the same file) is counted once, at the file's real place or its first link.
+    - Nothing is opened while listing. Broken links, link loops, FIFOs, sockets, device files and unreadable
+      files stay in the listing and become bad images when read (`read_image` refuses them without opening
+      a FIFO), so they follow `--on-bad-image`.
+    - `paths` holds display names (`display_path`): names that are not UTF-8 work, and are shown and stored
+      escaped (`caf\xe9.png`); `files` holds the real names.
+
+    The identity (part of the cache fingerprint) is a sha256 over the class names and, for every sample in
+    order, its relative path, label and the sha256 of its content, so a cache is reused only when every
+    image is byte-for-byte the same. The content is hashed on every load, with no memo: a stat-keyed memo
+    (size, mtime, inode) can be fooled by a same-size rewrite within the file system's timestamp resolution
+    or with a restored mtime, and each CLI command is a fresh process, where a memo would rarely help. The
+    hash reads every file once, which costs far less than decoding them.
+    """
+    root = Path(root)
+    folder = root / split
+    shown = display_path(folder)
+    if not folder.is_dir():
+        raise FusionCacheError(
+            f"{shown} is not a folder; --dataset imagefolder expects {display_path(root)}/train/<class>/* and "
+            f"{display_path(root)}/test/<class>/*"
+        )
+    top = str(folder)
+    boundary = os.path.realpath(top)
+    try:
+        with os.scandir(top) as it:
+            class_entries = sorted((e for e in it if _is_dir(e)), key=lambda e: e.name)
+    except OSError as e:
+        raise FusionCacheError(f"cannot read folder {shown} ({_reason(e)}); fix its permissions") from None
+    if not class_entries:
+        raise FusionCacheError(f"no images found under {shown} (no class folders); add <class>/<image> files")
+    classes = [e.name for e in class_entries]
+    shown_classes = [display_path(c) for c in classes]
+    if len(set(shown_classes)) != len(classes):
+        dup = next(c for c in shown_classes if shown_classes.count(c) > 1)
+        raise FusionCacheError(f"two class folders in {shown} are both shown as {dup!r}; rename one of them")
+    top_stat = os.stat(top)
+    visited = {(top_stat.st_dev, top_stat.st_ino)}
+    candidates: list[tuple[str, int]] = []
+    for label, entry in enumerate(class_entries):
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            if _inside(real, boundary) or _inside(boundary, real):
+                raise FusionCacheError(
+                    f"class folder {display_path(entry.path)} is a link to {display_path(real)}, inside or above "
+                    f"{shown} (a duplicate class or a loop); remove the link or replace it with a real folder"
+                )
+        try:
+            st = os.stat(entry.path)
+        except OSError as e:
+            raise FusionCacheError(f"cannot read class folder {display_path(entry.path)} ({_reason(e)}); "
+                                   "fix it or remove it") from None
+        visited.add((st.st_dev, st.st_ino))
+        files = _walk(entry.path, boundary, visited)
+        if not files:
+            raise FusionCacheError(
+                f"class folder {display_path(entry.path)} holds no images; add images "
+                f"({', '.join(IMG_EXTENSIONS[:4])}, ...) or remove it"
+            )
+        candidates.extend((f, label) for f in files)
+
+    checked = [(path, label, *_classify(path)) for path, label in candidates]
+    real_files = {key for _, _, problem, key, link in checked if not problem and not link}
+    linked: set = set()
+    kept: list[tuple[str, int, str]] = []  # (path, label, problem)
+    for path, label, problem, key, link in checked:
+        if link and not problem:
+            if key in real_files or key in linked:
+                continue  # a link to a file that is already listed: counted once
+            linked.add(key)
+        kept.append((path, label, problem))
+    with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL; overlaps the reads
+        digests = list(pool.map(lambda k: "bad: " + k[2] if k[2] else _digest(k[0]), kept))
+
+    rel = [os.path.relpath(path, top) for path, _, _ in kept]
+    labels = np.asarray([label for _, label, _ in kept], dtype=np.int64)
+    h = hashlib.sha256(b"fusion-cache imagefolder 2\n")
+    for c in classes:
+        h.update(os.fsencode(c) + b"\n")
+    for r, label, digest in zip(rel, labels, digests):
+        h.update(os.fsencode(r) + b"\0" + str(int(label)).encode() + b"\0" + digest.encode() + b"\n")
+    return Source("imagefolder", split, shown_classes, labels, h.hexdigest(), paths=[display_path(r) for r in rel],
+                  root=folder, files=rel)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def list_image_files(inputs: list[str | Path]) -> list[Path]:
+    """`fusion-cache predict`'s inputs: files as given, folders searched recursively for image extensions.
+
+    Each folder's images come sorted (as sorted Paths); inputs keep their order. Folders are walked as
+    `load_image_folder` walks a class folder: links to folders outside it are followed, links back into it
+    or above it are not, no folder is walked twice. The same file reached twice (a link, or a file also
+    given by name) is listed once. Nothing is opened here: FIFOs, broken links and other non-images are
+    listed, and `read_image` reports them as bad images without blocking.
+    Raises FusionCacheError when an input does not exist or no image is found.
+    """
+    out: list[Path] = []
+    seen: set = set()
+
+    def add(p: Path) -> None:
+        try:
+            st = os.stat(p)
+            key = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else os.path.abspath(p)
+        except OSError:
+            key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for item in inputs:
+        p = Path(os.fsdecode(item))
+        if not os.path.exists(p):
+            why = "is a broken link" if os.path.lexists(p) else "does not exist"
+            raise FusionCacheError(f"{display_path(p)} {why}; pass image files or folders")
+        if os.path.isdir(p):
+            top = str(p)
+            st = os.stat(top)
+            for f in sorted(Path(f) for f in _walk(top, os.path.realpath(top), {(st.st_dev, st.st_ino)})):
+                add(f)
+        else:
+            add(p)
+    if not out:
+        shown = ", ".join(display_path(i) for i in inputs)
+        raise FusionCacheError(f"no images found in {shown}; pass image files or folders "
+                               f"({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    return out
+
+
+def read_image(path: str | Path, name: str | None = None) -> torch.Tensor:
+    """Any image file -> uint8 (3, H, W) RGB. Grayscale, palette, RGBA, CMYK and 16-bit all convert.
+
+    Raises `BadImage` ("<name>: <reason>", one printable line; `name` defaults to `display_path(path)`) for
+    anything that is not a decodable image: a missing file or broken link, a FIFO, socket or device (never
+    opened for reading: the file is opened non-blocking and checked with fstat first), an empty or
+    undecodable file, and an image over `MAX_PIXELS` pixels or with an aspect ratio over `MAX_ASPECT`
+    (checked on the header's size, before the raster is decoded; PIL's own decompression-bomb error and
+    warning count too). Other warnings from PIL or torch while reading are silenced.
+    """
+    shown = name if name is not None else display_path(path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        raise BadImage(f"{shown}: {_reason(e)}") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise BadImage(f"{shown}: {_reason(e)}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage(f"{shown}: {_kind(st.st_mode)}, not an image file")
+        if st.st_size == 0:
+            raise BadImage(f"{shown}: empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return _decode(f)
+        except _TooLarge as e:
+            raise BadImage(f"{shown}: {e}") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(m[1]) / 1e6:.0f} megapixels" if m else "too many pixels"
+            raise BadImage(f"{shown}: image of {size}, over the {MAX_PIXELS / 1e6:.0f}-megapixel limit "
+                           "(a decompression bomb?)") from None
+        except UnidentifiedImageError:
+            raise BadImage(f"{shown}: not an image PIL can decode (unknown or damaged format)") from None
+        except MemoryError:
+            raise BadImage(f"{shown}: too large to decode in memory") from None
+        except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+            text = display_path(str(e))[:200]
+            raise BadImage(f"{shown}: {type(e).__name__}: {text}") from None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decode(f) -> torch.Tensor:
+    with Image.open(f) as im:
+        w, h = im.size
+        if w < 1 or h < 1:
+            raise _TooLarge(f"image of {w}x{h} pixels has no pixels")
+        if w * h > MAX_PIXELS:
+            raise _TooLarge(f"image of {w}x{h} pixels ({w * h / 1e6:.0f} megapixels) is over the "
+                            f"{MAX_PIXELS / 1e6:.0f}-megapixel limit (a decompression bomb?)")
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise _TooLarge(f"image of {w}x{h} pixels has an aspect ratio over {MAX_ASPECT}:1")
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im)
+        rgb = im.convert("RGB")
     return TF.pil_to_tensor(rgb)
 
 
 class BadImage(Exception):
-    """An image file that cannot be decoded."""
+    """An image file that cannot be decoded. Its message is "<display name>: <reason>" on one line."""
 
 
 def load_source(dataset: str, root: str | Path, split: str, download: bool = True,
@@ -250,24 +555,6 @@ def load_source(dataset: str, root: str | Path, split: str, download: bool = Tru
 
 
 # ---------------------------------------------------------------------------------------------- subset
-
-
-def parse_size(value: str | int | None, split: str) -> int | None:
-    """`--train-size`: a positive integer, or `all` (None). The default is the case study's size."""
-    if value is None:
-        return PAPER_SIZES[split]
-    if isinstance(value, int):
-        n = value
-    elif str(value).strip().lower() == "all":
-        return None
-    else:
-        try:
-            n = int(str(value).strip())
-        except ValueError:
-            raise FusionCacheError(f"--{split}-size '{value}' is not a number; pass a positive integer or 'all'") from None
-    if n <= 0:
-        raise FusionCacheError(f"--{split}-size must be positive, got {n}; pass a positive integer or 'all'")
-    return n
 
 
 def stratified_subset(labels: np.ndarray, size: int | None, seed: int, split: str = "train") -> np.ndarray:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import cache as cache_mod
 from .backbone import PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
-from .data import SPLITS, BadImage, IntegrityWarning, Source, load_source, stratified_subset
+from .data import SPLITS, BadImage, IntegrityWarning, Source, display_path, load_source, stratified_subset
 from .errors import FusionCacheError
 from .taps import DEFAULT_TAPS, POOLS, channels, parse_taps
 
@@ -136,7 +136,7 @@ def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], di
         dtype=cfg.dtype,
         precision=cfg.precision,
         weights=weights.name,
-        data_root=str(Path(cfg.data_root).resolve()),
+        data_root=display_path(Path(cfg.data_root).resolve()),
         classes=tuple(sources["train"].classes),
         train_size=len(subsets["train"]),
         test_size=len(subsets["test"]),
@@ -192,7 +192,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                     if bad:
                         if cfg.on_bad_image == "fail":
                             raise FusionCacheError(
-                                f"cannot read image {bad[0]}; fix or remove it, or pass --on-bad-image skip"
+                                f"cannot read image {bad[0][0]}: {bad[0][1]}; fix or remove it, or pass "
+                                "--on-bad-image skip"
                             )
                     feats = _forward(extractor, images, pre, device, cfg.precision) if len(positions) else {
                         t: np.zeros((0, c), np.float32) for t, c in widths.items()}
@@ -202,7 +203,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                     pending = pool.submit(
                         writer.append, split, next_pos, src.labels[idx[positions]], idx[positions],
                         {t: v.astype(cfg.dtype, copy=False) for t, v in feats.items()},
-                        [b.split(": ", 1)[0] for b in bad],
+                        [name for name, _ in bad],
                     )
                     processed += len(positions)
                     bar.update(len(positions) + len(bad))
@@ -229,7 +230,7 @@ def _no_bar(progress: bool | None) -> bool | None:
 
 
 def _forward(extractor, images: torch.Tensor, pre: Preprocess, device: torch.device, precision: str) -> dict[str, np.ndarray]:
-    """uint8 (N, 3, S, S) -> {tap: (N, C) float32 numpy}."""
+    """uint8 (N, 3, S, S) -> {tap: (N, W) float32 numpy}; W = C (avg pooling) or 2C (avgmax)."""
     x = pre.normalize(images).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     dtype = PRECISIONS[precision]
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -247,7 +248,7 @@ def _check_finite(feats: dict[str, np.ndarray], split: str, first_index: int) ->
 
 
 def _batches(src: Source, idx: np.ndarray, start: int, cfg: ExtractConfig, pre: Preprocess):
-    """Yield (next_position, positions kept, uint8 (n, 3, S, S) resized images, bad-file messages) per batch.
+    """Yield (next_position, positions kept, uint8 (n, 3, S, S) resized images, [(bad file, reason)]) per batch.
 
     Batches always start at multiples of batch_size, so a resumed run sees exactly the same batches.
     """
@@ -278,11 +279,13 @@ class _FolderDataset(torch.utils.data.Dataset):
         return len(self.idx)
 
     def __getitem__(self, position: int):
-        rel = self.src.paths[self.idx[position]]
+        rel = self.src.paths[self.idx[position]]  # the display name, as BadImage messages start with it
         try:
             return position, self.pre.resize(self.src.image(self.idx[position])), None
         except BadImage as e:
-            return position, None, f"{rel}: {str(e).split(': ', 1)[-1]}"
+            message = str(e)
+            reason = message[len(rel) + 2:] if message.startswith(f"{rel}: ") else message
+            return position, None, (rel, reason)
 
 
 def _collate(items):

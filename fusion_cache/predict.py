@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm.auto import tqdm
 
 from .backbone import Preprocess, PooledExtractor, build_model, load_weights
-from .data import BadImage, read_image
+from .data import BadImage, display_path, read_image
 from .errors import FusionCacheError
 from .headfile import HeadFile, load_head  # noqa: F401  (load_head: predict's entry point)
 from .io import atomic_write, check_output_file
@@ -53,22 +52,6 @@ def build_deployed(head: HeadFile, weights: str | None = None) -> DeployedModel:
     return model.eval().requires_grad_(False)
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for image extensions, in sorted order."""
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMG_EXTENSIONS))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise FusionCacheError(f"{p} does not exist; pass image files or folders")
-    if not out:
-        raise FusionCacheError(f"no images found in {', '.join(map(str, inputs))}; pass image files or folders")
-    return out
-
-
 def predict(model: DeployedModel, head: HeadFile, paths: list[Path], batch_size: int = 64, top_k: int = 1,
             strict: bool = False, progress: bool | None = None):
     """Yield one dict per image: {path, class, prob, top: [[class, prob], ...], logits} or {path, error}."""
@@ -81,13 +64,14 @@ def predict(model: DeployedModel, head: HeadFile, paths: list[Path], batch_size:
             chunk = paths[lo : lo + batch_size]
             images, kept, errors = [], [], {}
             for p in chunk:
+                shown = display_path(p)
                 try:
-                    images.append(pre.resize(read_image(p)))
+                    images.append(pre.resize(read_image(p, name=shown)))
                     kept.append(p)
                 except BadImage as e:
                     if strict:
                         raise FusionCacheError(f"cannot read image {e}; fix or remove it, or drop --strict") from None
-                    errors[p] = str(e).split(": ", 1)[-1]
+                    errors[p] = str(e)[len(shown) + 2:] if str(e).startswith(f"{shown}: ") else str(e)
             logits = np.zeros((0, len(classes)), np.float32)
             if images:
                 with torch.inference_mode():
@@ -96,11 +80,11 @@ def predict(model: DeployedModel, head: HeadFile, paths: list[Path], batch_size:
             results = {p: (logits[i], probs[i]) for i, p in enumerate(kept)}
             for p in chunk:
                 if p in errors:
-                    yield {"path": str(p), "error": errors[p]}
+                    yield {"path": display_path(p), "error": errors[p]}
                     continue
                 z, pr = results[p]
                 order = np.argsort(-pr)[:top_k]
-                yield {"path": str(p), "class": classes[order[0]], "prob": float(pr[order[0]]),
+                yield {"path": display_path(p), "class": classes[order[0]], "prob": float(pr[order[0]]),
                        "top": [[classes[i], float(pr[i])] for i in order], "logits": z.tolist()}
             bar.update(len(chunk))
     finally:

@@ -55,6 +55,10 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     counts = np.bincount(y)
     stratify = y if counts[counts > 0].min() >= 2 and round(fraction * len(y)) >= len(counts[counts > 0]) else None
     fit_rows, val_rows = train_test_split(rows, test_size=fraction, stratify=stratify, random_state=seed)
+    lost = np.setdiff1d(np.unique(y), y[fit_rows])
+    if len(lost):
+        raise FusionCacheError(f"--val-fraction {fraction:g} leaves class {int(lost[0])} without training rows "
+                               f"(it has {int((y == lost[0]).sum())} train images); pass a smaller --val-fraction")
     return np.sort(fit_rows), np.sort(val_rows)
 
 

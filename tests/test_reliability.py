@@ -261,7 +261,7 @@ def _corpus(tmp_path: Path, cifar_root: Path, weights_file: Path, tiny_cache: Pa
         ("size: negative", [*ext, "--weights", weights_file, "--train-size", "-5"], "must be positive"),
         ("size: words", [*ext, "--weights", weights_file, "--test-size", "many"], "is not a number"),
         ("size: too large", [*ext, "--weights", weights_file, "--test-size", 41], "larger than the test split"),
-        ("image size: tiny", [*ext, "--weights", weights_file, "--image-size", 8], "too small"),
+        ("image size: tiny", [*ext, "--weights", weights_file, "--image-size", 8], "not in the range 32<=x<=1024"),
         ("out: a folder", [*ext[:1], "--out", tmp_path, *ext[3:], "--weights", weights_file], "is a folder"),
         ("out: no such folder", [*ext[:1], "--out", tmp_path / "no" / "c.h5", *ext[3:], "--weights", weights_file],
          "does not exist"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -109,11 +110,12 @@ def test_the_test_split_never_influences_selection(encoded_cache, head):
     """Scrambling the test split changes only the final test number, never the chosen strength or val scores."""
     cache = open_cache(encoded_cache)
     cfg = ReportConfig(val_fraction=0.2, max_iter=50)
-    taps, Xtr, ytr, Xte, yte = load_view(cache, "fused")
-    a = tune(cache, "fused", head, 0, cfg, data=(taps, Xtr, ytr, Xte, yte))
+    data = load_view(cache, "fused")
+    a = tune(cache, "fused", head, 0, cfg, data=data)
     rng = np.random.default_rng(0)
-    b = tune(cache, "fused", head, 0, cfg, data=(taps, Xtr, ytr, rng.normal(size=Xte.shape).astype(np.float32),
-                                                  rng.permutation(yte)))
+    scrambled = dataclasses.replace(data, X_test=rng.normal(size=data.X_test.shape).astype(np.float32),
+                                    y_test=rng.permutation(data.y_test))
+    b = tune(cache, "fused", head, 0, cfg, data=scrambled)
     key = "weight_decay" if head == "linear" else "C"
     assert a[key] == b[key] and a["grid"] == b["grid"] and a["val_acc"] == b["val_acc"]
     assert a["test_acc"] > 0.9 and b["test_acc"] < 0.5  # the test split was really scrambled, and really read
@@ -128,7 +130,7 @@ def test_report_refuses_images_that_are_not_the_cache_source(tiny_cache, tmp_pat
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--val-fraction", "1.5"], "1.5 is out of range; pass a number > 0 and <= 0.5"),
     (["--seeds", "a,b"], "is not a comma-separated list of integers"),
     (["--views", "nope"], "unknown view"),
 ])
@@ -143,3 +145,26 @@ def test_report_on_an_output_path_that_is_a_file(tiny_cache, tmp_path):
     r = _run("report", tiny_cache, "--out", f)
     assert r.exit_code == 1 and "is a file; pass a folder" in r.output
     assert f.read_text() == "keep me"
+
+
+def test_report_with_logreg_only_and_a_forced_rerun(tiny_cache, tmp_path):
+    out = tmp_path / "r"
+    args = ["report", tiny_cache, "--out", out, "--views", "late,fused", "--heads", "logreg", "--seeds", "0",
+            "--no-pair-search"]
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "report.json", *FIGURES])
+    first = (out / "report.json").read_text()
+    r = _run(*args)
+    assert r.exit_code == 1 and "already holds results" in r.output and "pass --force" in r.output
+    assert (out / "report.json").read_text() == first
+    r = _run(*args[:-1], "--pair-search", "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["tuned"]["pair_search"]  # the new report, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary folder left beside it
+
+
+def test_a_val_fraction_that_empties_a_class_is_refused():
+    y = np.array([0] * 10 + [1] * 10 + [2])
+    with pytest.raises(Exception, match="leaves class 2 without training rows"):
+        validation_split(y, 0.5, 0)
