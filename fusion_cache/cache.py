@@ -23,7 +23,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import stat
 from contextlib import contextmanager

@@ -491,7 +491,8 @@ def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progr
       fusion-cache predict data/head photos/ --top-k 3
     """
     from .data import list_image_files
-    from .predict import build_deployed, load_head
+    from .headfile import load_head
+    from .predict import build_deployed
     from .predict import predict as run_predict
 
     head = load_head(head_dir)
@@ -536,7 +537,7 @@ def export(head_dir, out, weights, force):
       logits = program.module()(x)                     # x: (N, 3, S, S), normalized
     """
     from .predict import export as run_export
-    from .predict import load_head
+    from .headfile import load_head
 
     path = run_export(load_head(head_dir), out, weights, force)
     click.echo(f"wrote {path}")

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import Preprocess, PooledExtractor, build_model, load_weights
+from .backbone import PooledExtractor, build_model, load_weights
 from .data import BadImage, display_path, read_image
 from .errors import FusionCacheError
-from .headfile import HeadFile, load_head  # noqa: F401  (load_head: predict's entry point)
+from .headfile import HeadFile
 from .io import atomic_write, check_output_file
 
 

@@ -17,7 +17,8 @@ from fusion_cache.cache import open_cache
 from fusion_cache.cli import main
 from fusion_cache.data import read_image
 from fusion_cache.extract import ExtractConfig, extract
-from fusion_cache.predict import build_deployed, load_head, predict
+from fusion_cache.headfile import load_head
+from fusion_cache.predict import build_deployed, predict
 
 
 def _run(*args):
