@@ -296,19 +296,39 @@ def _head_options(f):
                      help="linear: Adam mini-batches (the case study) or full-batch L-BFGS to convergence."),
         click.option("--C", "C", type=FiniteFloat(0, min_open=True), default=0.1, show_default=True,
                      help="logreg: inverse L2 strength of LogisticRegression (> 0)."),
+        click.option("--k", "k", type=click.IntRange(1, 100_000), default=20, show_default=True,
+                     help="knn: neighbours that vote (cosine similarity on standardized, L2-normalized features)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _params(epochs, lr, batch_size, weight_decay, standardize, solver, C):
-    from .fit import HeadParams
+HEAD_OPTIONS = ("epochs", "lr", "batch_size", "weight_decay", "standardize", "solver", "C", "k")
 
-    p = HeadParams(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, standardize=standardize,
-                   solver=solver, C=C)
+
+def _params(heads: list[str], **values):
+    """HeadParams from the head options; an option given on the command line that none of `heads` takes is
+    an error (e.g. `--head knn --solver lbfgs`), not something to ignore."""
+    from .fit import HeadParams, head_spec
+
+    ctx = click.get_current_context()
+    specs = [head_spec(h) for h in heads]
+    for name in HEAD_OPTIONS:
+        given = ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+        if given and not any(name in spec.options for spec in specs):
+            takers = [h for h, spec in _head_specs().items() if name in spec.options]
+            raise click.UsageError(f"--{name.replace('_', '-')} does not apply to the {' or '.join(heads)} head; "
+                                   f"it is an option of {', '.join(takers)}")
+    p = HeadParams(**values)
     p.check()
     return p
+
+
+def _head_specs():
+    from .heads import HEAD_SPECS
+
+    return HEAD_SPECS
 
 
 def _command_line() -> str:
@@ -318,8 +338,9 @@ def _command_line() -> str:
 
 @main.command(short_help="Train one head on a view of a cache.")
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--head", type=click.Choice(["linear", "logreg"]), default="linear", show_default=True,
-              help="linear: torch nn.Linear, Adam + cross-entropy. logreg: scikit-learn LogisticRegression baseline.")
+@click.option("--head", type=click.Choice(["linear", "logreg", "knn"]), default="linear", show_default=True,
+              help="linear: torch nn.Linear, Adam + cross-entropy. logreg: scikit-learn LogisticRegression baseline. "
+                   "knn: weighted k-nearest neighbours on cosine similarity (no training).")
 @click.option("--features", "view", default="fused", show_default=True,
               help="View to train on: early, late, fused (early+late), all (every cached tap), or TAP[,TAP...].")
 @_head_options
@@ -330,7 +351,8 @@ def _command_line() -> str:
               help="Folder to save the head in (head.pt: weights, feature statistics, taps, classes, fingerprint) "
                    "and metrics.json.")
 @click.option("--force", is_flag=True, help="Replace a head already saved in --out.")
-def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, seed, as_json, out, force):
+def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, seed, as_json, out,
+        force):
     """Train a head on a view of CACHE and report train and test accuracy per epoch.
 
     \b
@@ -338,13 +360,15 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
       fusion-cache fit data/cifar10-paper.h5 --head linear --features fused
     """
     from .cache import open_cache
-    from .fit import HEAD_FILES, fit_head, save_head
+    from .fit import HEAD_FILES, check_saveable, fit_head, save_head
     from .io import check_output_folder
 
-    params = _params(epochs, lr, batch_size, weight_decay, standardize, solver, C)
+    params = _params([head], epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                     standardize=standardize, solver=solver, C=C, k=k)
     _features(view)
     c = open_cache(cache)
     if out:
+        check_saveable(head)
         check_output_folder(out, force, lambda name: name in HEAD_FILES)  # before the work, not after
     r = fit_head(c, view, head, params, seed)
     if out:
@@ -366,14 +390,14 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+', e.g. features.13+features.18.")
-@click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg.")
+@click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg, knn.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; results are mean ± std over them.")
 @_head_options
 @click.option("--out", type=click.Path(path_type=Path),
               help="Folder for results.json (one row per run), results.csv and results.md.")
 @click.option("--force", is_flag=True, help="Replace the results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
-def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, out, force,
+def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
            as_json):
     """Compare views x heads x seeds on one cache, with no re-extraction.
 
@@ -386,10 +410,11 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
     from .fit import ablate as run_ablate
     from .io import check_output_folder
 
-    params = _params(epochs, lr, batch_size, weight_decay, standardize, solver, C)
     seed_list = _seeds(seeds)
     view_list = _views(views, "--views")
     head_list = list(dict.fromkeys(_csv(heads, "--heads")))
+    params = _params(head_list, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                     standardize=standardize, solver=solver, C=C, k=k)
     c = open_cache(cache)
     if out:
         check_output_folder(out, force, lambda name: name in ABLATION_FILES)
@@ -422,7 +447,8 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md, report.json and the PNGs.")
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+'.")
-@click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg.")
+@click.option("--heads", default="linear,logreg", show_default=True,
+              help="Comma-separated heads: linear, logreg, knn.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the heads and of the validation split.")
 @click.option("--val-fraction", type=FiniteFloat(0, 0.5, min_open=True), default=0.1, show_default=True,
               help="Tuned protocol: share of train held out (stratified) to choose the L2 strength (0-0.5).")
@@ -462,8 +488,11 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
     with staged_folder(out, force, ours) as tmp:
         render_figures(r, c, tmp, sources)
         write_report(r, tmp, _command_line(), machine)
-    click.echo(f"best view (tuned): {r['best_view']} with {r['best_head']}, "
-               f"{100 * r['best_test_acc']:.2f} ± {100 * r['best_test_acc_std']:.2f} % test accuracy")
+    best = r.best
+    click.echo(f"best view (tuned): {best['view']} with {best['head']}, "
+               f"{100 * best['test_acc_mean']:.2f} ± {100 * best['test_acc_std']:.2f} % test accuracy "
+               f"(tuned protocol {r.seconds['pair_search'] + r.seconds['tuned']:.0f} s, paper protocol "
+               f"{r.seconds['paper']:.0f} s)")
     click.echo(f"wrote {out}/report.md, report.json and 5 figures")
 
 

@@ -16,13 +16,14 @@ from .cache import Cache
 from .errors import FusionCacheError
 from .headfile import HEAD_FILE, HeadFile
 from .headfile import save_head as write_head_file
-from .heads import HEADS, LinearHead, linear_form, make_logreg
+from .heads import HEAD_SPECS, HEADS, KNNHead, linear_form
 from .io import atomic_write_text, dumps_json, staged_folder
 
 
 @dataclass
 class HeadParams:
-    """Hyper-parameters of both heads. Defaults are the case study's protocol."""
+    """The head options a command was given (defaults: the case study's protocol). Each head takes the ones
+    its declaration in heads.HEAD_SPECS lists; the estimators validate their own values."""
 
     epochs: int = 2  # the case study trains 2 epochs
     lr: float = 1e-3  # Adam's default, as in the case study
@@ -32,6 +33,7 @@ class HeadParams:
     solver: str = "adam"  # adam (mini-batches) | lbfgs (full batch, converged)
     max_iter: int = 200  # L-BFGS iterations (solver="lbfgs")
     C: float = 0.1  # inverse L2 strength of the logreg baseline
+    k: int = 20  # neighbours of the knn head
     device: str = "cpu"
 
     def check(self) -> None:
@@ -47,6 +49,13 @@ class HeadParams:
             raise FusionCacheError(f"--C must be positive, got {self.C}")
         if self.solver not in ("adam", "lbfgs"):
             raise FusionCacheError(f"unknown --solver '{self.solver}'; use adam or lbfgs")
+        if self.k < 1:
+            raise FusionCacheError(f"--k must be at least 1, got {self.k}")
+
+    def for_head(self, head: str) -> dict:
+        """The options `head` takes, as its declaration lists them."""
+        spec = head_spec(head)
+        return {o: getattr(self, o) for o in spec.options if hasattr(self, o)}
 
 
 @dataclass
@@ -73,14 +82,15 @@ class FitResult:
         return d
 
 
+def head_spec(head: str):
+    if head not in HEAD_SPECS:
+        raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEADS)}")
+    return HEAD_SPECS[head]
+
+
 def make_head(head: str, params: HeadParams, seed: int):
-    if head == "linear":
-        return LinearHead(epochs=params.epochs, lr=params.lr, batch_size=params.batch_size,
-                          weight_decay=params.weight_decay, standardize=params.standardize, solver=params.solver,
-                          max_iter=params.max_iter, random_state=seed, device=params.device)
-    if head == "logreg":
-        return make_logreg(C=params.C, random_state=seed)
-    raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEADS)}")
+    """An unfitted head, built from its declaration with the options it takes."""
+    return head_spec(head).build(seed, **params.for_head(head))
 
 
 def provenance(cache: Cache) -> dict:
@@ -140,6 +150,9 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
     data = data if data is not None else load_view(cache, view)
     taps, Xtr, ytr, Xte, yte = data.taps, data.X_train, data.y_train, data.X_test, data.y_test
     est = make_head(head, params, seed)
+    if head == "knn" and params.k > len(ytr):
+        raise FusionCacheError(f"--k {params.k} is larger than the {len(ytr)} training rows of '{view}'; "
+                               f"pass --k {len(ytr)} or less")
     start = time.perf_counter()
     if head == "linear":
         est.fit(Xtr, ytr, eval_set=(Xte, yte))
@@ -148,7 +161,6 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         last = epochs[-1]
         train_loss, train_acc, test_loss, test_acc = (last["train_loss"], last["train_acc"], last["test_loss"],
                                                        last["test_acc"])
-        used = {k: v for k, v in asdict(params).items() if k != "C" and (k != "max_iter" or params.solver == "lbfgs")}
     else:
         est.fit(Xtr, ytr)
         seconds = time.perf_counter() - start
@@ -159,7 +171,9 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         test_acc = float(est.score(Xte, yte))
         epochs = [{"epoch": 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc}]
-        used = {"C": params.C, "standardize": True, "solver": "lbfgs"}
+    used = params.for_head(head)
+    if head == "linear" and params.solver != "lbfgs":
+        used.pop("max_iter", None)
     _check_converged(head, epochs, est, params)
     return FitResult(head, view, taps, int(Xtr.shape[1]), seed, used, epochs, train_loss, train_acc, test_loss,
                      test_acc, seconds, cache.fingerprint, provenance(cache), est)
@@ -169,7 +183,7 @@ def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> 
     """A diverged fit is an error, never a number: NaN or inf in the loss or the weights, or a final training
     loss far above that of predicting uniformly at random (10 x ln k for k classes)."""
     values = [v for e in epochs for v in e.values()]
-    weights_ok = all(np.isfinite(a).all() for a in linear_form(est).values())
+    weights_ok = isinstance(est, KNNHead) or all(np.isfinite(a).all() for a in linear_form(est).values())
     chance = math.log(max(2, len(est.classes_)))
     if (weights_ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
             and epochs[-1]["train_loss"] <= 10 * chance):
@@ -183,9 +197,17 @@ def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> 
 HEAD_FILES = (HEAD_FILE, "metrics.json")
 
 
+def check_saveable(head: str) -> None:
+    """predict and export need a linear form; a kNN head keeps its training set instead."""
+    if head == "knn":
+        raise FusionCacheError("a knn head cannot be saved for predict and export (it has no linear form: it "
+                               "keeps its training set); drop --out, or use --head linear or logreg")
+
+
 def save_head(result: FitResult, out_dir: str | Path, force: bool = False) -> Path:
     """`out_dir/head.pt` (see headfile.py) and `metrics.json`, written into a fresh folder that replaces
     `out_dir` only when both are complete; an existing head is replaced only with `force`."""
+    check_saveable(result.head)
     form = linear_form(result.estimator)
     head = HeadFile(
         head=result.head, taps=tuple(result.features),

@@ -194,3 +194,37 @@ def test_warm_start_continues_from_the_previous_fit(encoded_cache):
     assert head.fit(X, y).n_iter_ < cold / 4  # already at the optimum: a few iterations confirm it
     head.set_params(warm_start=False)
     assert head.fit(X, y).n_iter_ == cold  # and a cold start is a cold start
+
+
+def test_knn_head_in_fit_and_ablate(encoded_cache, tmp_path):
+    r = _run("fit", encoded_cache, "--head", "knn", "--features", "early", "--k", 10, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["head"] == "knn" and d["params"]["k"] == 10 and d["test_acc"] > 0.9
+    r = _run("ablate", encoded_cache, "--views", "early,late", "--heads", "knn,logreg", "--seeds", 0, "--json")
+    assert r.exit_code == 0, r.output
+    rows = {(row["view"], row["head"]): row["test_acc"] for row in json.loads(r.output)["rows"]}
+    assert rows[("early", "knn")] > 0.9 and rows[("late", "knn")] < 0.45
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head", "knn", "--solver", "lbfgs"], "--solver does not apply to the knn head; it is an option of linear"),
+    (["--head", "knn", "--C", "1"], "--C does not apply to the knn head; it is an option of logreg"),
+    (["--head", "logreg", "--epochs", "3"], "--epochs does not apply to the logreg head"),
+    (["--head", "knn", "--k", "5000"], "--k 5000 is larger than the 1000 training rows of 'fused'; pass --k 1000"),
+    (["--head", "knn", "--out", "OUT"], "a knn head cannot be saved for predict and export"),
+])
+def test_knn_bad_input(encoded_cache, tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "h")) for a in args]
+    r = _run("fit", encoded_cache, *args)
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert r.exit_code in (1, 2) and len(errors) == 1 and message in errors[0], r.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_head_choice_matches_the_registry():
+    from fusion_cache.cli import fit as fit_command
+    from fusion_cache.heads import HEADS
+
+    choice = next(p for p in fit_command.params if p.name == "head").type.choices
+    assert tuple(choice) == HEADS

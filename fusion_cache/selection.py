@@ -1,0 +1,227 @@
+"""Model selection for the tuned protocol: a validation split of train, each head's grid chosen on it, the
+early+late pair search, and the refit on all of train. The test split is read only for the final number.
+
+- linear: the whole weight-decay grid trains as one stacked model (grid.py: one wide matrix product per
+  pass, each head converging to its own optimum), on features standardized once per view with train-split
+  statistics; the chosen head is refit on all of train, warm-started from its grid fit.
+- logreg: scikit-learn's LogisticRegression walks its C grid from strong to weak with warm starts.
+- knn: one top-k search at the largest k scores every k of the grid on validation.
+Which parameter a head tunes, and over which grid, comes from its declaration in heads.HEAD_SPECS.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from .cache import Cache
+from .errors import FusionCacheError
+from .fit import ViewData, load_view
+from .grid import feature_covariance, fit_l2_grid, grid_accuracy, tune_l2
+from .heads import HEAD_SPECS, KNNHead, LinearHead
+from .taps import LATE_TAP
+
+PAIR_WEIGHT_DECAY = 1e-2  # the pair search ranks candidate taps with one mid-grid strength
+PAIR_MAX_ITER = 50  # L-BFGS iterations per pair candidate: enough to rank, not to converge
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, validation rows) of the train split: disjoint, stratified, seeded; every class keeps
+    training rows."""
+    rows = np.arange(len(y))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 and round(fraction * len(y)) >= len(counts[counts > 0]) else None
+    fit_rows, val_rows = train_test_split(rows, test_size=fraction, stratify=stratify, random_state=seed)
+    lost = np.setdiff1d(np.unique(y), y[fit_rows])
+    if len(lost):
+        raise FusionCacheError(f"--val-fraction {fraction:g} leaves class {int(lost[0])} without training rows "
+                               f"(it has {int((y == lost[0]).sum())} train images); pass a smaller --val-fraction")
+    return np.sort(fit_rows), np.sort(val_rows)
+
+
+def standardize(data: ViewData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X_train, X_test, mean, scale): both splits standardized with train statistics, once per view (the
+    statistics LinearHead(standardize=True) would compute on the same rows)."""
+    mean = data.X_train.mean(axis=0)
+    scale = data.X_train.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return (data.X_train - mean) / scale, (data.X_test - mean) / scale, mean, scale
+
+
+@dataclass
+class TunedRun:
+    """One view x head x seed of the tuned protocol."""
+
+    view: str
+    head: str
+    seed: int
+    taps: str
+    dim: int
+    param: str  # the tuned parameter (weight_decay, C, k)
+    value: float  # its chosen value
+    grid: dict[str, float]  # validation accuracy at each grid value
+    val_acc: float
+    train_acc: float
+    test_acc: float
+    fit_seconds: float
+    val_rows: int
+    fit_rows: int
+    estimator: object = field(default=None, repr=False)  # the refit head, for the figures
+
+    def row(self) -> dict:
+        return {"view": self.view, "head": self.head, "seed": self.seed, "taps": self.taps, "dim": self.dim,
+                self.param: self.value, "grid": self.grid, "val_acc": self.val_acc, "train_acc": self.train_acc,
+                "test_acc": self.test_acc, "fit_seconds": self.fit_seconds, "val_rows": self.val_rows,
+                "fit_rows": self.fit_rows}
+
+
+class ViewStore:
+    """Views of one cache, each loaded (and, for the linear head, standardized) once and reused across heads
+    and seeds."""
+
+    def __init__(self, cache: Cache, device: str = "cpu"):
+        self.cache, self.device = cache, device
+        self._data: dict[str, ViewData] = {}
+        self._std: dict[str, tuple] = {}
+
+    def data(self, view: str) -> ViewData:
+        if view not in self._data:
+            self._data[view] = load_view(self.cache, view)
+        return self._data[view]
+
+    def standardized(self, view: str) -> tuple:
+        if view not in self._std:
+            Xtr, Xte, mean, scale = standardize(self.data(view))
+            self._std[view] = (torch.from_numpy(np.ascontiguousarray(Xtr, np.float32)).to(self.device),
+                               torch.from_numpy(np.ascontiguousarray(Xte, np.float32)).to(self.device), mean, scale)
+        return self._std[view]
+
+    def put(self, view: str, data: ViewData) -> None:
+        """Use `data` for `view` (tests scramble a split this way)."""
+        self._data[view] = data
+        self._std.pop(view, None)
+
+    def drop(self, view: str) -> None:
+        self._data.pop(view, None)
+        self._std.pop(view, None)
+
+
+def tune(store: ViewStore, view: str, head: str, seed: int, val_fraction: float, max_iter: int = 200,
+         grid: tuple | None = None) -> TunedRun:
+    """Choose the head's tuned parameter on a validation split of train, refit on all of train, test once."""
+    if head not in HEAD_SPECS:
+        raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEAD_SPECS)}")
+    spec = HEAD_SPECS[head]
+    grid = tuple(spec.grid if grid is None else grid)
+    if not grid:
+        raise FusionCacheError(f"the {spec.tuned} grid of the {head} head is empty; give at least one value")
+    data = store.data(view)
+    fit_rows, val_rows = validation_split(data.y_train, val_fraction, seed)
+    start = time.perf_counter()
+    try:
+        if head == "linear":
+            est, scores = _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed)
+        elif head == "knn":
+            est, scores = _tune_knn(data, fit_rows, val_rows, grid)
+        else:
+            est, scores = _tune_sklearn(spec, data, fit_rows, val_rows, grid, seed)
+    except ValueError as e:
+        raise FusionCacheError(f"tuning the {head} head on '{view}' failed: {e}") from None
+    seconds = time.perf_counter() - start
+    best = int(np.argmax(scores))  # first of the best: grids are strongest regularization first
+    if head == "linear":
+        Xtr, Xte, _, _ = store.standardized(view)
+        train_acc = float(est.score_standardized(Xtr, data.y_train))
+        test_acc = float(est.score_standardized(Xte, data.y_test))
+    else:
+        train_acc = float(est.score(data.X_train, data.y_train))
+        test_acc = float(est.score(data.X_test, data.y_test))
+    return TunedRun(view, head, seed, ",".join(data.taps), data.dim, spec.tuned, grid[best],
+                    {f"{v:g}": float(s) for v, s in zip(grid, scores)}, float(scores[best]), train_acc, test_acc,
+                    seconds, int(len(val_rows)), int(len(fit_rows)), est)
+
+
+class _TunedLinear(LinearHead):
+    """The refit linear head of the tuned protocol, built from the stacked grid's solution. A LinearHead in
+    every respect (predict, predict_proba, linear_form); scores already-standardized tensors directly."""
+
+    def score_standardized(self, Xs: torch.Tensor, y: np.ndarray) -> float:
+        W = torch.from_numpy(self.coef_).to(Xs.device)
+        b = torch.from_numpy(self.intercept_).to(Xs.device)
+        pred = torch.addmm(b, Xs, W.T).argmax(1).cpu().numpy()
+        return float(np.mean(self.classes_[pred] == y))
+
+
+def _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed):
+    Xtr, _, mean, scale = store.standardized(view)
+    y = torch.from_numpy(data.y_train)
+    idx_fit, idx_val = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
+    k = int(data.y_train.max()) + 1
+    r = tune_l2(Xtr[idx_fit], y[idx_fit], Xtr[idx_val], y[idx_val], Xtr, y, k, grid, max_iter=max_iter,
+                device=store.device)
+    est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=r.weight_decay, max_iter=max_iter,
+                       random_state=seed)
+    est.classes_ = np.arange(k)
+    est.n_features_in_ = data.dim
+    est.mean_, est.scale_ = mean.astype(np.float32), scale.astype(np.float32)
+    est.coef_, est.intercept_ = r.final.coef[0], r.final.intercept[0]
+    est.n_iter_ = int(r.final.n_iter[0])
+    est.history_ = []
+    return est, np.asarray(r.val_scores)
+
+
+def _tune_knn(data, fit_rows, val_rows, grid):
+    ks = [int(k) for k in grid]
+    probe = KNNHead(k=min(ks)).fit(data.X_train[fit_rows], data.y_train[fit_rows])
+    by_k = probe.score_ks(data.X_train[val_rows], data.y_train[val_rows], ks)
+    scores = np.array([by_k[k] for k in ks])
+    est = KNNHead(k=ks[int(np.argmax(scores))]).fit(data.X_train, data.y_train)
+    return est, scores
+
+
+def _tune_sklearn(spec, data, fit_rows, val_rows, grid, seed):
+    """Walk the grid with warm starts (scikit-learn's warm_start), strongest first."""
+    est = spec.build_tuned(grid[0], seed)
+    final = est.steps[-1][1] if hasattr(est, "steps") else est
+    final.set_params(warm_start=True)
+    scores = []
+    for value in grid:
+        final.set_params(**{spec.tuned: value})
+        est.fit(data.X_train[fit_rows], data.y_train[fit_rows])
+        scores.append(float(est.score(data.X_train[val_rows], data.y_train[val_rows])))
+    best = grid[int(np.argmax(scores))]
+    refit = spec.build_tuned(best, seed).fit(data.X_train, data.y_train)
+    return refit, np.asarray(scores)
+
+
+def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu") -> tuple[str, dict[str, float]]:
+    """The early tap that best complements features.18, judged on validation accuracy only. Each candidate
+    is a linear head at one mid-grid strength on its standardized [tap, features.18] columns; every tap is
+    read and standardized once."""
+    if LATE_TAP not in cache.taps:
+        raise FusionCacheError(f"the pair search needs {LATE_TAP}; extract it, or pass --no-pair-search")
+    y = cache.labels("train")
+    fit_rows, val_rows = validation_split(y, val_fraction, seed)
+
+    def standardized(tap):
+        X = cache.features(tap, "train").astype(np.float32)
+        scale = X.std(axis=0)
+        scale[scale < 1e-12] = 1.0
+        return torch.from_numpy((X - X.mean(axis=0)) / scale)
+
+    late = standardized(LATE_TAP)
+    yt = torch.from_numpy(y)
+    k = int(y.max()) + 1
+    scores = {}
+    for tap in [t for t in cache.taps if t != LATE_TAP]:
+        X = torch.cat([standardized(tap), late], dim=1).to(device)
+        Xf = X[torch.from_numpy(fit_rows)]
+        fit = fit_l2_grid(Xf, yt[fit_rows], k, [PAIR_WEIGHT_DECAY], max_iter=PAIR_MAX_ITER, device=device,
+                          precondition=feature_covariance(Xf, device=device))
+        scores[tap] = float(grid_accuracy(fit, X[torch.from_numpy(val_rows)], yt[val_rows])[0])
+    tap = max(scores, key=scores.get)
+    return f"{tap},{LATE_TAP}", scores
