@@ -265,7 +265,8 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         return self
 
     def _normalize(self, X: np.ndarray) -> torch.Tensor:
-        F = torch.from_numpy(X if X.flags.writeable else X.copy()).sub(torch.from_numpy(self.mean_)).div_(torch.from_numpy(self.scale_))
+        F = torch.from_numpy(X if X.flags.writeable else X.copy())
+        F = F.sub(torch.from_numpy(self.mean_)).div_(torch.from_numpy(self.scale_))
         return F.div_(F.norm(dim=1, keepdim=True).clamp_(min=1e-12))
 
     def _votes(self, X, ks) -> dict[int, np.ndarray]:
@@ -282,9 +283,11 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         labels = torch.from_numpy(self.labels_).to(device)
         n_classes, kmax = len(self.classes_), ks[-1]
         out = {k: np.empty((len(X), n_classes), np.float32) for k in ks}
+        buf = torch.empty(min(self.batch_size, len(X)), len(train), device=device)  # reused: bounded memory
         for lo in range(0, len(X), self.batch_size):
             q = self._normalize(X[lo : lo + self.batch_size]).to(device)
-            sims, idx = torch.topk(q @ train.T, kmax, dim=1)  # sorted, most similar first
+            sim = torch.mm(q, train.T, out=buf[: len(q)])
+            sims, idx = torch.topk(sim, kmax, dim=1)  # sorted, most similar first
             weights = torch.exp(sims / self.temperature)
             votes_of = labels[idx]
             for k in ks:

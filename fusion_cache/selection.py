@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from .cache import Cache
 from .errors import FusionCacheError
 from .fit import ViewData, load_view
-from .grid import feature_covariance, fit_l2_grid, grid_accuracy, tune_l2
+from .grid import fit_l2_grid, grid_accuracy, tune_l2
 from .heads import HEAD_SPECS, KNNHead, LinearHead
 from .taps import LATE_TAP
 
@@ -121,6 +121,10 @@ def tune(store: ViewStore, view: str, head: str, seed: int, val_fraction: float,
         raise FusionCacheError(f"the {spec.tuned} grid of the {head} head is empty; give at least one value")
     data = store.data(view)
     fit_rows, val_rows = validation_split(data.y_train, val_fraction, seed)
+    if head == "knn":  # a k beyond the fit rows is not a candidate (on tiny data the grid shrinks)
+        grid = tuple(k for k in grid if k <= len(fit_rows))
+        if not grid:
+            raise FusionCacheError(f"every k of the knn grid is larger than the {len(fit_rows)} fit rows of '{view}'")
     start = time.perf_counter()
     try:
         if head == "linear":
@@ -161,8 +165,9 @@ def _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed):
     y = torch.from_numpy(data.y_train)
     idx_fit, idx_val = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     k = int(data.y_train.max()) + 1
+    # The covariance preconditioner pays off when rows outnumber features; on tiny data it only costs.
     r = tune_l2(Xtr[idx_fit], y[idx_fit], Xtr[idx_val], y[idx_val], Xtr, y, k, grid, max_iter=max_iter,
-                device=store.device)
+                device=store.device, precondition=len(fit_rows) >= data.dim)
     est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=r.weight_decay, max_iter=max_iter,
                        random_state=seed)
     est.classes_ = np.arange(k)
@@ -221,7 +226,7 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu")
         X = torch.cat([standardized(tap), late], dim=1).to(device)
         Xf = X[torch.from_numpy(fit_rows)]
         fit = fit_l2_grid(Xf, yt[fit_rows], k, [PAIR_WEIGHT_DECAY], max_iter=PAIR_MAX_ITER, device=device,
-                          precondition=feature_covariance(Xf, device=device))
+                          precondition=len(fit_rows) >= X.shape[1])
         scores[tap] = float(grid_accuracy(fit, X[torch.from_numpy(val_rows)], yt[val_rows])[0])
     tap = max(scores, key=scores.get)
     return f"{tap},{LATE_TAP}", scores
