@@ -316,8 +316,8 @@ def _params(heads: list[str], **values):
     specs = [head_spec(h) for h in heads]
     for name in HEAD_OPTIONS:
         given = ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
-        if given and not any(name in spec.options for spec in specs):
-            takers = [h for h, spec in _head_specs().items() if name in spec.options]
+        if given and not any(name in spec.command_options for spec in specs):
+            takers = [h for h, spec in _head_specs().items() if name in spec.command_options]
             raise click.UsageError(f"--{name.replace('_', '-')} does not apply to the {' or '.join(heads)} head; "
                                    f"it is an option of {', '.join(takers)}")
     p = HeadParams(**values)

@@ -55,7 +55,7 @@ class HeadParams:
     def for_head(self, head: str) -> dict:
         """The options `head` takes, as its declaration lists them."""
         spec = head_spec(head)
-        return {o: getattr(self, o) for o in spec.options if hasattr(self, o)}
+        return {o: getattr(self, o) for o in spec.command_options}
 
 
 @dataclass

@@ -331,7 +331,9 @@ class HeadSpec:
     name: the head's name on the command line. factory(seed, **options) -> an unfitted estimator.
     tuned: the parameter the tuned protocol chooses on validation; grid: its values in the order they are
     tried, strongest regularization first (ties on validation go to the first). options: the option names
-    `build` accepts. tuned_options: the options the tuned protocol fixes (e.g. linear: lbfgs, standardized).
+    `build` accepts. command_options: those a command (`fit`, `ablate`, `report`) passes from its options; any
+    other command-line option is refused for this head. tuned_options: the options the tuned protocol fixes
+    (e.g. linear: lbfgs, standardized).
     """
 
     name: str
@@ -339,6 +341,7 @@ class HeadSpec:
     tuned: str
     grid: tuple
     options: tuple[str, ...]
+    command_options: tuple[str, ...] = ()
     tuned_options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -372,11 +375,14 @@ HEAD_SPECS: dict[str, HeadSpec] = {
         HeadSpec("linear", _linear, "weight_decay", (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4),
                  ("epochs", "lr", "batch_size", "weight_decay", "standardize", "solver", "max_iter", "device",
                   "warm_start"),
+                 command_options=("epochs", "lr", "batch_size", "weight_decay", "standardize", "solver", "max_iter",
+                                  "device"),
                  tuned_options={"solver": "lbfgs", "standardize": True},
                  description="torch nn.Linear, cross-entropy; Adam (the case study) or full-batch L-BFGS"),
-        HeadSpec("logreg", _logreg, "C", (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), ("C", "max_iter"),
+        HeadSpec("logreg", _logreg, "C", (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), ("C", "max_iter"), ("C",),
                  description="scikit-learn StandardScaler + LogisticRegression, the baseline"),
         HeadSpec("knn", _knn, "k", (10, 20, 50, 100, 200), ("k", "temperature", "standardize", "batch_size", "device"),
+                 ("k", "device"),
                  description="weighted kNN on cosine similarity, votes exp(sim / 0.07) (DINOv2 / VISSL)"),
     )
 }
