@@ -36,7 +36,9 @@ class _Group(click.Group):
             except OSError as e:
                 if os.environ.get("FUSION_CACHE_DEBUG"):
                     raise
-                where = f"{e.filename}: " if e.filename else ""
+                from .data import display_path
+
+                where = f"{display_path(e.filename)}: " if e.filename else ""
                 raise click.ClickException(_one_line(f"{where}{e.strerror or e}; check the path, its permissions "
                                                      "and free space")) from None
 

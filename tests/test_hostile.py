@@ -512,3 +512,32 @@ def test_corpus_size():
     per_case = len(CACHE_CASES) + len(HEAD_CASES)
     bundled = 12 + 5 + 12 + 8 + 1 + 26 + 3 + 1
     assert per_case + bundled >= 80
+
+
+def test_a_library_warning_is_one_line(small_cache, monkeypatch):
+    import warnings
+
+    import fusion_cache.cache as cache_mod
+
+    real = cache_mod.open_cache
+
+    def noisy(path):
+        warnings.warn("torch says:\nsomething\n  over three lines", UserWarning)
+        return real(path)
+
+    monkeypatch.setattr(cache_mod, "open_cache", noisy)
+    r = run("info", small_cache)
+    assert r.exit_code == 0, r.output
+    assert "Warning: torch says: something over three lines\n" in r.output
+    assert "UserWarning" not in r.output and "warnings.warn" not in r.output
+
+
+def test_an_os_error_is_one_line(small_cache, monkeypatch):
+    import fusion_cache.fit as fit_mod
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", b"/tmp/caf\xe9")
+
+    monkeypatch.setattr(fit_mod, "load_view", denied)
+    r = run("fit", small_cache)
+    assert clean_failure(r, "/tmp/caf\\xe9: Permission denied; check the path") is None, r.output
