@@ -77,8 +77,13 @@ class ExtractResult:
 
 
 def validate(cfg: ExtractConfig) -> None:
-    if cfg.image_size < 32:
-        raise FusionCacheError(f"--image-size {cfg.image_size} is too small; MobileNetV2 needs at least 32")
+    if not 32 <= cfg.image_size <= 1024:
+        raise FusionCacheError(f"--image-size {cfg.image_size} is out of range; pass 32 (MobileNetV2's minimum) to 1024")
+    max_workers = 2 * (os.cpu_count() or 1)
+    if cfg.workers is not None and not 0 <= cfg.workers <= max_workers:
+        raise FusionCacheError(f"--workers {cfg.workers} is out of range; pass 0 to {max_workers} (2 x CPUs)")
+    if not 0 <= cfg.seed < 2**32:
+        raise FusionCacheError(f"--seed {cfg.seed} is out of range; pass 0 to {2**32 - 1}")
     if cfg.batch_size <= 0:
         raise FusionCacheError(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.precision not in PRECISIONS:

@@ -541,3 +541,19 @@ def test_an_os_error_is_one_line(small_cache, monkeypatch):
     monkeypatch.setattr(fit_mod, "load_view", denied)
     r = run("fit", small_cache)
     assert clean_failure(r, "/tmp/caf\\xe9: Permission denied; check the path") is None, r.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_size": 8}, "--image-size 8 is out of range"),
+    ({"workers": 100000}, "--workers 100000 is out of range"),
+    ({"seed": -1}, "--seed -1 is out of range"),
+])
+def test_library_bounds_without_the_cli(tmp_path, cifar_root, weights_file, change, message):
+    from fusion_cache.errors import FusionCacheError
+    from fusion_cache.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(out=tmp_path / "c.h5", data_root=cifar_root, weights=str(weights_file), download=False,
+                        skip_integrity_check=True, progress=False, **change)
+    with pytest.raises(FusionCacheError, match=message):
+        extract(cfg)
+    assert not list(tmp_path.iterdir())
