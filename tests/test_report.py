@@ -173,3 +173,15 @@ def test_a_val_fraction_that_empties_a_class_is_refused():
     y = np.array([0] * 10 + [1] * 10 + [2])
     with pytest.raises(Exception, match="leaves class 2 without training rows"):
         validation_split(y, 0.5, 0)
+
+
+def test_report_with_the_knn_head(tiny_cache, tmp_path):
+    r = _run("report", tiny_cache, "--out", tmp_path / "r", "--views", "late,fused", "--heads", "knn,linear",
+             "--seeds", "0", "--no-pair-search", "--val-fraction", "0.2")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    knn = [row for row in rep["tuned"]["rows"] if row["head"] == "knn"]
+    assert len(knn) == 2 and all(row["k"] in (10, 20) for row in knn)  # 48 fit rows: larger k are not candidates
+    assert all(set(row["grid"]) == {"10", "20"} for row in knn)
+    assert rep["tuned"]["grids"]["knn"] == {"param": "k", "values": [10, 20, 50, 100, 200]}
+    assert "`knn`: k in [10, 20, 50, 100, 200]" in (tmp_path / "r" / "report.md").read_text()
