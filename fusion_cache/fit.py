@@ -227,7 +227,8 @@ def save_head(result: FitResult, out_dir: str | Path, force: bool = False) -> Pa
 
 def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], params: HeadParams | None = None,
            progress=None) -> list[dict]:
-    """Every view x head x seed from the one cache. Returns one row per run."""
+    """Every view x head x seed from the one cache. Returns one row per run; a head whose fit does not depend
+    on the seed (HeadSpec.seeded False) is fitted once a view and its row repeated for each seed."""
     params = params or HeadParams()
     params.check()
     if not views or not heads or not seeds:
@@ -239,8 +240,10 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
     rows = []
     for view in views:
         for head in heads:
+            r = None
             for seed in seeds:
-                r = fit_head(cache, view, head, params, seed, data=data[view])
+                if r is None or HEAD_SPECS[head].seeded:  # a seed-independent head is fitted once a view
+                    r = fit_head(cache, view, head, params, seed, data=data[view])
                 rows.append({"view": view, "head": head, "seed": seed, "taps": ",".join(r.features), "dim": r.dim,
                              "train_acc": r.train_acc, "test_acc": r.test_acc, "train_loss": r.train_loss,
                              "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs})

@@ -332,7 +332,8 @@ class HeadSpec:
     tuned: the parameter the tuned protocol chooses on validation; grid: its values in the order they are
     tried, strongest regularization first (ties on validation go to the first). options: the option names
     `build` accepts. command_options: those a command (`fit`, `ablate`, `report`) passes from its options; any
-    other command-line option is refused for this head. tuned_options: the options the tuned protocol fixes
+    other command-line option is refused for this head. seeded: whether the fit depends on the seed (lbfgs
+    logistic regression and kNN do not, so one fit serves every seed). tuned_options: the options the tuned protocol fixes
     (e.g. linear: lbfgs, standardized).
     """
 
@@ -342,6 +343,7 @@ class HeadSpec:
     grid: tuple
     options: tuple[str, ...]
     command_options: tuple[str, ...] = ()
+    seeded: bool = True  # False: the fit does not depend on the seed (one fit serves every seed)
     tuned_options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -379,10 +381,10 @@ HEAD_SPECS: dict[str, HeadSpec] = {
                                   "device"),
                  tuned_options={"solver": "lbfgs", "standardize": True},
                  description="torch nn.Linear, cross-entropy; Adam (the case study) or full-batch L-BFGS"),
-        HeadSpec("logreg", _logreg, "C", (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), ("C", "max_iter"), ("C",),
+        HeadSpec("logreg", _logreg, "C", (0.003, 0.01, 0.03, 0.1, 0.3, 1.0), ("C", "max_iter"), ("C",), False,
                  description="scikit-learn StandardScaler + LogisticRegression, the baseline"),
         HeadSpec("knn", _knn, "k", (10, 20, 50, 100, 200), ("k", "temperature", "standardize", "batch_size", "device"),
-                 ("k", "device"),
+                 ("k", "device"), False,
                  description="weighted kNN on cosine similarity, votes exp(sim / 0.07) (DINOv2 / VISSL)"),
     )
 }

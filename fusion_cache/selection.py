@@ -4,7 +4,8 @@ early+late pair search, and the refit on all of train. The test split is read on
 - linear: the whole weight-decay grid trains as one stacked model (grid.py: one wide matrix product per
   pass, each head converging to its own optimum), on features standardized once per view with train-split
   statistics; the chosen head is refit on all of train, warm-started from its grid fit.
-- logreg: scikit-learn's LogisticRegression walks its C grid from strong to weak with warm starts.
+- logreg: LogisticRegression's C grid is the same problem (weight decay 1 / (rows x C)), so it trains as the
+  same stacked model; the paper protocol's logreg (C = 0.1) stays scikit-learn's own fit.
 - knn: one top-k search at the largest k scores every k of the grid on validation.
 Which parameter a head tunes, and over which grid, comes from its declaration in heads.HEAD_SPECS.
 """
@@ -21,7 +22,7 @@ from sklearn.model_selection import train_test_split
 from .cache import Cache
 from .errors import FusionCacheError
 from .fit import ViewData, load_view
-from .grid import fit_l2_grid, grid_accuracy, tune_l2
+from .grid import feature_covariance, fit_l2_grid, grid_accuracy, refit_l2
 from .heads import HEAD_SPECS, KNNHead, LinearHead
 from .taps import LATE_TAP
 
@@ -127,17 +128,16 @@ def tune(store: ViewStore, view: str, head: str, seed: int, val_fraction: float,
             raise FusionCacheError(f"every k of the knn grid is larger than the {len(fit_rows)} fit rows of '{view}'")
     start = time.perf_counter()
     try:
-        if head == "linear":
-            est, scores = _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed)
-        elif head == "knn":
+        if head == "knn":
             est, scores = _tune_knn(data, fit_rows, val_rows, grid)
         else:
-            est, scores = _tune_sklearn(spec, data, fit_rows, val_rows, grid, seed)
+            est, scores = _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed,
+                                       per_row=head == "logreg")
     except ValueError as e:
         raise FusionCacheError(f"tuning the {head} head on '{view}' failed: {e}") from None
     seconds = time.perf_counter() - start
     best = int(np.argmax(scores))  # first of the best: grids are strongest regularization first
-    if head == "linear":
+    if head != "knn":
         Xtr, Xte, _, _ = store.standardized(view)
         train_acc = float(est.score_standardized(Xtr, data.y_train))
         test_acc = float(est.score_standardized(Xte, data.y_test))
@@ -160,23 +160,31 @@ class _TunedLinear(LinearHead):
         return float(np.mean(self.classes_[pred] == y))
 
 
-def _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed):
+def _tune_linear(store, view, data, fit_rows, val_rows, grid, max_iter, seed, per_row: bool = False):
+    """The stacked weight-decay grid. per_row (logreg): the grid holds C values; LogisticRegression minimizes
+    C * sum(cross-entropy) + ||W||^2 / 2, which is n C times the linear head's mean cross-entropy +
+    wd / 2 ||W||^2 with wd = 1 / (n C): the same optimum. So the C grid trains as the same stacked model, with
+    wd = 1 / (n_fit C) on the fit rows and wd = 1 / (n_train C) for the refit on all of train."""
     Xtr, _, mean, scale = store.standardized(view)
     y = torch.from_numpy(data.y_train)
-    idx_fit, idx_val = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
+    f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     k = int(data.y_train.max()) + 1
     # The covariance preconditioner pays off when rows outnumber features; on tiny data it only costs.
-    r = tune_l2(Xtr[idx_fit], y[idx_fit], Xtr[idx_val], y[idx_val], Xtr, y, k, grid, max_iter=max_iter,
-                device=store.device, precondition=len(fit_rows) >= data.dim)
-    est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=r.weight_decay, max_iter=max_iter,
-                       random_state=seed)
+    pre = feature_covariance(Xtr[f], device=store.device) if len(fit_rows) >= data.dim else False
+    wds = [1.0 / (len(fit_rows) * c) for c in grid] if per_row else list(grid)
+    fit = fit_l2_grid(Xtr[f], y[f], k, wds, max_iter=max_iter, device=store.device, precondition=pre)
+    scores = grid_accuracy(fit, Xtr[v], y[v], device=store.device)
+    best = int(np.argmax(scores))  # first of the best: the grid is strongest first
+    wd = 1.0 / (len(y) * grid[best]) if per_row else grid[best]
+    final = refit_l2(Xtr, y, k, wd, init=fit.head(best), max_iter=max_iter, device=store.device, precondition=pre)
+    est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=wd, max_iter=max_iter, random_state=seed)
     est.classes_ = np.arange(k)
     est.n_features_in_ = data.dim
     est.mean_, est.scale_ = mean.astype(np.float32), scale.astype(np.float32)
-    est.coef_, est.intercept_ = r.final.coef[0], r.final.intercept[0]
-    est.n_iter_ = int(r.final.n_iter[0])
+    est.coef_, est.intercept_ = final.coef[0], final.intercept[0]
+    est.n_iter_ = int(final.n_iter[0])
     est.history_ = []
-    return est, np.asarray(r.val_scores)
+    return est, np.asarray(scores)
 
 
 def _tune_knn(data, fit_rows, val_rows, grid):
@@ -186,21 +194,6 @@ def _tune_knn(data, fit_rows, val_rows, grid):
     scores = np.array([by_k[k] for k in ks])
     est = KNNHead(k=ks[int(np.argmax(scores))]).fit(data.X_train, data.y_train)
     return est, scores
-
-
-def _tune_sklearn(spec, data, fit_rows, val_rows, grid, seed):
-    """Walk the grid with warm starts (scikit-learn's warm_start), strongest first."""
-    est = spec.build_tuned(grid[0], seed)
-    final = est.steps[-1][1] if hasattr(est, "steps") else est
-    final.set_params(warm_start=True)
-    scores = []
-    for value in grid:
-        final.set_params(**{spec.tuned: value})
-        est.fit(data.X_train[fit_rows], data.y_train[fit_rows])
-        scores.append(float(est.score(data.X_train[val_rows], data.y_train[val_rows])))
-    best = grid[int(np.argmax(scores))]
-    refit = spec.build_tuned(best, seed).fit(data.X_train, data.y_train)
-    return refit, np.asarray(scores)
 
 
 def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu") -> tuple[str, dict[str, float]]:

@@ -185,3 +185,21 @@ def test_report_with_the_knn_head(tiny_cache, tmp_path):
     assert all(set(row["grid"]) == {"10", "20"} for row in knn)
     assert rep["tuned"]["grids"]["knn"] == {"param": "k", "values": [10, 20, 50, 100, 200]}
     assert "`knn`: k in [10, 20, 50, 100, 200]" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_the_tuned_logreg_is_scikit_learns_logistic_regression(encoded_cache):
+    """The C grid trains as the stacked model (weight decay 1 / (rows x C)); its refit must be the optimum
+    scikit-learn's LogisticRegression finds at the chosen C on the same standardized features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from fusion_cache.selection import standardize
+
+    cache = open_cache(encoded_cache)
+    run = tune(ViewStore(cache), "early", "logreg", 0, 0.2, max_iter=500)
+    data = load_view(cache, "early")
+    Xs, Xte, _, _ = standardize(data)
+    lr = LogisticRegression(C=run.value, max_iter=5000, tol=1e-10).fit(Xs, data.y_train)
+    ours = run.estimator.predict_proba(data.X_test)
+    np.testing.assert_allclose(ours, lr.predict_proba(Xte), atol=2e-3)
+    np.testing.assert_allclose(run.estimator.coef_, lr.coef_, atol=5e-3)
+    assert run.test_acc == lr.score(Xte, data.y_test)
