@@ -200,11 +200,12 @@ def test_knn_head_in_fit_and_ablate(encoded_cache, tmp_path):
     r = _run("fit", encoded_cache, "--head", "knn", "--features", "early", "--k", 10, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["head"] == "knn" and d["params"]["k"] == 10 and d["test_acc"] > 0.9
+    # standardized (the DINOv2 protocol), the 92 noise columns weigh as much as the 4 code columns: not 0.9
+    assert d["head"] == "knn" and d["params"]["k"] == 10 and d["test_acc"] > 0.7
     r = _run("ablate", encoded_cache, "--views", "early,late", "--heads", "knn,logreg", "--seeds", 0, "--json")
     assert r.exit_code == 0, r.output
     rows = {(row["view"], row["head"]): row["test_acc"] for row in json.loads(r.output)["rows"]}
-    assert rows[("early", "knn")] > 0.9 and rows[("late", "knn")] < 0.45
+    assert rows[("early", "knn")] > 0.7 and rows[("late", "knn")] < 0.45
 
 
 @pytest.mark.parametrize("args, message", [
