@@ -458,8 +458,10 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
               help="Tuned protocol: also find the best features.i + features.18 pair (on validation) and tune it.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the cache's images are, for the figures [default: the folder recorded in the cache].")
+@click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,
+              help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
-def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root, force):
+def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, force):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
 
     
@@ -478,7 +480,7 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
     from .report import REPORT_FILES, ReportConfig, figure_sources, render_figures, run_report, write_report
 
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
-                       seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search)
+                       seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter)
     cfg.check()
     c = open_cache(cache)
     ours = lambda name: name in REPORT_FILES  # noqa: E731

@@ -117,7 +117,7 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None) -> ReportResult:
     tuned_views = list(cfg.views)
     pair_scores = None
     if cfg.pair_search:
-        pair, pair_scores = best_pair(cache, cfg.seeds[0], cfg.val_fraction, cfg.device)
+        pair, pair_scores = best_pair(cache, cfg.seeds[0], cfg.val_fraction, cfg.device, cfg.max_iter)
         say(f"best early+late pair on validation: {pair}")
         if pair not in tuned_views:
             tuned_views.append(pair)

@@ -196,7 +196,8 @@ def _tune_knn(data, fit_rows, val_rows, grid):
     return est, scores
 
 
-def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu") -> tuple[str, dict[str, float]]:
+def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
+              max_iter: int = PAIR_MAX_ITER) -> tuple[str, dict[str, float]]:
     """The early tap that best complements features.18, judged on validation accuracy only. Each candidate
     is a linear head at one mid-grid strength on its standardized [tap, features.18] columns; every tap is
     read and standardized once."""
@@ -218,8 +219,8 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu")
     for tap in [t for t in cache.taps if t != LATE_TAP]:
         X = torch.cat([standardized(tap), late], dim=1).to(device)
         Xf = X[torch.from_numpy(fit_rows)]
-        fit = fit_l2_grid(Xf, yt[fit_rows], k, [PAIR_WEIGHT_DECAY], max_iter=PAIR_MAX_ITER, device=device,
-                          precondition=len(fit_rows) >= X.shape[1])
+        fit = fit_l2_grid(Xf, yt[fit_rows], k, [PAIR_WEIGHT_DECAY], max_iter=min(max_iter, PAIR_MAX_ITER),
+                          device=device, precondition=len(fit_rows) >= X.shape[1])
         scores[tap] = float(grid_accuracy(fit, X[torch.from_numpy(val_rows)], yt[val_rows])[0])
     tap = max(scores, key=scores.get)
     return f"{tap},{LATE_TAP}", scores

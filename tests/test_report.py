@@ -17,7 +17,8 @@ from fusion_cache.selection import ViewStore, tune, validation_split
 from fusion_cache.synthetic import write_cifar
 
 FIGURES = ("samples.png", "curves.png", "predictions.png", "confusion.png", "per_class.png")
-ARGS = ["--views", "early,late,fused", "--heads", "linear,logreg", "--seeds", "0,1", "--val-fraction", "0.2"]
+ARGS = ["--views", "early,late,fused", "--heads", "linear,logreg", "--seeds", "0,1", "--val-fraction", "0.2",
+        "--max-iter", "30"]
 
 
 def _run(*args):
@@ -155,7 +156,7 @@ def test_report_on_an_output_path_that_is_a_file(tiny_cache, tmp_path):
 def test_report_with_logreg_only_and_a_forced_rerun(tiny_cache, tmp_path):
     out = tmp_path / "r"
     args = ["report", tiny_cache, "--out", out, "--views", "late,fused", "--heads", "logreg", "--seeds", "0",
-            "--no-pair-search"]
+            "--max-iter", "30", "--no-pair-search"]
     r = _run(*args)
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "report.json", *FIGURES])
@@ -177,7 +178,7 @@ def test_a_val_fraction_that_empties_a_class_is_refused():
 
 def test_report_with_the_knn_head(tiny_cache, tmp_path):
     r = _run("report", tiny_cache, "--out", tmp_path / "r", "--views", "late,fused", "--heads", "knn,linear",
-             "--seeds", "0", "--no-pair-search", "--val-fraction", "0.2")
+             "--seeds", "0", "--no-pair-search", "--val-fraction", "0.2", "--max-iter", "30")
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     knn = [row for row in rep["tuned"]["rows"] if row["head"] == "knn"]
