@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from .errors import FusionCacheError
-from .io import write_error
+from .io import is_hdf5_file, write_error
 from .taps import POOLS, TAP_BY_NAME, channels, resolve_view
 
 SCHEMA_VERSION = 2
@@ -42,7 +42,6 @@ LOCK_SUFFIX = ".lock"
 SPLITS = ("train", "test")
 DTYPES = ("float32", "float16")  # storage dtype of the features
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast precision of the forward pass
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _REBUILD = "rebuild it with `fusion-cache extract ... --force`"
 
 
@@ -533,6 +532,7 @@ class CacheWriter:
                 f = h5py.File(self.partial, "r+")
                 ours = "schema_version" in f.attrs and not bool(f.attrs.get("complete", True))
                 same = ours and f.attrs.get("fingerprint") == self.meta.fingerprint
+                other_settings = ours and not same and "fingerprint" in f.attrs
                 if same and _layout_ok(f, self.sizes, self.channels):
                     for s in SPLITS:
                         rows = int(f[s].attrs["rows"])
@@ -542,7 +542,7 @@ class CacheWriter:
                     self._f = f
                     return
             except Exception:  # a file killed mid-flush may be unreadable: it is ours, start it again
-                ours, same = True, False
+                ours, other_settings = True, False
             if f is not None:
                 try:
                     f.close()
@@ -551,7 +551,7 @@ class CacheWriter:
             if not ours:
                 raise FusionCacheError(f"{self.partial} is an HDF5 file that fusion-cache did not write as a partial "
                                        "cache; move it away or choose another --out")
-            if same is False and ours and not self.force and _readable_other_settings(self.partial):
+            if other_settings and not self.force:
                 raise FusionCacheError(
                     f"{self.partial} holds an interrupted extraction with other settings; run that command again to "
                     "resume it, or pass --force to start over"
@@ -671,21 +671,7 @@ def _refuse_foreign(path: Path, ok, why: str) -> bool:
 
 def _empty_or_hdf5(path: Path, st) -> bool:
     """A regular file (so reading cannot block) that is empty (killed at creation) or starts as HDF5 does."""
-    if st.st_size == 0:
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(8) == HDF5_SIGNATURE
-    except OSError:
-        return False
-
-
-def _readable_other_settings(path: Path) -> bool:
-    try:
-        with h5py.File(path, "r") as f:
-            return "fingerprint" in f.attrs
-    except Exception:
-        return False
+    return st.st_size == 0 or is_hdf5_file(path)
 
 
 def _layout_ok(f: h5py.File, sizes: dict[str, int], channels: dict[str, int]) -> bool:

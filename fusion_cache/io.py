@@ -127,7 +127,7 @@ def check_output_file(out: str | Path, force: bool, inputs: Iterable[str | Path]
         for i in inputs:
             if Path(i).exists() and Path(i).resolve() == resolved:
                 raise FusionCacheError(f"{what} {out} is this command's own input; choose another file name")
-        if _is_hdf5(out):
+        if is_hdf5_file(out):
             raise FusionCacheError(f"{what} {out} is an HDF5 file (a cache?) and is never overwritten; "
                                    "choose another file name")
         if not force:
@@ -135,10 +135,14 @@ def check_output_file(out: str | Path, force: bool, inputs: Iterable[str | Path]
     return out
 
 
-def _is_hdf5(path: Path) -> bool:
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def is_hdf5_file(path: Path) -> bool:
+    """Whether a regular file starts as HDF5 does (never call it on a FIFO: the read would block)."""
     try:
         with open(path, "rb") as f:
-            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+            return f.read(8) == HDF5_SIGNATURE
     except OSError:
         return False
 

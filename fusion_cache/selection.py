@@ -47,10 +47,15 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 def standardize(data: ViewData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(X_train, X_test, mean, scale): both splits standardized with train statistics, once per view (the
     statistics LinearHead(standardize=True) would compute on the same rows)."""
-    mean = data.X_train.mean(axis=0)
-    scale = data.X_train.std(axis=0)
-    scale[scale < 1e-12] = 1.0
+    mean, scale = train_statistics(data.X_train)
     return (data.X_train - mean) / scale, (data.X_test - mean) / scale, mean, scale
+
+
+def train_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per column; a constant column gets scale 1, as in LinearHead(standardize=True)."""
+    scale = X.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return X.mean(axis=0), scale
 
 
 @dataclass
@@ -208,9 +213,8 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
 
     def standardized(tap):
         X = cache.features(tap, "train").astype(np.float32)
-        scale = X.std(axis=0)
-        scale[scale < 1e-12] = 1.0
-        return torch.from_numpy((X - X.mean(axis=0)) / scale)
+        mean, scale = train_statistics(X)
+        return torch.from_numpy((X - mean) / scale)
 
     late = standardized(LATE_TAP)
     yt = torch.from_numpy(y)
