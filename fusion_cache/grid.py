@@ -23,19 +23,23 @@ keeps being evaluated). Here every head runs its own L-BFGS; the heads only shar
   narrows), and a head whose line search has accepted its step is not evaluated again in that iteration.
 
 Preconditioning. Standardized CNN features are strongly correlated, so plain L-BFGS needs hundreds of
-iterations at weak penalties. Each head uses the fixed preconditioner P_g = (c_g Sigma + wd_g I)^-1 on every
-class row of W_g (1 / c_g on the intercepts): Sigma = X'X / m over m <= 16,384 evenly spaced rows, c_g the
-mean softmax curvature p(1 - p) k / (k - 1) at the start (1/k from zeros). At W = 0 this is the exact inverse
-Hessian up to the rank-one centering of the classes; it is the L-BFGS initial matrix gamma_g P_g. It costs one
-d x d product, one Cholesky factor per head and two triangular solves per head and iteration (P y_i is kept,
-so the two-loop recursion needs no other solve); it cuts the iterations 3-5x on realistic data. It changes
-the path, never the optimum. `precondition=False` gives plain L-BFGS.
+iterations at weak penalties. With a preconditioner the fit runs in the eigenbasis of the features'
+second-moment matrix Sigma = X'X / m = V diag(lam) V' (m <= 16,384 evenly spaced rows; `Eigenbasis`): the
+columns of X V are uncorrelated, so P_g = (c_g Sigma + wd_g I)^-1 is diagonal there, 1 / (c_g lam_j + wd_g)
+on every class row of W_g and 1 / c_g on the intercepts, with c_g the mean softmax curvature
+p(1 - p) k / (k - 1) at the start (1/k from zeros). At W = 0 this is the exact inverse Hessian up to the
+rank-one centering of the classes; it is the L-BFGS initial matrix gamma_g P_g, one elementwise product per
+use. With `refresh=r` it is replaced every r iterations by the inverse of the Hessian's diagonal at the
+current heads (averaged over the classes), one extra pass over X, which tracks the curvature as the softmax
+saturates. The rotation is orthogonal, so the penalty and the optimum (rotated back) are unchanged; a
+caller that fits many grids on one view rotates it once (`rotated=True`). It changes the path, never the
+optimum. `precondition=False` gives plain L-BFGS.
 
 Convergence of every head to its own optimum: for wd_g > 0, f_g is strongly convex (modulus wd_g on W; the
 data term is convex) and has a Lipschitz gradient; the only flat direction, shifting all intercepts by one
 constant, changes neither the loss nor the gradient, and the intercepts' gradient always sums to zero, so
 that shift never moves. Preconditioned L-BFGS with a fixed SPD P is L-BFGS in the variables P^-1/2 theta, where
-all of this still holds. Hence every pair has s'y > 0 (s'y >= wd_g ||s_W||^2), the L-BFGS matrices stay
+all of this still holds (a refreshed diagonal stays SPD and bounded, which the same argument needs). Hence every pair has s'y > 0 (s'y >= wd_g ||s_W||^2), the L-BFGS matrices stay
 uniformly positive definite with bounded condition number (Liu & Nocedal 1989, Thm 7.1), every direction is a
 descent direction with cos(angle to -gradient) bounded away from 0, and every accepted step decreases f_g by
 a fixed fraction of what the exact line minimum would, so f_g converges to its minimum and W_g to the unique
@@ -60,7 +64,7 @@ API
 weight_decay, init=...)`` fits one head warm-started from a chosen one (the refit on all of train);
 ``grid_accuracy(fit, X, y)`` scores every head with one product; ``tune_l2`` runs the whole protocol
 (grid on the fit rows, choice on validation, ties to the strongest, warm refit on all rows; one feature
-covariance for both); ``feature_covariance`` builds the preconditioner's matrix once for reuse.
+eigenbasis for both); ``Eigenbasis.of`` builds the preconditioner's basis once for reuse.
 ``X`` is float32, already standardized; torch tensors or numpy arrays; any torch device.
 """
 
@@ -165,21 +169,17 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1, dtype=torch.float64)
 
 
-def _direction(g, Pg, S, Y, PY, rho, gamma, order):
+def _direction(g, D, S, Y, rho, gamma, order):
     """-H g by the two-loop recursion, for every active head at once. History slots in `order` (newest
-    first); an empty slot has rho = 0 and is a no-op. The initial matrix is gamma * P: with a preconditioner,
-    P q = P g - sum_i alpha_i P y_i uses the stored P g and P y_i, so it costs no further solve."""
+    first); an empty slot has rho = 0 and is a no-op. The initial matrix is gamma * diag(D) (D None: the
+    identity)."""
     alphas = []
     q = g.clone()
-    Pq = None if Pg is None else Pg.clone()
     for i in order:
         a = rho[:, i] * _dot(S[:, i], q)
-        a32 = a.to(q.dtype).unsqueeze(1)
-        q -= a32 * Y[:, i]
-        if Pq is not None:
-            Pq -= a32 * PY[:, i]
+        q -= a.to(q.dtype).unsqueeze(1) * Y[:, i]
         alphas.append(a)
-    r = gamma.to(q.dtype).unsqueeze(1) * (q if Pq is None else Pq)
+    r = gamma.to(q.dtype).unsqueeze(1) * (q if D is None else q * D)
     for i, a in zip(reversed(order), reversed(alphas)):
         b = rho[:, i] * _dot(Y[:, i], r)
         r += (a - b).to(r.dtype).unsqueeze(1) * S[:, i]
@@ -197,39 +197,84 @@ def feature_covariance(X, max_rows: int | None = 16384, device=None) -> torch.Te
     return (X.T @ X).div_(len(X))
 
 
-class _Preconditioner:
-    """P_g = (c_g * Sigma + wd_g * I)^-1 on each class row of W_g and 1 / c_g on the intercepts, with Sigma the
-    features' second moments and c_g the mean softmax curvature p(1 - p) * k / (k - 1) at the start (1/k at
-    zero): the exact inverse Hessian of head g at W = 0 up to the rank-one centering of the classes. Fixed for
-    the whole fit. Factored once per head (Cholesky)."""
+@dataclass(frozen=True)
+class Eigenbasis:
+    """Sigma = V diag(lam) V' of standardized features (Sigma from feature_covariance). In the basis V the
+    columns of X V are uncorrelated with second moments lam, so the preconditioner (c Sigma + wd I)^-1 of every
+    head is diagonal there: one rotation of X per view replaces a Cholesky factor per head and two
+    triangular solves per head and iteration. Rotation is orthogonal: ||W||^2 and the optimum (rotated back)
+    are unchanged."""
 
-    def __init__(self, cov: torch.Tensor, c: torch.Tensor, wd: torch.Tensor, k: int):
-        d = cov.shape[0]
-        self.k, self.d, self.c = k, d, c.to(torch.float32)
-        eye = torch.eye(d, device=cov.device, dtype=cov.dtype)
-        scale = float(torch.diagonal(cov).mean().clamp(min=1e-12))
-        factors = []
-        for cg, wg in zip(c.tolist(), wd.tolist()):
-            jitter = 1e-6 * cg * scale
-            for _ in range(8):
-                L, info = torch.linalg.cholesky_ex(cg * cov + (wg + jitter) * eye)
-                if int(info) == 0:
-                    break
-                jitter *= 10
-            else:
-                raise ValueError("the feature covariance is not usable as a preconditioner (NaN or inf?)")
-            factors.append(L)
-        self.L = factors  # one (d, d) factor per head: no gathers of G x d x d when the active set shrinks
+    V: torch.Tensor  # (d, d) float32, orthonormal eigenvectors in columns
+    lam: torch.Tensor  # (d,) float32, eigenvalues >= 0
 
-    def __call__(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        a, k, d = len(q), self.k, self.d
-        q = q.view(a, k, d + 1)
-        out = torch.empty_like(q)
-        for j, g in enumerate(idx.tolist()):
-            z = torch.linalg.solve_triangular(self.L[g], q[j, :, :d].T, upper=False)
-            out[j, :, :d] = torch.linalg.solve_triangular(self.L[g].T, z, upper=True).T
-        out[:, :, d] = q[:, :, d] / self.c[idx].unsqueeze(1)
-        return out.view(a, k * (d + 1))
+    @classmethod
+    def of(cls, X, max_rows: int | None = 16384, device=None) -> "Eigenbasis":
+        """The eigenbasis of feature_covariance(X, max_rows)."""
+        return cls.from_covariance(feature_covariance(X, max_rows, device))
+
+    @classmethod
+    def from_covariance(cls, cov) -> "Eigenbasis":
+        cov = torch.as_tensor(cov, dtype=torch.float32)
+        if cov.ndim != 2 or cov.shape[0] != cov.shape[1] or not bool(torch.isfinite(cov).all()):
+            raise ValueError(f"the covariance must be a finite square matrix, got shape {tuple(cov.shape)}")
+        lam, V = torch.linalg.eigh(cov)
+        return cls(V.contiguous(), lam.clamp(min=0))
+
+    @property
+    def dim(self) -> int:
+        return int(self.lam.shape[0])
+
+    def rotate(self, X) -> torch.Tensor:
+        """X V: features (or coefficients, rows = classes) into the basis."""
+        X = torch.as_tensor(X)
+        return X @ self.V.to(X.device)
+
+    def unrotate(self, Xb) -> torch.Tensor:
+        """Xb V': back from the basis."""
+        Xb = torch.as_tensor(Xb)
+        return Xb @ self.V.to(Xb.device).T
+
+
+class _DiagonalPreconditioner:
+    """P_g = (c_g lam + wd_g)^-1 on each column of every class row of W_g and 1 / c_g on the intercepts, in the
+    eigenbasis of the features (lam their variances there), with c_g the mean softmax curvature
+    p(1 - p) k / (k - 1) at the start (1/k at zero): the exact inverse Hessian of head g at W = 0 up to the
+    rank-one centering of the classes. `jacobi` replaces it by the inverse of the Hessian's exact diagonal
+    at the current heads, one extra pass over X."""
+
+    def __init__(self, lam: torch.Tensor, c: torch.Tensor, wd: torch.Tensor, k: int):
+        d = lam.shape[0]
+        self.k, self.d, self.wd = k, d, wd
+        self.floor = 1e-6 * lam.mean().clamp(min=1e-12)
+        c = c.to(torch.float32).view(-1, 1)
+        D = torch.empty(len(c), d + 1, device=lam.device)
+        D[:, :d] = 1.0 / (c * lam.view(1, d) + wd.view(-1, 1) + c * self.floor)
+        D[:, d] = 1.0 / c.view(-1)
+        self.D = D
+        self._X2 = None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """(a, k (d + 1)): the diagonal of heads idx, per parameter."""
+        return self.D[idx].unsqueeze(1).expand(len(idx), self.k, self.d + 1).reshape(len(idx), -1).contiguous()
+
+    def jacobi(self, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """(a, k (d + 1)): 1 / the Hessian's diagonal of heads idx at theta, averaged over the classes:
+        mean_ic p_ic (1 - p_ic) x_ij^2 + wd for column j. One value for every class keeps the steps off the
+        loss's flat direction (the same shift of every class's intercepts)."""
+        if self._X2 is None:
+            self._X2 = X * X
+        n, d, k, a = X.shape[0], self.d, self.k, len(idx)
+        th = theta.view(a, k, d + 1)
+        P = torch.softmax(torch.addmm(th[:, :, d].reshape(a * k), X, th[:, :, :d].reshape(a * k, d).T)
+                          .view(n, a, k), dim=2)
+        curv = (P * (1 - P)).sum(2)  # (n, a): summed over the classes, divided by k below
+        H = torch.empty(a, d + 1, device=X.device)
+        H[:, :d] = (curv.T @ self._X2).div_(n * k)
+        H[:, d] = curv.sum(0).div_(n * k)
+        H[:, :d] += self.wd[idx].view(a, 1) + self.floor
+        D = H.clamp_(min=1e-12).reciprocal_()
+        return D.unsqueeze(1).expand(a, k, d + 1).reshape(a, -1).contiguous()
 
 
 @contextmanager
@@ -250,7 +295,7 @@ def _threads(n: int | None):
 
 def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_iter: int = 1000, tol: float = 1e-5,
                 history: int = 20, init=None, device=None, precondition=True,
-                precondition_rows: int | None = 16384) -> GridFit:
+                precondition_rows: int | None = 16384, rotated: bool = False, refresh: int = 0) -> GridFit:
     """Fit one L2-regularized softmax-regression head per weight decay, all together.
 
     X: (n, d) float32, already standardized (torch tensor or numpy array). y: (n,) class indices in
@@ -258,9 +303,13 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     iterations per head. tol: a head has converged when max |gradient| <= tol (torch.optim.LBFGS's
     tolerance_grad test). history: L-BFGS pairs kept per head. init: None (zeros) or (coef, intercept) with
     coef (G, k, d) or (k, d) (the same start for every head) and intercept (G, k) or (k,). device: torch
-    device; default X's device. precondition: True (build the preconditioner from feature_covariance of
-    precondition_rows rows of X), a (d, d) covariance from feature_covariance (reuse), or False (plain
-    L-BFGS with the scaled identity). It changes the path, never the optimum.
+    device; default X's device. precondition: True (the Eigenbasis of feature_covariance of precondition_rows
+    rows of X), an Eigenbasis or a (d, d) covariance from feature_covariance (reuse), or False (plain L-BFGS
+    with the scaled identity). It changes the path, never the optimum. With a basis, X (and init) are
+    rotated into it, the fit runs there with a diagonal preconditioner, and the coefficients come back
+    rotated out; rotated=True says X and init are already in the given Eigenbasis (one rotation per view,
+    shared by many fits), and the coefficients stay in it. The convergence test applies in the basis the
+    fit runs in.
     """
     wds = _check_weight_decays(weight_decays)
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
@@ -272,6 +321,11 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     X, y = _as_tensors(X, y, n_classes, device)
     dev = X.device
     n, d = X.shape
+    basis = _basis(precondition, X, precondition_rows)
+    if rotated and not isinstance(precondition, Eigenbasis):
+        raise ValueError("rotated=True needs precondition= the Eigenbasis the features were rotated into")
+    if basis is not None and not rotated:
+        X = basis.rotate(X)
     G, k, p = len(wds), int(n_classes), int(n_classes) * (d + 1)
     theta = torch.zeros(G, k, d + 1, device=dev)
     if init is not None:
@@ -284,7 +338,8 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             raise ValueError(f"init intercept must have shape ({G}, {k}) or ({k},), got {tuple(intercept.shape)}")
         if not (torch.isfinite(coef).all() and torch.isfinite(intercept).all()):
             raise ValueError("init holds NaN or inf values")
-        theta[:, :, :d] = coef.to(dev)
+        coef = coef.to(dev)
+        theta[:, :, :d] = basis.rotate(coef) if basis is not None and not rotated else coef
         theta[:, :, d] = intercept.to(dev)
     wd_all = torch.tensor(wds, dtype=torch.float32, device=dev)
     onehot = torch.zeros(n, k, device=dev)
@@ -306,14 +361,7 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     theta = theta.view(G, p)
     f, g = evaluate(ids, theta)
     precond = None
-    if precondition is not False:
-        if precondition is True:
-            cov = feature_covariance(X, precondition_rows)
-        else:
-            cov = torch.as_tensor(precondition, dtype=torch.float32, device=dev)
-            if cov.shape != (d, d):
-                raise ValueError(f"precondition must be True, False or a ({d}, {d}) covariance, got shape "
-                                 f"{tuple(cov.shape)}")
+    if basis is not None:
         sub = X if precondition_rows is None or n <= precondition_rows else \
             X[torch.linspace(0, n - 1, precondition_rows, device=dev).long()]
         th = theta.view(G, k, d + 1)
@@ -321,17 +369,11 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
                              .view(len(sub), G, k), dim=2)
         c = (prob * (1 - prob)).mean((0, 2)).double() * k / (k - 1)
         del sub, prob
-        precond = _Preconditioner(cov, c.clamp(min=1e-4), wd_all, k)
-        pre = precond
+        precond = _DiagonalPreconditioner(basis.lam.to(dev), c.clamp(min=1e-4), wd_all, k)
 
-        def precond(q, heads):
-            with _threads(full):
-                return pre(q, heads)
-
-    Pg = None if precond is None else precond(g, ids)
+    D = None if precond is None else precond(ids)
     S = torch.zeros(G, history, p, device=dev)
     Yh = torch.zeros(G, history, p, device=dev)
-    PY = None if precond is None else torch.zeros(G, history, p, device=dev)
     rho = torch.zeros(G, history, dtype=torch.float64, device=dev)
     gamma = torch.ones(G, dtype=torch.float64, device=dev)
     ptr = 0  # the slot the next pair goes to, shared by all heads (a head that skips a round leaves it empty)
@@ -346,6 +388,7 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     gmax = g.abs().amax(1).double()
     done = gmax <= tol
 
+    it = 0
     with _threads(small):
         while True:
             if bool(done.any()):  # write out the heads that stopped, keep the others
@@ -355,18 +398,23 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
                 keep = ~done
                 ids, theta, f, g, gmax = ids[keep], theta[keep], f[keep], g[keep], gmax[keep]
                 S, Yh, rho, gamma, has_history = S[keep], Yh[keep], rho[keep], gamma[keep], has_history[keep]
-                if precond is not None:
-                    Pg, PY = Pg[keep], PY[keep]
+                if D is not None:
+                    D = D[keep]
             if len(ids) == 0:
                 break
             a = len(ids)
             order = [(ptr - 1 - i) % history for i in range(history)]
-            dA = _direction(g, Pg, S, Yh, PY, rho, gamma, order)
+            if refresh and precond is not None and it > 0 and it % refresh == 0:
+                with _threads(full):
+                    D = precond.jacobi(X, theta, ids)
+                gamma[:] = 1
+            it += 1
+            dA = _direction(g, D, S, Yh, rho, gamma, order)
             dphi0 = _dot(g, dA)
             bad = ~(dphi0 < 0)  # not a descent direction (rounding): restart from (preconditioned) steepest descent
             if bool(bad.any()):
                 rho[bad], gamma[bad], has_history[bad] = 0, 1, False
-                dA[bad] = -(g[bad] if Pg is None else Pg[bad])
+                dA[bad] = -(g[bad] if D is None else g[bad] * D[bad])
                 dphi0 = _dot(g, dA)
             t = torch.ones(a, dtype=torch.float64, device=dev)
             if precond is None:  # steepest descent: the first step of torch.optim.LBFGS
@@ -402,23 +450,15 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             if bool(accepted.any()):
                 s = new_theta[accepted] - theta[accepted]
                 yv = new_g[accepted] - g[accepted]
-                Pg_new = None if precond is None else precond(new_g[accepted], ids[accepted])
                 sy, yy = _dot(s, yv), _dot(yv, yv)
                 upd = torch.zeros(a, dtype=torch.bool, device=dev)
                 upd[accepted] = sy > 1e-10 * yy
                 keep = upd[accepted]
                 if bool(keep.any()):
                     S[upd, ptr], Yh[upd, ptr], rho[upd, ptr] = s[keep], yv[keep], 1.0 / sy[keep]
-                    if precond is None:
-                        gamma[upd] = sy[keep] / yy[keep]
-                    else:
-                        PYk = Pg_new[keep] - Pg[upd]
-                        PY[upd, ptr] = PYk
-                        gamma[upd] = sy[keep] / _dot(yv[keep], PYk)
+                    gamma[upd] = sy[keep] / (yy[keep] if D is None else _dot(yv[keep], yv[keep] * D[upd]))
                     has_history[upd] = True
                 theta[accepted], f[accepted], g[accepted] = new_theta[accepted], new_f[accepted], new_g[accepted]
-                if precond is not None:
-                    Pg[accepted] = Pg_new
                 gmax[accepted] = new_g[accepted].abs().amax(1).double()
                 n_iter[ids[accepted].cpu().numpy()] += 1
             ptr = (ptr + 1) % history
@@ -426,13 +466,35 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             done = (gmax <= tol) | at_max | stop
 
     out = out_theta.view(G, k, d + 1)
+    coef = out[:, :, :d]
+    if basis is not None and not rotated:
+        coef = basis.unrotate(coef)
     return GridFit(
         weight_decays=wds,
-        coef=out[:, :, :d].cpu().numpy().astype(np.float32),
+        coef=coef.cpu().numpy().astype(np.float32),
         intercept=out[:, :, d].cpu().numpy().astype(np.float32),
         n_iter=n_iter, converged=converged, loss=out_f.cpu().numpy(), grad_max=out_gmax.cpu().numpy(),
         n_evals=n_evals,
     )
+
+
+def _basis(precondition, X: torch.Tensor, rows: int | None) -> Eigenbasis | None:
+    d = X.shape[1]
+    if precondition is False:
+        return None
+    if precondition is True:
+        return Eigenbasis.of(X, rows)
+    if isinstance(precondition, Eigenbasis):
+        basis = precondition
+    else:
+        cov = torch.as_tensor(precondition, dtype=torch.float32)
+        if cov.shape != (d, d):
+            raise ValueError(f"precondition must be True, False, an Eigenbasis or a ({d}, {d}) covariance, got "
+                             f"shape {tuple(cov.shape)}")
+        basis = Eigenbasis.from_covariance(cov)
+    if basis.dim != d:
+        raise ValueError(f"the Eigenbasis is for {basis.dim} features, X has {d}")
+    return Eigenbasis(basis.V.to(X.device), basis.lam.to(X.device))
 
 
 def refit_l2(X, y, n_classes: int, weight_decay: float, init=None, **kwargs) -> GridFit:
@@ -475,9 +537,9 @@ def tune_l2(X_fit, y_fit, X_val, y_val, X_all, y_all, n_classes: int, weight_dec
     """The tuned protocol: the grid on the fit rows, the choice on validation (first of the best, so with
     the grid strongest first ties go to the strongest), then the chosen head refit on all rows warm-started
     from its grid fit. All X standardized the same way; keywords go to fit_l2_grid."""
-    if kwargs.get("precondition", True) is True:  # one covariance for the grid and the refit
-        kwargs["precondition"] = feature_covariance(X_fit, kwargs.get("precondition_rows", 16384),
-                                                    device=kwargs.get("device"))
+    if kwargs.get("precondition", True) is True:  # one eigenbasis for the grid and the refit
+        kwargs["precondition"] = Eigenbasis.of(X_fit, kwargs.get("precondition_rows", 16384),
+                                               device=kwargs.get("device"))
     grid = fit_l2_grid(X_fit, y_fit, n_classes, weight_decays, **kwargs)
     scores = grid_accuracy(grid, X_val, y_val, device=kwargs.get("device"))
     best = int(np.argmax(scores))

@@ -12,7 +12,7 @@ from scipy.special import logsumexp
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from fusion_cache.errors import FusionCacheError
-from fusion_cache.grid import FitDivergedError, feature_covariance, fit_l2_grid, grid_accuracy, refit_l2, tune_l2
+from fusion_cache.grid import Eigenbasis, FitDivergedError, feature_covariance, fit_l2_grid, grid_accuracy, refit_l2, tune_l2
 from fusion_cache.heads import HEAD_SPECS, HEADS, KNNHead, LinearHead, linear_form
 
 GRID = HEAD_SPECS["linear"].grid  # 1e-1 ... 1e-4, strongest first
@@ -80,16 +80,16 @@ def test_each_stacked_head_equals_linearhead_alone():
     assert int(np.argmax(val_grid)) == int(np.argmax(val_lh))
 
 
-@pytest.mark.parametrize("precondition", [True, False])
+@pytest.mark.parametrize("precondition, refresh", [(True, 0), (False, 0), (True, 3)])
 @pytest.mark.parametrize("n, d, k, noise, wds", [
     (300, 5, 3, 2.0, GRID),
     (200, 4, 2, 1.5, (1e-2, 0.0)),  # binary, and no penalty (the data overlap, so the optimum exists)
     (400, 8, 4, 3.0, (3e-3, 1.0, 1e-3)),  # any order
 ])
-def test_each_stacked_head_reaches_its_own_optimum(n, d, k, noise, wds, precondition):
+def test_each_stacked_head_reaches_its_own_optimum(n, d, k, noise, wds, precondition, refresh):
     X, y = blobs(n, d, k, noise, seed=2)
     X[:, 1] = 0.6 * X[:, 0] + 0.8 * X[:, 1]  # correlated features (r = 0.6), as pooled CNN features are
-    fit = fit_l2_grid(X, y, k, wds, tol=1e-6, precondition=precondition)
+    fit = fit_l2_grid(X, y, k, wds, tol=1e-6, precondition=precondition, refresh=refresh)
     assert fit.converged.all()
     assert fit.weight_decays == tuple(wds)
     for g, wd in enumerate(wds):
@@ -149,6 +149,42 @@ def test_a_shared_covariance_gives_the_same_heads():
     np.testing.assert_allclose(plain.coef, own.coef, atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match=r"\(5, 5\) covariance"):
         fit_l2_grid(X, y, 3, GRID, precondition=np.eye(4, dtype=np.float32))
+
+
+def test_a_fit_in_the_eigenbasis_is_the_same_fit():
+    # selection.py rotates a view once and fits every grid in the rotated basis: the heads it gets, rotated
+    # back, are those of the fit that rotates internally, and both are the optimum
+    X, y = blobs(n=400, d=6, seed=7)
+    X[:, 2] = 0.7 * X[:, 0] + 0.3 * X[:, 2]
+    basis = Eigenbasis.of(X)
+    inside = fit_l2_grid(X, y, 3, GRID, tol=1e-6, precondition=basis)
+    Xr = basis.rotate(torch.from_numpy(X))
+    outside = fit_l2_grid(Xr, y, 3, GRID, tol=1e-6, precondition=basis, rotated=True)
+    back = basis.unrotate(torch.from_numpy(outside.coef)).numpy()
+    np.testing.assert_allclose(back, inside.coef, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(outside.intercept, inside.intercept, atol=1e-5, rtol=0)
+    for g, wd in enumerate(GRID):
+        W, b = reference_fit(X, y, 3, wd)
+        np.testing.assert_allclose(back[g], W, atol=3e-5, rtol=0, err_msg=f"weight decay {wd}")
+    # a warm start is given in the basis too: from the optimum, nothing is left to do
+    again = refit_l2(Xr, y, 3, GRID[2], init=outside.head(2), tol=1e-4, precondition=basis, rotated=True)
+    assert again.n_iter[0] <= 1
+    with pytest.raises(ValueError, match="rotated=True needs"):
+        fit_l2_grid(Xr, y, 3, GRID, rotated=True)
+    with pytest.raises(ValueError, match="for 6 features, X has 5"):
+        fit_l2_grid(X[:, :5], y, 3, GRID, precondition=basis)
+
+
+def test_the_jacobi_refresh_reaches_the_same_heads():
+    # weak penalties on strongly separable, correlated data are where the fixed start-curvature preconditioner
+    # is worst; refreshing it from the Hessian's diagonal must not cost iterations there
+    X, y = blobs(n=600, d=8, k=4, noise=1.5, seed=8)
+    X[:, 1] = 0.8 * X[:, 0] + 0.2 * X[:, 1]
+    fixed = fit_l2_grid(X, y, 4, [3e-3, 3e-4], tol=1e-6)
+    fresh = fit_l2_grid(X, y, 4, [3e-3, 3e-4], tol=1e-6, refresh=5)
+    assert fixed.converged.all() and fresh.converged.all()
+    np.testing.assert_allclose(fresh.coef, fixed.coef, atol=1e-4, rtol=0)
+    assert fresh.n_iter.sum() <= fixed.n_iter.sum()
 
 
 def test_max_iter_is_reported_as_not_converged():
