@@ -142,15 +142,63 @@ def _as_tensors(X, y, n_classes: int, device) -> tuple[torch.Tensor, torch.Tenso
     return X, y.to(device=dev, dtype=torch.int64)
 
 
-def _objective(X: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor, theta: torch.Tensor, wd: torch.Tensor):
+class _Dense:
+    """Every head on every column of X: one product X @ W_all.T per pass, one R.T @ X for the gradient."""
+
+    def __init__(self, X: torch.Tensor):
+        self.X = X
+
+    def logits(self, W: torch.Tensor, b: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        B, k, d = W.shape
+        return torch.addmm(b.reshape(B * k), self.X, W.reshape(B * k, d).T).view(len(self.X), B, k)
+
+    def grad_W(self, R: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        n, B, k = R.shape
+        return (R.view(n, B * k).T @ self.X).view(B, k, -1)
+
+
+class _Masked:
+    """Head g on the columns where masks[g] holds: the columns every head uses are one wide product, each
+    head's own columns a narrow product of their own (the pair search: features.18 for all, one tap each).
+    Copies X's columns once, into the shared and the per-head blocks."""
+
+    def __init__(self, X: torch.Tensor, masks: torch.Tensor):
+        shared = masks.all(0)
+        self.d = X.shape[1]
+        self.shared = shared.nonzero().squeeze(1)
+        self.Xs = X[:, self.shared].contiguous()
+        self.own = [(m & ~shared).nonzero().squeeze(1) for m in masks]
+        self.Xo = [X[:, idx].contiguous() for idx in self.own]
+
+    def logits(self, W: torch.Tensor, b: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        B, k, _ = W.shape
+        n = len(self.Xs)
+        Z = torch.addmm(b.reshape(B * k), self.Xs, W[:, :, self.shared].reshape(B * k, -1).T).view(n, B, k)
+        for j, g in enumerate(heads.tolist()):
+            if len(self.own[g]):
+                Z[:, j] += self.Xo[g] @ W[j][:, self.own[g]].T
+        return Z
+
+    def grad_W(self, R: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        n, B, k = R.shape
+        out = torch.zeros(B, k, self.d, device=R.device)
+        out[:, :, self.shared] = (R.reshape(n, B * k).T @ self.Xs).view(B, k, -1)
+        for j, g in enumerate(heads.tolist()):
+            if len(self.own[g]):
+                out[j][:, self.own[g]] = R[:, j].T @ self.Xo[g]
+        return out
+
+
+def _objective(design, y: torch.Tensor, onehot: torch.Tensor, theta: torch.Tensor, wd: torch.Tensor,
+               heads: torch.Tensor):
     """Loss (B,) float64 and gradient (B, p) of B heads; theta (B, p) = (B, k, d+1), last column the intercept.
     Two passes over X: Z = X @ W_all.T + b (n, B*k) and R.T @ X, R = softmax(Z) - onehot(y)."""
-    n, d = X.shape
-    k = onehot.shape[1]
+    n, k = onehot.shape
     B = theta.shape[0]
-    th = theta.view(B, k, d + 1)
+    th = theta.view(B, k, -1)
+    d = th.shape[2] - 1
     W = th[:, :, :d]
-    Z = torch.addmm(th[:, :, d].reshape(B * k), X, W.reshape(B * k, d).T).view(n, B, k)
+    Z = design.logits(W, th[:, :, d], heads)
     logp = torch.log_softmax(Z, dim=2)
     del Z
     nll = logp.gather(2, y.view(n, 1, 1).expand(n, B, 1)).squeeze(2)
@@ -158,10 +206,10 @@ def _objective(X: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor, theta: to
     loss = -nll.sum(0, dtype=torch.float64) / n + 0.5 * wd.double() * penalty
     if not bool(torch.isfinite(loss).all()):
         return loss, None
-    R = logp.exp_().sub_(onehot.unsqueeze(1)).view(n, B * k)  # softmax - onehot, in place
+    R = logp.exp_().sub_(onehot.unsqueeze(1))  # softmax - onehot, in place, (n, B, k)
     grad = torch.empty_like(th)
-    grad[:, :, :d] = (R.T @ X).view(B, k, d).div_(n).add_(wd.view(B, 1, 1) * W)
-    grad[:, :, d] = R.sum(0).view(B, k).div_(n)
+    grad[:, :, :d] = design.grad_W(R, heads).div_(n).add_(wd.view(B, 1, 1) * W)
+    grad[:, :, d] = R.sum(0).div_(n)
     return loss, grad.view(B, -1)
 
 
@@ -258,7 +306,7 @@ class _DiagonalPreconditioner:
         """(a, k (d + 1)): the diagonal of heads idx, per parameter."""
         return self.D[idx].unsqueeze(1).expand(len(idx), self.k, self.d + 1).reshape(len(idx), -1).contiguous()
 
-    def jacobi(self, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def jacobi(self, design, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """(a, k (d + 1)): 1 / the Hessian's diagonal of heads idx at theta, averaged over the classes:
         mean_ic p_ic (1 - p_ic) x_ij^2 + wd for column j. One value for every class keeps the steps off the
         loss's flat direction (the same shift of every class's intercepts)."""
@@ -266,8 +314,7 @@ class _DiagonalPreconditioner:
             self._X2 = X * X
         n, d, k, a = X.shape[0], self.d, self.k, len(idx)
         th = theta.view(a, k, d + 1)
-        P = torch.softmax(torch.addmm(th[:, :, d].reshape(a * k), X, th[:, :, :d].reshape(a * k, d).T)
-                          .view(n, a, k), dim=2)
+        P = torch.softmax(design.logits(th[:, :, :d], th[:, :, d], idx), dim=2)
         curv = (P * (1 - P)).sum(2)  # (n, a): summed over the classes, divided by k below
         H = torch.empty(a, d + 1, device=X.device)
         H[:, :d] = (curv.T @ self._X2).div_(n * k)
@@ -295,7 +342,8 @@ def _threads(n: int | None):
 
 def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_iter: int = 1000, tol: float = 1e-5,
                 history: int = 20, init=None, device=None, precondition=True,
-                precondition_rows: int | None = 16384, rotated: bool = False, refresh: int = 0) -> GridFit:
+                precondition_rows: int | None = 16384, rotated: bool = False, refresh: int = 0,
+                masks=None) -> GridFit:
     """Fit one L2-regularized softmax-regression head per weight decay, all together.
 
     X: (n, d) float32, already standardized (torch tensor or numpy array). y: (n,) class indices in
@@ -309,7 +357,10 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     rotated into it, the fit runs there with a diagonal preconditioner, and the coefficients come back
     rotated out; rotated=True says X and init are already in the given Eigenbasis (one rotation per view,
     shared by many fits), and the coefficients stay in it. The convergence test applies in the basis the
-    fit runs in.
+    fit runs in. refresh: every so many iterations the diagonal preconditioner becomes the inverse of the
+    Hessian's diagonal at the current heads (0: never). masks: None, or (G, d) bools: head g uses only the
+    columns where masks[g] is True, its other weights stay 0 (one wide product serves heads on different
+    column subsets, e.g. the pair search's [tap, features.18] candidates over all taps).
     """
     wds = _check_weight_decays(weight_decays)
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
@@ -341,6 +392,16 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
         coef = coef.to(dev)
         theta[:, :, :d] = basis.rotate(coef) if basis is not None and not rotated else coef
         theta[:, :, d] = intercept.to(dev)
+    if masks is not None:
+        if basis is not None and not rotated:
+            raise ValueError("masks need the columns the fit runs on: pass X rotated (rotated=True, each masked "
+                             "block rotated on its own) or precondition=False")
+        masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
+        if masks.shape != (G, d) or masks.dtype != torch.bool:
+            raise ValueError(f"masks must be ({G}, {d}) bools, got {tuple(masks.shape)} {masks.dtype}")
+        masks = masks.to(dev)
+        theta[:, :, :d] *= masks.unsqueeze(1)
+    design = _Dense(X) if masks is None else _Masked(X, masks)
     wd_all = torch.tensor(wds, dtype=torch.float32, device=dev)
     onehot = torch.zeros(n, k, device=dev)
     onehot[torch.arange(n, device=dev), y] = 1.0
@@ -349,7 +410,7 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
 
     def evaluate(heads: torch.Tensor, th: torch.Tensor):
         with _threads(full):
-            loss, grad = _objective(X, y, onehot, th, wd_all[heads])
+            loss, grad = _objective(design, y, onehot, th, wd_all[heads], heads)
         if grad is None:
             bad = int(heads[~torch.isfinite(loss)][0])
             raise FitDivergedError(f"the L-BFGS fit with weight decay {wds[bad]:g} diverged (its loss became NaN "
@@ -406,7 +467,7 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             order = [(ptr - 1 - i) % history for i in range(history)]
             if refresh and precond is not None and it > 0 and it % refresh == 0:
                 with _threads(full):
-                    D = precond.jacobi(X, theta, ids)
+                    D = precond.jacobi(design, X, theta, ids)
                 gamma[:] = 1
             it += 1
             dA = _direction(g, D, S, Yh, rho, gamma, order)

@@ -20,7 +20,7 @@ from .errors import FusionCacheError
 from .fit import HeadParams, ablate, provenance, summarize
 from .heads import HEAD_SPECS
 from .io import atomic_write_text, dumps_json
-from .selection import TunedRun, ViewStore, best_pair, tune
+from .selection import TunedRun, ViewStore, best_pair, tune_heads
 
 # The case study's reported numbers (fused head, training accuracy only).
 CASE_STUDY = {"epochs": [{"epoch": 1, "train_acc": 0.6278, "train_loss": 1.1648},
@@ -125,12 +125,13 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None) -> ReportResult:
     store = ViewStore(cache, cfg.device)
     runs = []
     for view in tuned_views:
-        for head in cfg.heads:
-            for seed in cfg.seeds:
-                run = tune(store, view, head, seed, cfg.val_fraction, cfg.max_iter)
-                runs.append(run)
-                say(f"  tuned {view} {head} seed {seed}: {run.param} {run.value:g}, val {100 * run.val_acc:.2f} %, "
+        by_seed = []
+        for seed in cfg.seeds:  # the heads of one view and seed share a validation split and stacked fits
+            by_seed.append(tune_heads(store, view, cfg.heads, seed, cfg.val_fraction, cfg.max_iter))
+            for run in by_seed[-1]:
+                say(f"  tuned {view} {run.head} seed {seed}: {run.param} {run.value:g}, val {100 * run.val_acc:.2f} %, "
                     f"test {100 * run.test_acc:.2f} % ({run.fit_seconds:.1f} s)")
+        runs += [by_seed[s][h] for h in range(len(cfg.heads)) for s in range(len(cfg.seeds))]
         store.drop(view)  # one view's matrices in memory at a time
     t3 = time.perf_counter()
     return ReportResult(str(cache.path), cache.fingerprint, {**provenance(cache), "taps": cache.taps}, paper_rows,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -354,3 +355,33 @@ def test_linear_form_of_knn_is_refused_and_linear_heads_keep_theirs():
     np.testing.assert_array_equal(form["coef"], h.coef_)
     logreg = HEAD_SPECS["logreg"].build(C=0.1).fit(X, y)
     assert linear_form(logreg)["coef"].shape == (3, 5)
+
+
+@pytest.mark.parametrize("precondition", [True, False])
+def test_masked_heads_equal_heads_on_their_own_columns(precondition):
+    # the pair search's stacked candidates: head g sees columns shared + own[g]; each must equal the head fitted
+    # alone on exactly those columns, with zeros elsewhere
+    X, y = blobs(n=400, d=7, seed=9)
+    shared, own = [5, 6], [[0], [1, 2], [3, 4], []]
+    masks = np.zeros((len(own), 7), dtype=bool)
+    for g, cols in enumerate(own):
+        masks[g, cols + shared] = True
+    if precondition:  # as best_pair: each block rotated into its own eigenbasis, the fit in that basis
+        parts = [Eigenbasis.of(np.ascontiguousarray(X[:, b])) for b in ([0], [1, 2], [3, 4], [5, 6])]
+        basis = Eigenbasis(torch.block_diag(*[p.V for p in parts]), torch.cat([p.lam for p in parts]))
+        fit = fit_l2_grid(basis.rotate(torch.from_numpy(X)), y, 3, [1e-2] * len(own), tol=1e-6, masks=masks,
+                          precondition=basis, rotated=True)
+        fit = dataclasses.replace(fit, coef=basis.unrotate(torch.from_numpy(fit.coef)).numpy())
+        with pytest.raises(ValueError, match="masks need"):
+            fit_l2_grid(X, y, 3, [1e-2] * len(own), masks=masks, precondition=basis)
+    else:
+        fit = fit_l2_grid(X, y, 3, [1e-2] * len(own), tol=1e-6, masks=masks, precondition=False)
+    assert fit.converged.all()
+    for g, cols in enumerate(own):
+        use = sorted(cols + shared)
+        alone = fit_l2_grid(np.ascontiguousarray(X[:, use]), y, 3, [1e-2], tol=1e-6, precondition=False)
+        np.testing.assert_allclose(fit.coef[g][:, use], alone.coef[0], atol=3e-5, rtol=0, err_msg=f"head {g}")
+        np.testing.assert_allclose(fit.intercept[g], alone.intercept[0], atol=3e-5, rtol=0)
+        assert np.abs(fit.coef[g][:, ~masks[g]]).max(initial=0) < 1e-6
+    with pytest.raises(ValueError, match=r"masks must be \(4, 7\) bools"):
+        fit_l2_grid(X, y, 3, [1e-2] * 4, masks=masks[:, :6], precondition=False)
