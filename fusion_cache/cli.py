@@ -383,8 +383,9 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     click.echo(f"{head} head on '{view}' ({', '.join(r.features)}; {r.dim} dims), seed {seed}")
     click.echo(f"{'epoch':>5} {'train loss':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}")
     for e in r.epochs:
-        click.echo(f"{e['epoch']:>5} {e['train_loss']:>10.4f} {100 * e['train_acc']:>11.2f} "
-                   f"{e['test_loss']:>9.4f} {100 * e['test_acc']:>10.2f}")
+        train = (f"{'—':>10} {'—':>11}" if e["train_acc"] is None else  # knn: no training score
+                 f"{e['train_loss']:>10.4f} {100 * e['train_acc']:>11.2f}")
+        click.echo(f"{e['epoch']:>5} {train} {e['test_loss']:>9.4f} {100 * e['test_acc']:>10.2f}")
     click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
 
 

@@ -67,8 +67,8 @@ class FitResult:
     seed: int
     params: dict
     epochs: list[dict]  # {epoch, train_loss, train_acc, test_loss, test_acc}; one row for logreg
-    train_loss: float
-    train_acc: float
+    train_loss: float | None  # None for knn (each training row is its own neighbour)
+    train_acc: float | None
     test_loss: float
     test_acc: float
     fit_seconds: float
@@ -165,8 +165,11 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         est.fit(Xtr, ytr)
         seconds = time.perf_counter() - start
         labels = est.classes_
-        train_loss = float(log_loss(ytr, est.predict_proba(Xtr), labels=labels))
-        train_acc = float(est.score(Xtr, ytr))
+        if head == "knn":  # every training row is its own nearest neighbour: a training score says nothing
+            train_loss = train_acc = None  # (and would cost an n_train x n_train similarity matrix)
+        else:
+            train_loss = float(log_loss(ytr, est.predict_proba(Xtr), labels=labels))
+            train_acc = float(est.score(Xtr, ytr))
         test_loss = float(log_loss(yte, est.predict_proba(Xte), labels=labels))
         test_acc = float(est.score(Xte, yte))
         epochs = [{"epoch": 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
@@ -182,8 +185,10 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
 def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> None:
     """A diverged fit is an error, never a number: NaN or inf in the loss or the weights, or a final training
     loss far above that of predicting uniformly at random (10 x ln k for k classes)."""
+    if isinstance(est, KNNHead):  # no training, nothing to diverge
+        return
     values = [v for e in epochs for v in e.values()]
-    weights_ok = isinstance(est, KNNHead) or all(np.isfinite(a).all() for a in linear_form(est).values())
+    weights_ok = all(np.isfinite(a).all() for a in linear_form(est).values())
     chance = math.log(max(2, len(est.classes_)))
     if (weights_ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
             and epochs[-1]["train_loss"] <= 10 * chance):
@@ -260,11 +265,11 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for (view, head), rs in groups.items():
         test = np.array([r["test_acc"] for r in rs])
-        train = np.array([r["train_acc"] for r in rs])
+        train = None if any(r["train_acc"] is None for r in rs) else np.array([r["train_acc"] for r in rs])
         out.append({"view": view, "head": head, "dim": rs[0]["dim"], "n_seeds": len(rs),
                     "test_acc_mean": float(test.mean()), "test_acc_std": float(test.std(ddof=1) if len(rs) > 1 else 0.0),
-                    "train_acc_mean": float(train.mean()),
-                    "train_acc_std": float(train.std(ddof=1) if len(rs) > 1 else 0.0)})
+                    "train_acc_mean": None if train is None else float(train.mean()),
+                    "train_acc_std": None if train is None else float(train.std(ddof=1) if len(rs) > 1 else 0.0)})
     return out
 
 

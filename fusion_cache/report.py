@@ -162,6 +162,8 @@ def markdown(report: dict, command: str, machine: str) -> str:
             ep = [[r["epochs"][i]["train_acc"] for r in rows] for i in range(len(rows[0]["epochs"]))]
             e1 = _pm(ep[0])
             e2 = _pm(ep[1]) if len(ep) > 1 else "—"
+        elif any(r["train_acc"] is None for r in rows):  # knn has no training score
+            e1 = e2 = "—"
         else:
             e1, e2 = "—", _pm([r["train_acc"] for r in rows])
         lines.append(f"| {view} | {head} | {e1} | {e2} | {_pm([r['test_acc'] for r in rows])} |")

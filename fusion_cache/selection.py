@@ -76,7 +76,7 @@ class TunedRun:
     value: float  # its chosen value
     grid: dict[str, float]  # validation accuracy at each grid value
     val_acc: float
-    train_acc: float
+    train_acc: float | None  # None for knn (each training row is its own neighbour)
     test_acc: float
     fit_seconds: float
     val_rows: int
@@ -181,7 +181,7 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seed: int, val_fra
             raise FusionCacheError(f"tuning the knn head on '{view}' failed: {e}") from None
         seconds = time.perf_counter() - start
         runs["knn"] = _run(view, "knn", seed, data, grid, est, scores, seconds, fit_rows, val_rows,
-                           float(est.score(data.X_train, data.y_train)), float(est.score(data.X_test, data.y_test)))
+                           None, float(est.score(data.X_test, data.y_test)))  # no training score: see fit.fit_head
     return [runs[h] for h in heads]
 
 

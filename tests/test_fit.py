@@ -202,6 +202,9 @@ def test_knn_head_in_fit_and_ablate(encoded_cache, tmp_path):
     d = json.loads(r.output)
     # standardized (the DINOv2 protocol), the 92 noise columns weigh as much as the 4 code columns: not 0.9
     assert d["head"] == "knn" and d["params"]["k"] == 10 and d["test_acc"] > 0.7
+    assert d["train_acc"] is None and d["epochs"][0]["train_loss"] is None  # its own neighbour: no training score
+    text = _run("fit", encoded_cache, "--head", "knn", "--features", "early", "--k", 10)
+    assert text.exit_code == 0 and "—" in text.output, text.output
     r = _run("ablate", encoded_cache, "--views", "early,late", "--heads", "knn,logreg", "--seeds", 0, "--json")
     assert r.exit_code == 0, r.output
     rows = {(row["view"], row["head"]): row["test_acc"] for row in json.loads(r.output)["rows"]}

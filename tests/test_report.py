@@ -13,7 +13,7 @@ from PIL import Image
 from fusion_cache.cache import open_cache
 from fusion_cache.cli import main
 from fusion_cache.fit import load_view
-from fusion_cache.selection import ViewStore, tune, validation_split
+from fusion_cache.selection import ViewStore, tune, tune_heads, validation_split
 from fusion_cache.synthetic import write_cifar
 
 FIGURES = ("samples.png", "curves.png", "predictions.png", "confusion.png", "per_class.png")
@@ -186,6 +186,21 @@ def test_report_with_the_knn_head(tiny_cache, tmp_path):
     assert all(set(row["grid"]) == {"10", "20"} for row in knn)
     assert rep["tuned"]["grids"]["knn"] == {"param": "k", "values": [10, 20, 50, 100, 200]}
     assert "`knn`: k in [10, 20, 50, 100, 200]" in (tmp_path / "r" / "report.md").read_text()
+    assert all(row["train_acc"] is None for row in knn)
+    assert all(row["train_acc"] is None for row in rep["paper"]["rows"] if row["head"] == "knn")
+
+
+def test_heads_tuned_together_equal_heads_tuned_alone(encoded_cache):
+    """tune_heads stacks the linear and logreg grids of one view and seed into one model: each head's choice,
+    validation scores and refit must be those it gets when tuned on its own."""
+    cache = open_cache(encoded_cache)
+    both = tune_heads(ViewStore(cache), "fused", ["linear", "logreg", "knn"], 0, 0.2, max_iter=300)
+    for run in both:
+        alone = tune(ViewStore(cache), "fused", run.head, 0, 0.2, max_iter=300)
+        assert (run.head, run.value, run.grid, run.val_acc, run.test_acc) == \
+            (alone.head, alone.value, alone.grid, alone.val_acc, alone.test_acc)
+        if run.head != "knn":
+            np.testing.assert_allclose(run.estimator.coef_, alone.estimator.coef_, atol=1e-4, rtol=0)
 
 
 def test_the_tuned_logreg_is_scikit_learns_logistic_regression(encoded_cache):
