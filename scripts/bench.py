@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--full-cache", type=Path, help="a full CIFAR-10 cache (all taps) for head_vs_logreg")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the tuned-heads keys (default: every CPU)")
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
     a = ap.parse_args()
@@ -152,7 +154,7 @@ def main() -> int:
         if not a.full_cache:
             ap.error("--only-heads needs --full-cache")
         res = json.loads(a.out.read_text()) if a.out.exists() else {}
-        res.update(tuned_heads(a.full_cache))
+        res.update(tuned_heads(a.full_cache, threads=a.threads))
         tmp_out = a.out.with_name(a.out.name + ".tmp")
         tmp_out.write_text(json.dumps(res, indent=2))
         os.replace(tmp_out, a.out)
@@ -251,7 +253,7 @@ def main() -> int:
         log(f"[7/8] torch head vs logreg on {a.full_cache}, all blocks")
         res.update(head_vs_logreg(a.full_cache))
         log(f"[8/8] tuned heads on {a.full_cache}, all blocks")
-        res.update(tuned_heads(a.full_cache))
+        res.update(tuned_heads(a.full_cache, threads=a.threads))
     else:
         log("[7/8] [8/8] skipped head_vs_logreg and tuned heads: pass --full-cache")
 
@@ -277,7 +279,7 @@ def head_vs_logreg(path: Path) -> dict:
             "head_vs_logreg_train_rows": int(len(data.y_train))}
 
 
-def tuned_heads(path: Path, seed: int = 0, val_fraction: float = 0.1) -> dict:
+def tuned_heads(path: Path, seed: int = 0, val_fraction: float = 0.1, threads: int | None = None) -> dict:
     """Issue 13's keys on the all-blocks view of one cache, measured side by side in this run:
     - tuned_grid_vs_one_fit: the project's tuned protocol for `linear` (the 6-point weight-decay grid trained as
       one stacked model on the fit rows, the choice on validation, the warm-started refit on all of train) vs
@@ -295,7 +297,7 @@ def tuned_heads(path: Path, seed: int = 0, val_fraction: float = 0.1) -> dict:
     from fusion_cache.heads import HEAD_SPECS
     from fusion_cache.selection import JACOBI_REFRESH, ROTATED_TOL, ViewStore, tune, validation_split
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     cache = open_cache(path)
     store = ViewStore(cache)
     Xtr, Xte, _, _ = store.standardized("all")  # reading and standardizing the view: outside both timings
@@ -304,7 +306,8 @@ def tuned_heads(path: Path, seed: int = 0, val_fraction: float = 0.1) -> dict:
     fit_rows, val_rows = validation_split(data.y_train, val_fraction, seed)
     k = len(cache.classes)
     grid = HEAD_SPECS["linear"].grid
-    out = {"tuned_rows": {"fit": int(len(fit_rows)), "val": int(len(val_rows)), "dim": int(data.dim)}}
+    out = {"tuned_rows": {"fit": int(len(fit_rows)), "val": int(len(val_rows)), "dim": int(data.dim)},
+           "tuned_threads": torch.get_num_threads()}
 
     log("  tuned linear: the report's own path (eigenbasis, stacked grid, validation, warm refit)")
     t = time.perf_counter()
