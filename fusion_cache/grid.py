@@ -190,9 +190,11 @@ class _Masked:
 
 
 def _objective(design, y: torch.Tensor, onehot: torch.Tensor, theta: torch.Tensor, wd: torch.Tensor,
-               heads: torch.Tensor):
+               heads: torch.Tensor, weights: torch.Tensor | None = None):
     """Loss (B,) float64 and gradient (B, p) of B heads; theta (B, p) = (B, k, d+1), last column the intercept.
-    Two passes over X: Z = X @ W_all.T + b (n, B*k) and R.T @ X, R = softmax(Z) - onehot(y)."""
+    Two passes over X: Z = X @ W_all.T + b (n, B*k) and R.T @ X, R = softmax(Z) - onehot(y). weights: None
+    (every head's data term is the mean over all rows) or (n, B), each column summing to 1 (head b's data
+    term is the weighted mean; a row of weight 0 is not part of its problem)."""
     n, k = onehot.shape
     B = theta.shape[0]
     th = theta.view(B, k, -1)
@@ -203,13 +205,18 @@ def _objective(design, y: torch.Tensor, onehot: torch.Tensor, theta: torch.Tenso
     del Z
     nll = logp.gather(2, y.view(n, 1, 1).expand(n, B, 1)).squeeze(2)
     penalty = W.pow(2).sum((1, 2), dtype=torch.float64)
-    loss = -nll.sum(0, dtype=torch.float64) / n + 0.5 * wd.double() * penalty
+    data = -nll.sum(0, dtype=torch.float64) / n if weights is None else -(nll * weights).sum(0, dtype=torch.float64)
+    loss = data + 0.5 * wd.double() * penalty
     if not bool(torch.isfinite(loss).all()):
         return loss, None
     R = logp.exp_().sub_(onehot.unsqueeze(1))  # softmax - onehot, in place, (n, B, k)
+    if weights is None:
+        R.div_(n)
+    else:
+        R.mul_(weights.unsqueeze(2))
     grad = torch.empty_like(th)
-    grad[:, :, :d] = design.grad_W(R, heads).div_(n).add_(wd.view(B, 1, 1) * W)
-    grad[:, :, d] = R.sum(0).div_(n)
+    grad[:, :, :d] = design.grad_W(R, heads).add_(wd.view(B, 1, 1) * W)
+    grad[:, :, d] = R.sum(0)
     return loss, grad.view(B, -1)
 
 
@@ -306,19 +313,21 @@ class _DiagonalPreconditioner:
         """(a, k (d + 1)): the diagonal of heads idx, per parameter."""
         return self.D[idx].unsqueeze(1).expand(len(idx), self.k, self.d + 1).reshape(len(idx), -1).contiguous()
 
-    def jacobi(self, design, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def jacobi(self, design, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor, weights=None) -> torch.Tensor:
         """(a, k (d + 1)): 1 / the Hessian's diagonal of heads idx at theta, averaged over the classes:
-        mean_ic p_ic (1 - p_ic) x_ij^2 + wd for column j. One value for every class keeps the steps off the
-        loss's flat direction (the same shift of every class's intercepts)."""
+        mean_ic p_ic (1 - p_ic) x_ij^2 + wd for column j (the mean over each head's rows: weights (n, a) as in
+        _objective). One value for every class keeps the steps off the loss's flat direction (the same
+        shift of every class's intercepts)."""
         if self._X2 is None:
             self._X2 = X * X
         n, d, k, a = X.shape[0], self.d, self.k, len(idx)
         th = theta.view(a, k, d + 1)
         P = torch.softmax(design.logits(th[:, :, :d], th[:, :, d], idx), dim=2)
-        curv = (P * (1 - P)).sum(2)  # (n, a): summed over the classes, divided by k below
+        curv = (P * (1 - P)).sum(2).div_(k)  # (n, a): averaged over the classes
+        curv = curv.div_(n) if weights is None else curv.mul_(weights)
         H = torch.empty(a, d + 1, device=X.device)
-        H[:, :d] = (curv.T @ self._X2).div_(n * k)
-        H[:, d] = curv.sum(0).div_(n * k)
+        H[:, :d] = curv.T @ self._X2
+        H[:, d] = curv.sum(0)
         H[:, :d] += self.wd[idx].view(a, 1) + self.floor
         D = H.clamp_(min=1e-12).reciprocal_()
         return D.unsqueeze(1).expand(a, k, d + 1).reshape(a, -1).contiguous()
@@ -343,7 +352,7 @@ def _threads(n: int | None):
 def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_iter: int = 1000, tol: float = 1e-5,
                 history: int = 20, init=None, device=None, precondition=True,
                 precondition_rows: int | None = 16384, rotated: bool = False, refresh: int = 0,
-                masks=None) -> GridFit:
+                masks=None, rows=None) -> GridFit:
     """Fit one L2-regularized softmax-regression head per weight decay, all together.
 
     X: (n, d) float32, already standardized (torch tensor or numpy array). y: (n,) class indices in
@@ -360,7 +369,10 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     fit runs in. refresh: every so many iterations the diagonal preconditioner becomes the inverse of the
     Hessian's diagonal at the current heads (0: never). masks: None, or (G, d) bools: head g uses only the
     columns where masks[g] is True, its other weights stay 0 (one wide product serves heads on different
-    column subsets, e.g. the pair search's [tap, features.18] candidates over all taps).
+    column subsets, e.g. the pair search's [tap, features.18] candidates over all taps). rows: None (every
+    head fits every row of X), or (G, n) bools: head g fits only the rows where rows[g] holds (its data term
+    is the mean over them), so heads on different row subsets, e.g. the fit rows of several validation
+    splits, share each pass over X.
     """
     wds = _check_weight_decays(weight_decays)
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
@@ -402,6 +414,15 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
         masks = masks.to(dev)
         theta[:, :, :d] *= masks.unsqueeze(1)
     design = _Dense(X) if masks is None else _Masked(X, masks)
+    row_weights = None
+    if rows is not None:
+        rows = torch.as_tensor(np.asarray(rows) if not isinstance(rows, torch.Tensor) else rows)
+        if rows.shape != (G, n) or rows.dtype != torch.bool:
+            raise ValueError(f"rows must be ({G}, {n}) bools, got {tuple(rows.shape)} {rows.dtype}")
+        counts = rows.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"head {int(torch.nonzero(counts == 0)[0])} has no rows to fit")
+        row_weights = (rows.float() / counts.unsqueeze(1).float()).T.contiguous().to(dev)  # (n, G)
     wd_all = torch.tensor(wds, dtype=torch.float32, device=dev)
     onehot = torch.zeros(n, k, device=dev)
     onehot[torch.arange(n, device=dev), y] = 1.0
@@ -410,7 +431,8 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
 
     def evaluate(heads: torch.Tensor, th: torch.Tensor):
         with _threads(full):
-            loss, grad = _objective(design, y, onehot, th, wd_all[heads], heads)
+            loss, grad = _objective(design, y, onehot, th, wd_all[heads], heads,
+                                    None if row_weights is None else row_weights[:, heads])
         if grad is None:
             bad = int(heads[~torch.isfinite(loss)][0])
             raise FitDivergedError(f"the L-BFGS fit with weight decay {wds[bad]:g} diverged (its loss became NaN "
@@ -467,7 +489,8 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             order = [(ptr - 1 - i) % history for i in range(history)]
             if refresh and precond is not None and it > 0 and it % refresh == 0:
                 with _threads(full):
-                    D = precond.jacobi(design, X, theta, ids)
+                    D = precond.jacobi(design, X, theta, ids,
+                                       None if row_weights is None else row_weights[:, ids])
                 gamma[:] = 1
             it += 1
             dA = _direction(g, D, S, Yh, rho, gamma, order)

@@ -125,13 +125,11 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None) -> ReportResult:
     store = ViewStore(cache, cfg.device)
     runs = []
     for view in tuned_views:
-        by_seed = []
-        for seed in cfg.seeds:  # the heads of one view and seed share a validation split and stacked fits
-            by_seed.append(tune_heads(store, view, cfg.heads, seed, cfg.val_fraction, cfg.max_iter))
-            for run in by_seed[-1]:
-                say(f"  tuned {view} {run.head} seed {seed}: {run.param} {run.value:g}, val {100 * run.val_acc:.2f} %, "
-                    f"test {100 * run.test_acc:.2f} % ({run.fit_seconds:.1f} s)")
-        runs += [by_seed[s][h] for h in range(len(cfg.heads)) for s in range(len(cfg.seeds))]
+        # every head and seed of one view in one call: the L2 heads of all seeds share the stacked fits
+        for run in tune_heads(store, view, cfg.heads, cfg.seeds, cfg.val_fraction, cfg.max_iter):
+            runs.append(run)
+            say(f"  tuned {view} {run.head} seed {run.seed}: {run.param} {run.value:g}, val {100 * run.val_acc:.2f} %, "
+                f"test {100 * run.test_acc:.2f} % ({run.fit_seconds:.1f} s)")
         store.drop(view)  # one view's matrices in memory at a time
     t3 = time.perf_counter()
     return ReportResult(str(cache.path), cache.fingerprint, {**provenance(cache), "taps": cache.taps}, paper_rows,

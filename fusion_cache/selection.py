@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 from .cache import Cache
 from .errors import FusionCacheError
 from .fit import ViewData, load_view
-from .grid import Eigenbasis, fit_l2_grid, grid_accuracy
+from .grid import Eigenbasis, fit_l2_grid, grid_accuracy, grid_logits
 from .heads import HEAD_SPECS, KNNHead, LinearHead
 from .taps import LATE_TAP
 
@@ -138,14 +138,15 @@ class ViewStore:
 def tune(store: ViewStore, view: str, head: str, seed: int, val_fraction: float, max_iter: int = 200,
          grid: tuple | None = None) -> TunedRun:
     """Choose the head's tuned parameter on a validation split of train, refit on all of train, test once."""
-    return tune_heads(store, view, [head], seed, val_fraction, max_iter, None if grid is None else {head: grid})[0]
+    return tune_heads(store, view, [head], [seed], val_fraction, max_iter, None if grid is None else {head: grid})[0]
 
 
-def tune_heads(store: ViewStore, view: str, heads: list[str], seed: int, val_fraction: float,
+def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], val_fraction: float,
                max_iter: int = 200, grids: dict[str, tuple] | None = None) -> list[TunedRun]:
-    """`tune` for several heads on one view and seed (one validation split). The L2 heads (linear, logreg)
-    are one problem family, so all their grid points train as one stacked model and their refits as another;
-    each run's fit_seconds is its share of the stacked fits. Results come back in the order of `heads`."""
+    """`tune` for several heads and seeds on one view (each seed draws its own validation split). The L2
+    heads (linear, logreg) are one problem family, so the grid points of every L2 head and seed train as one
+    stacked model, each on its own seed's fit rows, and their refits as another; each run's fit_seconds is
+    its share of the stacked fits. Results come back head by head, seeds in the order given."""
     for head in heads:
         if head not in HEAD_SPECS:
             raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEAD_SPECS)}")
@@ -155,34 +156,37 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seed: int, val_fra
             raise FusionCacheError(f"the {HEAD_SPECS[head].tuned} grid of the {head} head is empty; give at least "
                                    "one value")
     data = store.data(view)
-    fit_rows, val_rows = validation_split(data.y_train, val_fraction, seed)
-    runs: dict[str, TunedRun] = {}
+    splits = {seed: validation_split(data.y_train, val_fraction, seed) for seed in seeds}
+    runs: dict[tuple[str, int], TunedRun] = {}
     l2 = [h for h in heads if h != "knn"]
     if l2:
         start = time.perf_counter()
         try:
-            fitted = _tune_linear(store, view, data, fit_rows, val_rows, {h: grids[h] for h in l2}, max_iter, seed)
+            fitted = _tune_linear(store, view, data, splits, {h: grids[h] for h in l2}, max_iter)
         except ValueError as e:
             raise FusionCacheError(f"tuning the {'/'.join(l2)} head on '{view}' failed: {e}") from None
-        share = (time.perf_counter() - start) / len(l2)
+        share = (time.perf_counter() - start) / len(fitted)
         Xtr, Xte, _, _ = store.standardized(view)
-        for head, (est, scores) in fitted.items():
-            runs[head] = _run(view, head, seed, data, grids[head], est, scores, share, fit_rows, val_rows,
-                              float(est.score_standardized(Xtr, data.y_train)),
-                              float(est.score_standardized(Xte, data.y_test)))
-    if "knn" in heads:  # a k beyond the fit rows is not a candidate (on tiny data the grid shrinks)
-        grid = tuple(k for k in grids["knn"] if k <= len(fit_rows))
-        if not grid:
-            raise FusionCacheError(f"every k of the knn grid is larger than the {len(fit_rows)} fit rows of '{view}'")
-        start = time.perf_counter()
-        try:
-            est, scores = _tune_knn(data, fit_rows, val_rows, grid)
-        except ValueError as e:
-            raise FusionCacheError(f"tuning the knn head on '{view}' failed: {e}") from None
-        seconds = time.perf_counter() - start
-        runs["knn"] = _run(view, "knn", seed, data, grid, est, scores, seconds, fit_rows, val_rows,
-                           None, float(est.score(data.X_test, data.y_test)))  # no training score: see fit.fit_head
-    return [runs[h] for h in heads]
+        for (head, seed), (est, scores) in fitted.items():
+            runs[head, seed] = _run(view, head, seed, data, grids[head], est, scores, share, *splits[seed],
+                                    float(est.score_standardized(Xtr, data.y_train)),
+                                    float(est.score_standardized(Xte, data.y_test)))
+    if "knn" in heads:
+        for seed in seeds:
+            fit_rows, val_rows = splits[seed]
+            grid = tuple(k for k in grids["knn"] if k <= len(fit_rows))  # on tiny data the grid shrinks
+            if not grid:
+                raise FusionCacheError(f"every k of the knn grid is larger than the {len(fit_rows)} fit rows of "
+                                       f"'{view}'")
+            start = time.perf_counter()
+            try:
+                est, scores = _tune_knn(data, fit_rows, val_rows, grid)
+            except ValueError as e:
+                raise FusionCacheError(f"tuning the knn head on '{view}' failed: {e}") from None
+            seconds = time.perf_counter() - start
+            runs["knn", seed] = _run(view, "knn", seed, data, grid, est, scores, seconds, fit_rows, val_rows,
+                                     None, float(est.score(data.X_test, data.y_test)))  # no training score
+    return [runs[h, seed] for h in heads for seed in seeds]
 
 
 def _run(view, head, seed, data, grid, est, scores, seconds, fit_rows, val_rows, train_acc, test_acc) -> TunedRun:
@@ -203,48 +207,65 @@ class _TunedLinear(LinearHead):
         return float(np.mean(self.classes_[pred] == y))
 
 
-def _tune_linear(store, view, data, fit_rows, val_rows, grids: dict[str, tuple], max_iter, seed) -> dict:
-    """The stacked weight-decay grids of the L2 heads: {head: (refit estimator, validation scores)}.
+def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, tuple], max_iter) -> dict:
+    """The stacked weight-decay grids of the L2 heads over the seeds' validation splits:
+    {(head, seed): (refit estimator, validation scores)}.
 
     logreg's grid holds C values; LogisticRegression minimizes C * sum(cross-entropy) + ||W||^2 / 2, which is
     n C times the linear head's mean cross-entropy + wd / 2 ||W||^2 with wd = 1 / (n C): the same optimum. So
     the C grid trains in the same stacked model as the linear head's weight decays, with wd = 1 / (n_fit C) on
-    the fit rows and wd = 1 / (n_train C) for the refit on all of train."""
+    the fit rows and wd = 1 / (n_train C) for the refit on all of train. Every grid head fits only its seed's
+    fit rows (grid.fit_l2_grid's `rows`), so all seeds share each pass over the view."""
     Xtr, _, mean, scale = store.standardized(view)
+    n = len(data.y_train)
     y = torch.from_numpy(data.y_train)
-    f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     k = int(data.y_train.max()) + 1
     # The preconditioner pays off when rows outnumber features; on tiny data it only costs. With it, every fit
     # runs in the view's eigenbasis (rotated once per view), and the final heads are rotated back.
     basis = None
     opts = dict(max_iter=max_iter, device=store.device, precondition=False)
-    if len(fit_rows) >= data.dim:
+    if min(len(f) for f, _ in splits.values()) >= data.dim:
         Xtr, basis = store.rotated(view)
         opts.update(precondition=basis, rotated=True, tol=ROTATED_TOL, refresh=JACOBI_REFRESH)
 
     def weight_decays(head, grid, rows):
         return [1.0 / (rows * c) for c in grid] if HEAD_SPECS[head].tuned == "C" else [float(w) for w in grid]
 
-    heads = list(grids)
-    wds = [w for h in heads for w in weight_decays(h, grids[h], len(fit_rows))]
-    fit = fit_l2_grid(Xtr[f], y[f], k, wds, **opts)
-    val = grid_accuracy(fit, Xtr[v], y[v], device=store.device)
-    starts = np.cumsum([0] + [len(grids[h]) for h in heads])
-    chosen = [int(starts[i] + np.argmax(val[starts[i]:starts[i + 1]])) for i in range(len(heads))]
-    final_wds = [weight_decays(h, [grids[h][g - starts[i]]], len(y))[0] for i, (h, g) in enumerate(zip(heads, chosen))]
-    final = fit_l2_grid(Xtr, y, k, final_wds, init=(fit.coef[chosen], fit.intercept[chosen]), **opts)
+    # grid head g: (head, seed, position in the head's grid)
+    members = [(h, seed, i) for seed in splits for h in grids for i in range(len(grids[h]))]
+    wds = [weight_decays(h, [grids[h][i]], len(splits[seed][0]))[0] for h, seed, i in members]
+    if len(splits) == 1:  # one seed: its fit rows are simply the rows the grid is given
+        f = torch.from_numpy(next(iter(splits.values()))[0])
+        fit = fit_l2_grid(Xtr[f], y[f], k, wds, **opts)
+    else:
+        rows = torch.zeros(len(members), n, dtype=torch.bool)
+        for g, (h, seed, i) in enumerate(members):
+            rows[g, torch.from_numpy(splits[seed][0])] = True
+        fit = fit_l2_grid(Xtr, y, k, wds, rows=rows, **opts)
+    logits = grid_logits(fit, Xtr, device=store.device)  # (n, G, k): every head on every row, one product
+    correct = (logits.argmax(2) == y.to(logits.device).view(-1, 1)).cpu().numpy()
+    chosen, scores = [], {}
+    for h in grids:
+        for seed, (fit_rows, val_rows) in splits.items():
+            gs = [g for g, m in enumerate(members) if m[:2] == (h, seed)]
+            val = correct[val_rows][:, gs].mean(0)
+            scores[h, seed] = val
+            chosen.append((h, seed, gs[int(np.argmax(val))]))  # first of the best: grids are strongest first
+    final_wds = [weight_decays(h, [grids[h][members[g][2]]], n)[0] for h, seed, g in chosen]
+    idx = [g for _, _, g in chosen]
+    final = fit_l2_grid(Xtr, y, k, final_wds, init=(fit.coef[idx], fit.intercept[idx]), **opts)
     out = {}
-    for i, head in enumerate(heads):
-        coef = final.coef[i] if basis is None else basis.unrotate(torch.from_numpy(final.coef[i])).numpy()
-        est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=final_wds[i], max_iter=max_iter,
+    for j, (head, seed, g) in enumerate(chosen):
+        coef = final.coef[j] if basis is None else basis.unrotate(torch.from_numpy(final.coef[j])).numpy()
+        est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=final_wds[j], max_iter=max_iter,
                            random_state=seed)
         est.classes_ = np.arange(k)
         est.n_features_in_ = data.dim
         est.mean_, est.scale_ = mean.astype(np.float32), scale.astype(np.float32)
-        est.coef_, est.intercept_ = np.ascontiguousarray(coef, np.float32), final.intercept[i]
-        est.n_iter_ = int(final.n_iter[i])
+        est.coef_, est.intercept_ = np.ascontiguousarray(coef, np.float32), final.intercept[j]
+        est.n_iter_ = int(final.n_iter[j])
         est.history_ = []
-        out[head] = (est, np.asarray(val[starts[i]:starts[i + 1]]))
+        out[head, seed] = (est, np.asarray(scores[head, seed]))
     return out
 
 

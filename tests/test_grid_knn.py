@@ -385,3 +385,28 @@ def test_masked_heads_equal_heads_on_their_own_columns(precondition):
         assert np.abs(fit.coef[g][:, ~masks[g]]).max(initial=0) < 1e-6
     with pytest.raises(ValueError, match=r"masks must be \(4, 7\) bools"):
         fit_l2_grid(X, y, 3, [1e-2] * 4, masks=masks[:, :6], precondition=False)
+
+
+@pytest.mark.parametrize("precondition", [True, False])
+def test_heads_on_row_subsets_equal_heads_fitted_on_those_rows(precondition):
+    # selection.py's seeds: each grid head fits only its own seed's fit rows, all heads sharing each pass
+    X, y = blobs(n=400, seed=10)
+    rng = np.random.default_rng(0)
+    subsets = [rng.permutation(400)[:320] for _ in range(3)]
+    rows = np.zeros((3, 400), dtype=bool)
+    for g, r in enumerate(subsets):
+        rows[g, r] = True
+    wds = [1e-2, 1e-3, 1e-2]
+    fit = fit_l2_grid(X, y, 3, wds, tol=1e-6, rows=rows, precondition=precondition)
+    assert fit.converged.all()
+    for g, r in enumerate(subsets):
+        alone = fit_l2_grid(X[np.sort(r)], y[np.sort(r)], 3, [wds[g]], tol=1e-6, precondition=precondition)
+        np.testing.assert_allclose(fit.coef[g], alone.coef[0], atol=3e-5, rtol=0, err_msg=f"head {g}")
+        np.testing.assert_allclose(fit.intercept[g], alone.intercept[0], atol=3e-5, rtol=0)
+        np.testing.assert_allclose(fit.loss[g], alone.loss[0], rtol=1e-6)
+    assert np.abs(fit.coef[0] - fit.coef[2]).max() > 1e-3  # same weight decay, other rows: another head
+    with pytest.raises(ValueError, match=r"rows must be \(3, 400\) bools"):
+        fit_l2_grid(X, y, 3, wds, rows=rows[:, :10])
+    rows[1] = False
+    with pytest.raises(ValueError, match="head 1 has no rows"):
+        fit_l2_grid(X, y, 3, wds, rows=rows)

@@ -191,12 +191,13 @@ def test_report_with_the_knn_head(tiny_cache, tmp_path):
 
 
 def test_heads_tuned_together_equal_heads_tuned_alone(encoded_cache):
-    """tune_heads stacks the linear and logreg grids of one view and seed into one model: each head's choice,
-    validation scores and refit must be those it gets when tuned on its own."""
+    """tune_heads stacks the linear and logreg grids of one view, over every seed's fit rows, into one model:
+    each head's choice, validation scores and refit must be those it gets when tuned on its own."""
     cache = open_cache(encoded_cache)
-    both = tune_heads(ViewStore(cache), "fused", ["linear", "logreg", "knn"], 0, 0.2, max_iter=300)
+    both = tune_heads(ViewStore(cache), "fused", ["linear", "logreg", "knn"], [0, 1], 0.2, max_iter=300)
+    assert [(r.head, r.seed) for r in both] == [(h, s) for h in ("linear", "logreg", "knn") for s in (0, 1)]
     for run in both:
-        alone = tune(ViewStore(cache), "fused", run.head, 0, 0.2, max_iter=300)
+        alone = tune(ViewStore(cache), "fused", run.head, run.seed, 0.2, max_iter=300)
         assert (run.head, run.value, run.grid, run.val_acc, run.test_acc) == \
             (alone.head, alone.value, alone.grid, alone.val_acc, alone.test_acc)
         if run.head != "knn":
