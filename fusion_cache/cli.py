@@ -172,19 +172,26 @@ def main():
               help="Class-stratified random subset of the test split, or 'all'.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the subset draw (and of --weights random).")
-@click.option("--weights", default="imagenet1k_v1", show_default=True,
-              help="imagenet1k_v1 | imagenet1k_v2 (torchvision, downloaded once) | random | PATH to a MobileNetV2 state_dict.")
-@click.option("--image-size", type=click.IntRange(32, 1024), default=128, show_default=True,
-              help="Images are resized (bilinear, shorter side) and center-cropped to this many pixels (32-1024).")
+@click.option("--backbone", default="mobilenet_v2", show_default=True,
+              help="A torchvision classification model (resnet50, vit_b_16, ...) or timm:NAME. See `fusion-cache models`.")
+@click.option("--weights", default=None,
+              help="Named weights (torchvision: imagenet1k_v1, ...; timm: a pretrained tag; downloaded once) | random | "
+                   "PATH to a .pth or .safetensors state_dict [default: mobilenet_v2's imagenet1k_v1, else the "
+                   "library's default weights].")
+@click.option("--image-size", type=click.IntRange(32, 1024), default=None,
+              help="Images are resized (shorter side, the weights' interpolation) and center-cropped to this many "
+                   "pixels (32-1024) [default: 128 for mobilenet_v2, the case study's; else the weights' own].")
 @click.option("--taps", default="all", show_default=True,
-              help="Comma-separated blocks to cache (features.0 ... features.18), or a view name. See `fusion-cache taps`.")
+              help="Comma-separated blocks to cache (features.0 ... features.18 for mobilenet_v2), or a view name. "
+                   "See `fusion-cache taps --backbone NAME`.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision of the forward pass (part of the cache fingerprint).")
-@click.option("--pool", type=click.Choice(["avg", "avgmax"]), default="avg", show_default=True,
-              help="Global pooling of each tap: avg (the case study), or avgmax (average and max, 2x the floats).")
+@click.option("--pool", type=click.Choice(["avg", "avgmax", "cls", "mean", "clsmean"]), default=None,
+              help="Pooling of each tap. Maps: avg (the case study) or avgmax (average and max, 2x the floats). "
+                   "ViT tokens: cls, mean (patch tokens) or clsmean [default: the model's own global pool].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
@@ -197,8 +204,9 @@ def main():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (slower start, faster on long runs).")
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
-def extract(out, dataset, data_root, train_size, test_size, seed, weights, image_size, taps, batch_size, device,
-            precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force, progress):
+def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weights, image_size, taps, batch_size,
+            device, precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force,
+            progress):
     """Run the frozen backbone once and cache pooled features of every tap.
 
     Writes OUT atomically (OUT.partial, renamed when complete). Running the same
@@ -211,11 +219,11 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
     from .data import IntegrityWarning
     from .extract import ExtractConfig
     from .extract import extract as run_extract
-    from .taps import parse_taps
 
     cfg = ExtractConfig(
         out=out, dataset=dataset, data_root=data_root, train_size=train_size, test_size=test_size, seed=seed,
-        weights=weights, image_size=image_size, taps=tuple(parse_taps(_csv(taps, "--taps"))), batch_size=batch_size, device=device,
+        backbone=backbone, weights=weights, image_size=image_size, taps=tuple(_csv(taps, "--taps")),
+        batch_size=batch_size, device=device,
         precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
         force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
     )
@@ -248,7 +256,8 @@ def info(cache, as_json):
         return
     click.echo(f"cache       {c.path}")
     click.echo(f"fingerprint {m.fingerprint}")
-    click.echo(f"backbone    {m.backbone}  weights {m.weights}  sha256 {m.weights_sha256}")
+    click.echo(f"backbone    {m.backbone} ({m.library} {m.library_version})  weights {m.weights}  "
+               f"sha256 {m.weights_sha256}")
     click.echo(f"preprocess  {m.image_size} px, {m.resize}, mean {list(m.mean)}, std {list(m.std)}")
     click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}")
     click.echo(f"subset      train {m.train_size} of {m.train_source_size}, test {m.test_size} of {m.test_source_size}")
@@ -263,19 +272,45 @@ def info(cache, as_json):
         click.echo(f"  {t:<12} train {shapes['train'][t]}  test {shapes['test'][t]}")
 
 
-@main.command(short_help="The declared taps and the named views.")
-def taps():
-    """List the declared taps (block, channels, stride) and the named views."""
-    from .taps import TAPS, VIEWS
+@main.command(short_help="A backbone's taps and the named views.")
+@click.option("--backbone", default="mobilenet_v2", show_default=True,
+              help="A torchvision classification model or timm:NAME (see `fusion-cache models`).")
+def taps(backbone):
+    """List a backbone's taps (node, kind, channels, stride, relative depth) and the named views.
 
-    click.echo(f"{'tap':<12} {'channels':>8} {'stride':>6}")
-    for t in TAPS:
-        click.echo(f"{t.name:<12} {t.channels:>8} {t.reduction:>6}")
+    The taps are read from the model: every residual block, the stem and the last
+    map, and what the classifier's final nn.Linear receives.
+    """
+    from .backbones import resolve
+
+    table = resolve(backbone).tap_table()
+    w = max(12, max(len(t.name) for t in table.taps))
+    click.echo(f"{'tap':<{w}} {'kind':<7} {'channels':>8} {'stride':>6} {'depth':>5}")
+    for t in table.taps:
+        click.echo(f"{t.name:<{w}} {t.kind:<7} {t.channels:>8} {t.reduction:>6} {t.depth:>5.2f}")
     click.echo("")
+    click.echo(f"pools: {', '.join(table.pools)} (default {table.default_pool})")
     click.echo("views:")
-    for name, members in VIEWS.items():
+    for name, members in table.all_views.items():
         shown = "every cached tap" if name == "all" else " + ".join(members)
         click.echo(f"  {name:<6} {shown}")
+
+
+@main.command(short_help="The tested backbones and their tap counts.")
+def models():
+    """List the backbones the test suite runs end to end, with their taps and defaults.
+
+    Any other torchvision classification model, or timm:NAME, can be tried with
+    `fusion-cache taps --backbone NAME`: a model that cannot be tapped says why.
+    """
+    from .backbones import TESTED, describe
+
+    click.echo(f"{'backbone':<28} {'library':<11} {'taps':>4} {'late':>6} {'pool':<5} {'size':>4}  early / late")
+    for name in TESTED:
+        d = describe(name)
+        click.echo(f"{d['backbone']:<28} {d['library']:<11} {d['taps']:>4} {d['late_width']:>6} {d['pool']:<5} "
+                   f"{d['image_size']:>4}{'*' if d['fixed_size'] else ' '} {d['early']} / {d['late']}")
+    click.echo("late: width of what the classifier receives; size: default image size (* the only one it takes)")
 
 
 # ---------------------------------------------------------------------------------------------- fit / ablate
