@@ -169,7 +169,7 @@ def _read_safetensors(path: Path) -> dict:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError, OSError, ...: the file's header or byte ranges are wrong
         raise FusionCacheError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                               f"{' '.join(str(e).split())[:80]}); pass a file saved with safetensors.torch.save_file")
+                               f"{' '.join(str(e).split())[:80]}); pass a file saved with safetensors.torch.save_file") from None
 
 
 def check_state_dict(sd: dict, where: str, backbone: str | Backbone | None = None) -> None:

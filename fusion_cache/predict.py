@@ -48,7 +48,8 @@ def build_deployed(head: HeadFile, weights: str | None = None) -> DeployedModel:
             f"weights {spec} (sha256 {loaded.sha256[:12]}…) are not the ones this head's features came from "
             f"(sha256 {p['weights_sha256'][:12]}…, {p['weights']}); pass --weights with that file"
         )
-    model = DeployedModel(build_model(loaded), list(head.taps), head.coef, head.intercept, head.mean, head.scale,
+    backbone = build_model(loaded).to(memory_format=torch.channels_last)  # as extract runs it: the same numbers
+    model = DeployedModel(backbone, list(head.taps), head.coef, head.intercept, head.mean, head.scale,
                           head.pool, head.table)
     return model.eval().requires_grad_(False)
 
