@@ -423,8 +423,8 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
 
 
-@main.command(short_help="Views x heads x seeds from one cache.")
-@click.argument("cache", type=click.Path(path_type=Path))
+@main.command(short_help="Views x heads x seeds from one cache, or one per backbone.")
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+', e.g. features.13+features.18.")
 @click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg, knn.")
@@ -434,16 +434,20 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
               help="Folder for results.json (one row per run), results.csv and results.md.")
 @click.option("--force", is_flag=True, help="Replace the results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
-def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
+def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
            as_json):
-    """Compare views x heads x seeds on one cache, with no re-extraction.
+    """Compare views x heads x seeds on CACHES, with no re-extraction.
+
+    Several caches (one per backbone, extracted from the same images) give one
+    table with a backbone column.
 
     \b
     Example:
       fusion-cache ablate data/cifar10-paper.h5 --views early,late,fused,all --seeds 0,1,2 --out data/ablation
+      fusion-cache ablate data/mnv2.h5 data/resnet50.h5 --views early,late,fused --heads linear
     """
     from .cache import open_cache
-    from .fit import ABLATION_FILES, markdown_table, summarize, write_ablation
+    from .fit import ABLATION_FILES, ablate_caches, markdown_table, summarize, write_ablation
     from .fit import ablate as run_ablate
     from .io import check_output_folder
 
@@ -452,20 +456,31 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
     head_list = list(dict.fromkeys(_csv(heads, "--heads")))
     params = _params(head_list, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                      standardize=standardize, solver=solver, C=C, k=k)
-    c = open_cache(cache)
+    opened = [open_cache(c) for c in caches]
+    if len(opened) > 1:
+        from .fit import check_same_data
+
+        check_same_data(opened)
     if out:
         check_output_folder(out, force, lambda name: name in ABLATION_FILES)
 
     def tick(row):
         if not as_json:
-            click.echo(f"  {row['view']:<10} {row['head']:<7} seed {row['seed']}: test {100 * row['test_acc']:.2f} %"
-                       f" ({row['fit_seconds']:.1f} s)", err=True)
+            who = f"{row['backbone']} " if "backbone" in row else ""
+            click.echo(f"  {who}{row['view']:<10} {row['head']:<7} seed {row['seed']}: test "
+                       f"{100 * row['test_acc']:.2f} % ({row['fit_seconds']:.1f} s)", err=True)
 
-    rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick)
+    if len(opened) == 1:
+        c = opened[0]
+        rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick)
+    else:
+        rows = ablate_caches(opened, view_list, head_list, seed_list, params, progress=tick)
     from dataclasses import asdict
 
-    meta = {"cache": str(c.path), "fingerprint": c.fingerprint, "command": _command_line(), "seeds": seed_list,
-            "params": asdict(params)}
+    meta = {"cache": str(opened[0].path), "fingerprint": opened[0].fingerprint, "command": _command_line(),
+            "seeds": seed_list, "params": asdict(params)}
+    if len(opened) > 1:
+        meta["caches"] = [{"cache": str(c.path), "fingerprint": c.fingerprint, "backbone": c.backbone} for c in opened]
     if out:
         write_ablation(rows, out, meta, force)
     if as_json:
@@ -479,8 +494,8 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
 # ---------------------------------------------------------------------------------------------- report
 
 
-@main.command(short_help="Case-study and tuned protocols, tables and figures.")
-@click.argument("cache", type=click.Path(path_type=Path))
+@main.command(short_help="Case-study and tuned protocols, tables and figures; or backbones compared.")
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md, report.json and the PNGs.")
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+'.")
@@ -495,8 +510,11 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
               help="Where the cache's images are, for the figures [default: the folder recorded in the cache].")
 @click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,
               help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
+@click.option("--layer-curve", is_flag=True,
+              help="Compare backbones: the case study's protocol on every cache in one table, and the layer curve "
+                   "(a head on each single tap against its relative depth). Implied by several caches.")
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
-def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, force):
+def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, layer_curve, force):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
 
     
@@ -505,6 +523,10 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
       tuned  L2 strength chosen on a validation split of train, refit, test once
     OUT gets report.md, report.json (best_view, best_test_acc), samples.png,
     curves.png, predictions.png, confusion.png and per_class.png.
+
+    Several CACHES (one per backbone, the same images), or --layer-curve: OUT gets
+    report.md, report.json and layer_curve.png, the case study's protocol on every
+    cache in one table with a backbone column, and the layer curve.
     """
     import platform
 
@@ -517,13 +539,30 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
                        seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter)
     cfg.check()
-    c = open_cache(cache)
+    machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
+                                    f"torch {torch.__version__}") if x)
+    if len(caches) > 1 or layer_curve:
+        from .compare import COMPARE_FILES, run_comparison, write_comparison
+        from .fit import check_same_data
+
+        opened = [open_cache(c) for c in caches]
+        check_same_data(opened)
+        ours = lambda name: name in COMPARE_FILES  # noqa: E731
+        check_output_folder(out, force, ours)
+        result = run_comparison(opened, cfg.views, cfg.heads, cfg.seeds, progress=lambda m: click.echo(m, err=True))
+        with staged_folder(out, force, ours) as tmp:
+            write_comparison(result, tmp, _command_line(), machine)
+        for cache_rows in [[r for r in result["layer_curve"]["rows"] if r["cache"] == str(c.path)] for c in opened]:
+            best = max(cache_rows, key=lambda r: r["test_acc_mean"])
+            click.echo(f"{best['backbone']}: best single tap {best['tap']} (depth {best['depth']:.2f}), "
+                       f"{100 * best['test_acc_mean']:.2f} % test accuracy")
+        click.echo(f"wrote {out}/report.md, report.json and layer_curve.png")
+        return
+    c = open_cache(caches[0])
     ours = lambda name: name in REPORT_FILES  # noqa: E731
     check_output_folder(out, force, ours)  # before minutes of fitting, not after
     sources = figure_sources(c, data_root)
     r = run_report(c, cfg, progress=lambda msg: click.echo(msg, err=True))
-    machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
-                                    f"torch {torch.__version__}") if x)
     with staged_folder(out, force, ours) as tmp:
         render_figures(r, c, tmp, sources)
         write_report(r, tmp, _command_line(), machine)
