@@ -92,9 +92,11 @@ def load_weights(spec: str | None, seed: int = 0, backbone: str | Backbone | Non
     bb = backbone if isinstance(backbone, Backbone) else resolve(backbone)
     spec = spec or bb.default_weights()
     key = spec.lower()
+    if key == "default":  # the library's default weights (torchvision's DEFAULT, timm's default tag)
+        key = bb.default_weights()
     names = bb.weight_names()
-    if key in names or (key == "default" and bb.library == "torchvision"):
-        return _named_weights(bb, bb.default_weights() if key == "default" else key)
+    if key in names:
+        return _named_weights(bb, key)
     if key == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

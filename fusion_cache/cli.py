@@ -138,7 +138,8 @@ def _features(value: str) -> str:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fusion-cache")
 def main():
-    """Frozen-MobileNetV2 transfer learning from cached features.
+    """Frozen-backbone transfer learning from cached features (MobileNetV2 by default; any
+    torchvision classification model or timm:NAME with --backbone, see `models`).
 
     \b
     The workflow:
