@@ -410,9 +410,10 @@ def tap_table(name: str) -> TapTable:
     for i, (t, n) in enumerate(taps):
         shape = shapes.get(n.name)
         if t == "pre_logits":
-            if shape is None or math.prod(shape[1:]) != shape[-1] and len(shape) != 4:
+            flat = shape is not None and (len(shape) == 2 or len(shape) == 4 and shape[2] == shape[3] == 1)
+            if not flat:
                 raise FusionCacheError(f"{name} cannot be tapped: the classifier's input has shape {shape}")
-            kind, ch, red = "vector", int(math.prod(shape[1:])), TABLE_SIZE // max(1, TABLE_SIZE // 32)
+            kind, ch, red = "vector", int(math.prod(shape[1:])), 1  # its stride: that of its source, below
         elif shape is not None and len(shape) == 4 and shape[2] == shape[3]:
             kind, ch, red = "map", int(shape[1]), TABLE_SIZE // int(shape[2])
         elif shape is not None and len(shape) == 3 and patch:
@@ -425,11 +426,11 @@ def tap_table(name: str) -> TapTable:
         records.append(Tap(t, ch, red, kind, (i + 1) / len(taps)))
     if records[-1].kind == "vector":  # the vector's stride: that of the map or tokens it came from
         records[-1] = Tap(records[-1].name, records[-1].channels, records[-2].reduction, "vector", 1.0)
-    kinds = {r.kind for r in records[:-1]} | {records[-1].kind}
+    kinds = {r.kind for r in records}
     if "tokens" in kinds and "map" in kinds:
         raise FusionCacheError(f"{name} cannot be tapped: it mixes maps and tokens; {HOW_TO_LIST}")
     in_features = modules[classifier.target].in_features
-    if records[-1 if late == "pre_logits" else [r.name for r in records].index(late)].channels != in_features:
+    if next(r for r in records if r.name == late).channels != in_features:
         raise FusionCacheError(f"{name}: the late tap {late} is not the classifier's input width {in_features}")
     block_recs = [r for r in records if r.kind != "vector"]
     if "tokens" in kinds:

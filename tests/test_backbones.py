@@ -30,29 +30,24 @@ def _size(name: str) -> int:
     return 224 if "vit" in name or "deit" in name else 32
 
 
-def _reference_model(name: str, weights: Path) -> nn.Module:
-    """The model as its library builds it, with the saved weights: no fusion-cache code involved."""
+def _reference_model(name: str) -> nn.Module:
+    """The model as its library builds it, seeded random weights: no fusion-cache code involved."""
+    torch.manual_seed(0)
     if name.startswith("timm:"):
         import timm
-        from safetensors.torch import load_file
 
-        m = timm.create_model(name[5:], pretrained=False)
-        m.load_state_dict(load_file(str(weights)))
-    else:
-        import torchvision
+        return timm.create_model(name[5:], pretrained=False).eval()
+    import torchvision
 
-        m = torchvision.models.get_model(name, weights=None)
-        m.load_state_dict(torch.load(weights, weights_only=True))
-    return m.eval()
+    return torchvision.models.get_model(name, weights=None).eval()
 
 
-def _reference_preprocessing(name: str) -> tuple[list[float], list[float], v2.InterpolationMode]:
+def _reference_preprocessing(name: str, model: nn.Module) -> tuple[list[float], list[float], v2.InterpolationMode]:
     """Mean, std and interpolation as the library states them for the model's default weights."""
     if name.startswith("timm:"):
-        import timm
         from timm.data import resolve_data_config
 
-        cfg = resolve_data_config(model=timm.create_model(name[5:], pretrained=False))
+        cfg = resolve_data_config(model=model)
         modes = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
         return list(cfg["mean"]), list(cfg["std"]), modes[cfg["interpolation"]]
     import torchvision
@@ -87,25 +82,23 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-def _save_weights(name: str, folder: Path) -> Path:
-    torch.manual_seed(0)
+def _save_weights(name: str, model: nn.Module, folder: Path) -> Path:
+    """The model's weights in a file, as a user saves them: timm's as .safetensors, torchvision's as .pth."""
     if name.startswith("timm:"):
-        import timm
         from safetensors.torch import save_file
 
-        path = folder / "weights.safetensors"  # timm's own weights format
-        save_file(timm.create_model(name[5:], pretrained=False).state_dict(), str(path))
+        path = folder / "weights.safetensors"
+        save_file(model.state_dict(), str(path))
     else:
-        import torchvision
-
         path = folder / "weights.pth"
-        torch.save(torchvision.models.get_model(name, weights=None).state_dict(), path)
+        torch.save(model.state_dict(), path)
     return path
 
 
 @pytest.mark.parametrize("name", TESTED)
 def test_extract_fit_predict_export(name, images, tmp_path):
-    weights = _save_weights(name, tmp_path)
+    model = _reference_model(name)
+    weights = _save_weights(name, model, tmp_path)
     size = _size(name)
     cache_path = tmp_path / "c.h5"
     r = run("extract", "--backbone", name, "--out", cache_path, "--dataset", "imagefolder", "--data-root", images,
@@ -119,9 +112,8 @@ def test_extract_fit_predict_export(name, images, tmp_path):
     assert cache.taps == list(table.names)
     late = table.views["late"][0]
 
-    # the cached late vector = what the final nn.Linear of an independently built model receives
-    model = _reference_model(name, weights)
-    mean, std, mode = _reference_preprocessing(name)
+    # the cached late vector = what the final nn.Linear of the model, as its library runs it, receives
+    mean, std, mode = _reference_preprocessing(name, model)
     assert (list(cache.meta.mean), list(cache.meta.std), cache.meta.interpolation) == (mean, std, mode.value)
     tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=mode, antialias=True), v2.CenterCrop(size),
                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
@@ -270,3 +262,50 @@ def test_safetensors_file_that_is_not_one(images, tmp_path):
     r = run(*_extract_args(tmp_path / "c.h5", images, "--backbone", "timm:resnet50", "--weights", bad))
     assert clean_failure(r, "is not a readable safetensors file") is None, r.output
     assert not (tmp_path / "c.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------- schema-2 caches
+
+
+def _as_schema_2(path: Path, **edit) -> None:
+    """Rewrite a cache's attributes as a schema-2 fusion-cache wrote them: no library, library_version,
+    interpolation or tap_table, and the schema-2 fingerprint (over the fields schema 2 had)."""
+    import dataclasses
+
+    import h5py
+
+    meta = dataclasses.replace(open_cache(path).meta, schema_version=2, **edit)
+    with h5py.File(path, "r+") as f:
+        for name in ("library", "library_version", "interpolation", "tap_table"):
+            if name in f.attrs:
+                del f.attrs[name]
+        f.attrs["schema_version"] = 2
+        f.attrs["backbone"] = meta.backbone
+        f.attrs["fingerprint"] = meta.compute_fingerprint()
+
+
+def test_schema_2_caches_open_work_and_are_reused(tmp_path, cifar_root, weights_file):
+    import shutil
+
+    from fusion_cache.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(out=tmp_path / "c.h5", data_root=cifar_root, train_size=20, test_size=10,
+                        weights=str(weights_file), image_size=32, batch_size=8, download=False,
+                        skip_integrity_check=True, progress=False)
+    extract(cfg)
+    fresh = open_cache(tmp_path / "c.h5")
+    _as_schema_2(tmp_path / "c.h5")
+    old = open_cache(tmp_path / "c.h5")
+    assert old.meta.schema_version == 2 and old.table == MOBILENET_V2 and old.meta.library == "torchvision"
+    assert old.fingerprint != fresh.fingerprint and old.meta.compute_fingerprint() == old.fingerprint
+    np.testing.assert_array_equal(old.view("fused", "test")[0], fresh.view("fused", "test")[0])
+    r = run("fit", tmp_path / "c.h5", "--features", "fused", "--out", tmp_path / "head")
+    assert r.exit_code == 0, r.output
+    r = run("export", tmp_path / "head", "--out", tmp_path / "m.pt2", "--weights", weights_file)
+    assert r.exit_code == 0, r.output
+    before = (tmp_path / "c.h5").stat().st_mtime_ns
+    assert extract(cfg).reused and (tmp_path / "c.h5").stat().st_mtime_ns == before  # not rebuilt
+    shutil.copy(tmp_path / "c.h5", tmp_path / "d.h5")
+    _as_schema_2(tmp_path / "d.h5", backbone="resnet50")
+    r = run("info", tmp_path / "d.h5")
+    assert clean_failure(r, "a schema-2 cache can only be mobilenet_v2") is None, r.output
