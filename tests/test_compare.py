@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fusion_cache.backbones import tap_table
@@ -89,3 +88,14 @@ def test_caches_of_other_images_are_not_compared(caches, tmp_path):
         assert problem is None, problem
         assert r.exit_code == 1
     assert snapshot(tmp_path) == before
+
+
+def test_a_tap_list_of_one_backbone_is_refused_on_another(caches, tmp_path):
+    """Named views (early, late, fused, all) resolve per backbone; a list of one backbone's taps does not."""
+    before = snapshot(tmp_path)
+    r = run("ablate", *caches, "--views", "features.13+features.18", "--heads", "linear", "--seeds", 0,
+            "--out", tmp_path / "a")
+    problem = clean_failure(r, "unknown view or tap 'features.13'; use one of early, late, fused, all or "
+                               "comma-separated taps of resnet18 such as layer3.1,layer4.1")
+    assert problem is None, problem
+    assert snapshot(tmp_path) == before and not (tmp_path / "a").exists()
