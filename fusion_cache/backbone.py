@@ -1,4 +1,5 @@
-"""The frozen backbone: MobileNetV2 weights, preprocessing, and the pooled multi-tap forward pass."""
+"""The frozen backbone: weights, preprocessing, and the pooled multi-tap forward pass (any backbone of
+`backbones`; MobileNetV2 by default)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,26 @@ import torch
 import torchvision
 from torch import nn
 from torch.ao.quantization import fuse_modules
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
+from .backbones import DEFAULT_BACKBONE, Backbone, resolve
 from .errors import FusionCacheError
-from .taps import POOLS
+from .taps import MOBILENET_V2, TapTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NAMED_WEIGHTS = {"imagenet1k_v1": MobileNet_V2_Weights.IMAGENET1K_V1, "imagenet1k_v2": MobileNet_V2_Weights.IMAGENET1K_V2}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RESIZE = "bilinear-antialias shorter side to image_size, center crop, uint8"  # recorded in every cache
+INTERPOLATIONS = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC,
+                  "nearest": TF.InterpolationMode.NEAREST}
+
+
+def resize_sentence(interpolation: str = "bilinear") -> str:
+    """How images are resized, recorded in every cache (bilinear: the sentence schema-2 caches hold)."""
+    return f"{interpolation}-antialias shorter side to image_size, center crop, uint8"
+
+
+RESIZE = resize_sentence("bilinear")
 
 
 @dataclass(frozen=True)
@@ -33,12 +42,13 @@ class Preprocess:
     image_size: int = 128  # the case study resizes CIFAR-10's 32 px images to 128 px
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # the weights' own (timm's ViTs: bicubic)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (…, 3, H, W) -> uint8 (…, 3, S, S), as torchvision's Resize(S) + CenterCrop(S) on tensors."""
         s = self.image_size
         if images.shape[-2:] != (s, s):
-            images = TF.resize(images, [s], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            images = TF.resize(images, [s], interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
             images = TF.center_crop(images, [s, s])
         return images
 
@@ -50,9 +60,10 @@ class Preprocess:
 
 @dataclass
 class LoadedWeights:
-    name: str  # `imagenet1k_v1`, `random`, or the file path given
-    sha256: str  # of the weights file actually loaded; for `random`, of the seeded state_dict
+    name: str  # `imagenet1k_v1`, a timm tag, `random`, or the file path given
+    sha256: str  # of the weights file actually loaded; for `random` and timm tags, of the state_dict
     state_dict: dict
+    backbone: str = DEFAULT_BACKBONE  # the `backbones` name the state_dict belongs to
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -71,36 +82,68 @@ def sha256_state_dict(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def load_weights(spec: str, seed: int = 0) -> LoadedWeights:
-    """`imagenet1k_v1|imagenet1k_v2` (torchvision weights API, downloads once), `random` (seeded), or a PATH.
+def load_weights(spec: str | None, seed: int = 0, backbone: str | Backbone | None = None) -> LoadedWeights:
+    """Named weights (torchvision's enum names such as `imagenet1k_v1`, timm's pretrained tags; downloaded
+    once), `random` (seeded), or a PATH to a `.pth` state_dict or a `.safetensors` file of the backbone.
 
-    A PATH must hold a MobileNetV2 state_dict; it is loaded with `weights_only=True`, so a pickle that
-    carries code is refused rather than run.
+    A .pth is loaded with `weights_only=True`, so a pickle that carries code is refused rather than run; a
+    .safetensors file holds no code at all. Either must match the architecture key for key and shape for shape.
     """
+    bb = backbone if isinstance(backbone, Backbone) else resolve(backbone)
+    spec = spec or bb.default_weights()
     key = spec.lower()
-    if key in NAMED_WEIGHTS:
-        weights = NAMED_WEIGHTS[key]
-        try:
-            sd = weights.get_state_dict(progress=True, check_hash=True)
-        except Exception as e:  # network errors come in many types
-            raise FusionCacheError(
-                f"could not download {key} weights ({type(e).__name__}: {e}); "
-                "connect to the internet or pass --weights PATH to a local MobileNetV2 state_dict"
-            ) from None
-        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        return LoadedWeights(key, sha256_file(file), sd)
+    if key == "default":  # the library's default weights (torchvision's DEFAULT, timm's default tag)
+        key = bb.default_weights()
+    names = bb.weight_names()
+    if key in names:
+        return _named_weights(bb, key)
     if key == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            sd = mobilenet_v2(weights=None).state_dict()
-        return LoadedWeights("random", sha256_state_dict(sd), sd)
+            sd = bb.create().state_dict()
+        return LoadedWeights("random", sha256_state_dict(sd), sd, bb.name)
     path = Path(spec)
     if not path.is_file():
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise FusionCacheError(
-            f"weights '{spec}' not found; pass imagenet1k_v1, imagenet1k_v2, random, or the path of a .pth state_dict"
+            f"weights '{spec}' not found; pass {shown + ', ' if shown else ''}random, or the path of a .pth or "
+            f".safetensors state_dict of {bb.name}"
         )
+    sd = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pth(path)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise FusionCacheError(
+            f"{path} holds a {type(sd).__name__}, not a state_dict of tensors; "
+            "save the weights with torch.save(model.state_dict(), path)"
+        )
+    check_state_dict(sd, str(path), bb)
+    return LoadedWeights(str(spec), sha256_file(path), sd, bb.name)
+
+
+def _named_weights(bb: Backbone, key: str) -> LoadedWeights:
+    fix = f"connect to the internet or pass --weights PATH to a local {bb.name} state_dict (.pth or .safetensors)"
+    if bb.library == "timm":
+        import timm
+
+        try:
+            sd = timm.create_model(f"{bb.arch}.{key}", pretrained=True).state_dict()
+        except Exception as e:  # network and hub errors come in many types
+            raise FusionCacheError(f"could not download {bb.name}.{key} weights ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:120]}); {fix}") from None
+        return LoadedWeights(key, sha256_state_dict(sd), sd, bb.name)
+    weights = bb.torchvision_weights(key)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # network errors come in many types
+        raise FusionCacheError(f"could not download {key} weights ({type(e).__name__}: {e}); {fix}") from None
+    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return LoadedWeights(key, sha256_file(file), sd, bb.name)
+
+
+def _read_pth(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = [line for line in str(e).splitlines() if "nsupported" in line and ("GLOBAL" in line or "global" in line)]
         if not unsafe:
@@ -117,20 +160,25 @@ def load_weights(spec: str, seed: int = 0) -> LoadedWeights:
             f"{path} is not a readable PyTorch weights file ({type(e).__name__}); "
             "pass a .pth saved with torch.save(model.state_dict(), path)"
         ) from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise FusionCacheError(
-            f"{path} holds a {type(sd).__name__}, not a state_dict of tensors; "
-            "save the weights with torch.save(model.state_dict(), path)"
-        )
-    check_state_dict(sd, str(path))
-    return LoadedWeights(str(spec), sha256_file(path), sd)
 
 
-def check_state_dict(sd: dict, where: str) -> None:
-    """Strict key and shape match against torchvision's mobilenet_v2, with a message that says what differs."""
-    ref = mobilenet_v2(weights=None).state_dict()
+def _read_safetensors(path: Path) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise FusionCacheError("safetensors is not installed; pip install safetensors, or pass a .pth") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: the file's header or byte ranges are wrong
+        raise FusionCacheError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:80]}); pass a file saved with safetensors.torch.save_file") from None
+
+
+def check_state_dict(sd: dict, where: str, backbone: str | Backbone | None = None) -> None:
+    """Strict key and shape match against the backbone's architecture, with a message that says what differs."""
+    bb = backbone if isinstance(backbone, Backbone) else resolve(backbone)
+    with torch.device("meta"):
+        ref = bb.create().state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     wrong = [k for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
@@ -143,59 +191,84 @@ def check_state_dict(sd: dict, where: str) -> None:
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(ref[k].shape)})")
+        what = "torchvision MobileNetV2 (width 1.0)" if bb.name == DEFAULT_BACKBONE else f"{bb.library} {bb.arch}"
+        make = f"timm.create_model('{bb.arch}')" if bb.library == "timm" else f"torchvision.models.{bb.arch}()"
         raise FusionCacheError(
-            f"{where} does not hold torchvision MobileNetV2 (width 1.0) weights: {', '.join(parts)}; "
-            "pass a state_dict of torchvision.models.mobilenet_v2()"
+            f"{where} does not hold {what} weights: {', '.join(parts)}; pass a state_dict of {make}, "
+            "or the --backbone it was saved from"
         )
 
 
 def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
-    """MobileNetV2 with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that follows a
-    convolution is folded into it (torch.ao's `fuse_modules`): the same function to about 1e-6, about a
-    third faster on a CPU. The module names, and so the taps, are unchanged."""
-    model = mobilenet_v2(weights=None)
-    model.load_state_dict(weights.state_dict, strict=True)
+    """The backbone with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that follows a
+    convolution inside a Sequential is folded into it (torch.ao's `fuse_modules`): the same function to about
+    1e-6, about a third faster on a CPU. The module names, and so the taps, are unchanged. Networks with no
+    such pair (ViTs, ConvNeXts, timm's fused BatchNormAct) are left as they are."""
+    bb = resolve(weights.backbone)
+    try:
+        with torch.device("meta"):  # no random init to throw away; the weights are assigned as they are
+            model = bb.create()
+        model.load_state_dict(weights.state_dict, strict=True, assign=True)
+        if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # a buffer outside the state_dict
+            model = bb.create()
+            model.load_state_dict(weights.state_dict, strict=True)
+    except RuntimeError as e:  # named weights built for another variant (e.g. a ViT at 384 px)
+        raise FusionCacheError(f"weights {weights.name} do not fit {bb.name} as fusion-cache builds it "
+                               f"({' '.join(str(e).split())[:120]}); pass other --weights") from None
     model = model.eval().requires_grad_(False)
     if fold_bn:
-        model = fuse_modules(model, _conv_bn_pairs(model), inplace=True)
+        pairs = _conv_bn_pairs(model)
+        if pairs:
+            model = fuse_modules(model, pairs, inplace=True)
     return model
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[list[str]]:
-    """[conv, bn] module names for every Conv2d directly followed by a BatchNorm2d inside a Sequential."""
+    """[conv, bn] module names for every Conv2d directly followed by a plain BatchNorm2d inside a Sequential."""
     pairs = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (a, first), (b, second) in zip(children, children[1:]):
-                if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
+                if type(first) is nn.Conv2d and type(second) is nn.BatchNorm2d:
                     prefix = f"{name}." if name else ""
                     pairs.append([prefix + a, prefix + b])
     return pairs
 
 
 class PooledExtractor(nn.Module):
-    """Backbone truncated at the taps (via `create_feature_extractor`), each output globally pooled.
+    """Backbone truncated at the taps (via `create_feature_extractor`), each output pooled to a vector.
 
-    pool="avg": (N, C) global average. pool="avgmax": (N, 2C), global average then global max.
+    Maps (N, C, H, W): avg -> (N, C) global average; avgmax -> (N, 2C), global average then global max.
+    Tokens (N, T, D): cls -> the class token; mean -> the patch-token mean; clsmean -> both, (N, 2D).
+    Vectors (what the classifier receives): flattened as they are.
     forward(x) -> {tap: pooled float32}
     """
 
-    def __init__(self, model: nn.Module, taps: list[str], pool: str = "avg"):
+    def __init__(self, model: nn.Module, taps: list[str], pool: str | None = None, table: TapTable | None = None):
         super().__init__()
-        if pool not in POOLS:
-            raise FusionCacheError(f"unknown pooling '{pool}'; use one of {', '.join(POOLS)}")
+        self.table = table or MOBILENET_V2
         self.taps = list(taps)
-        self.pool = pool
-        self.body = create_feature_extractor(model, return_nodes={t: t for t in self.taps})
+        self.pool = self.table.check_pool(pool or self.table.default_pool)
+        self.kinds = [self.table.tap(t).kind for t in self.taps]
+        self.prefix = self.table.prefix_tokens
+        tracer = resolve(self.table.backbone).tracer_kwargs if self.table is not MOBILENET_V2 else {}
+        self.body = create_feature_extractor(model, return_nodes={self.table.node(t): t for t in self.taps},
+                                             tracer_kwargs=tracer or None)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
         out = {}
-        for t in self.taps:
+        for t, kind in zip(self.taps, self.kinds):
             f = feats[t].float()
-            avg = f.mean(dim=(2, 3))
-            out[t] = avg if self.pool == "avg" else torch.cat([avg, f.amax(dim=(2, 3))], dim=1)
+            if kind == "map":
+                avg = f.mean(dim=(2, 3))
+                out[t] = avg if self.pool == "avg" else torch.cat([avg, f.amax(dim=(2, 3))], dim=1)
+            elif kind == "tokens":
+                cls, mean = f[:, 0], f[:, self.prefix:].mean(dim=1)
+                out[t] = cls if self.pool == "cls" else mean if self.pool == "mean" else torch.cat([cls, mean], dim=1)
+            else:
+                out[t] = f.flatten(1)
         return out
 
 
@@ -222,3 +295,4 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "sklearn": sklearn.__version__,
     }
+

@@ -1,12 +1,17 @@
 """The HDF5 feature cache: its schema and metadata, written and read here and nowhere else.
 
-Layout (schema_version 2):
+Layout (schema_version 3):
 
     /                        attrs: `CacheMeta` (provenance, fingerprint, schema_version, complete)
     /<split>/labels          (N,)   int64   class index into the `classes` attribute
     /<split>/indices         (N,)   int64   position of the image in the source split
     /<split>/features/<tap>  (N, W) float32 (or float16): the tap's pooled output; W = C for `avg` pooling,
-                                            2C for `avgmax` (taps.channels(taps, pool) gives W)
+                                            2C for `avgmax` (meta.table.channels(taps, pool) gives W)
+
+Schema 3 records the backbone's library and version, its tap table and the resize interpolation (all in the
+fingerprint). Schema-2 caches (MobileNetV2 only, from before any other backbone) still open: their missing
+fields read as torchvision's MobileNetV2 with the case study's table (`taps.MOBILENET_V2`), and their
+fingerprint is checked over the schema-2 fields it was computed from.
 
 Splits are `train` and `test`. A cache is written under `<out>.partial`, flushed after every batch, and
 renamed to `<out>` only after `complete` is set, so a file under the final name is always whole. A
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -34,9 +40,10 @@ import numpy as np
 
 from .errors import FusionCacheError
 from .io import is_hdf5_file, write_error
-from .taps import POOLS, TAP_BY_NAME, channels, resolve_view
+from .taps import MOBILENET_V2, TapTable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+LEGACY_SCHEMA = 2  # MobileNetV2-only caches: read, never written
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
 SPLITS = ("train", "test")
@@ -56,9 +63,10 @@ def lock_path(path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------- metadata
 
 
-def _attr(kind: str, fp: bool = False, **kw):
-    """A CacheMeta field: `kind` names its parser (_PARSERS); `fp` marks it as determining the features."""
-    return field(metadata={"kind": kind, "fp": fp}, **kw)
+def _attr(kind: str, fp: bool = False, since: int = LEGACY_SCHEMA, **kw):
+    """A CacheMeta field: `kind` names its parser (_PARSERS); `fp` marks it as determining the features;
+    `since` is the first schema that has it (older caches read its default and leave it out of the fingerprint)."""
+    return field(metadata={"kind": kind, "fp": fp, "since": since}, **kw)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class CacheMeta:
     fingerprint; the others are provenance. Parsed and checked by `from_attrs`, written by `to_attrs`."""
 
     # -- what determines the features (the fingerprint)
-    backbone: str = _attr("str", fp=True)  # torchvision model name
+    backbone: str = _attr("str", fp=True)  # a `backbones` name: mobilenet_v2, resnet50, timm:vit_small_patch16_224
     weights_sha256: str = _attr("sha256", fp=True)  # of the weights file actually loaded
     image_size: int = _attr("int", fp=True)  # resize shorter side + center crop to this
     mean: tuple[float, ...] = _attr("floats", fp=True)  # normalization, per RGB channel
@@ -91,6 +99,12 @@ class CacheMeta:
     seed: int = _attr("int")  # of the subset draw (and of --weights random)
     integrity_checked: bool = _attr("bool")  # False: a local copy used with --skip-integrity-check
     versions: dict = _attr("json")  # library versions that wrote the cache
+    # -- what determines the features too, since schema 3 (a schema-2 cache reads these defaults)
+    library: str = _attr("str", fp=True, since=3, default="torchvision")  # torchvision | timm
+    library_version: str = _attr("str", fp=True, since=3, default="")  # schema 2: read from `versions`
+    interpolation: str = _attr("str", fp=True, since=3, default="bilinear")  # of the resize, the weights' own
+    tap_table: dict = _attr("json", fp=True, since=3, default_factory=dict)  # taps.TapTable.to_json(); schema 2: {}
+    # -- provenance with a default
     device: str = _attr("str", default="")  # where the forward pass ran
     skipped: dict = _attr("json", default_factory=dict)  # {split: [unreadable files]}
     # -- state
@@ -107,19 +121,34 @@ class CacheMeta:
         return meta
 
     def compute_fingerprint(self) -> str:
-        """sha256 over the schema version and every feature-determining field."""
+        """sha256 over the schema version and every feature-determining field that schema has."""
         spec = {"schema_version": self.schema_version}
         for f in dataclasses.fields(self):
-            if f.metadata["fp"]:
+            if f.metadata["fp"] and f.metadata["since"] <= self.schema_version:
                 v = getattr(self, f.name)
                 spec[f.name] = list(v) if isinstance(v, tuple) else v
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    def legacy_fingerprint(self) -> str | None:
+        """The fingerprint a schema-2 cache with the same features has, or None if schema 2 cannot describe
+        these settings (another backbone, library or resize). Lets `extract` reuse the caches made before."""
+        if (self.backbone, self.library, self.interpolation) != ("mobilenet_v2", "torchvision", "bilinear") or \
+                self.table != MOBILENET_V2:
+            return None
+        return dataclasses.replace(self, schema_version=LEGACY_SCHEMA).compute_fingerprint()
+
+    @functools.cached_property
+    def table(self) -> TapTable:
+        """The backbone's tap table, as recorded (schema 2: the case study's)."""
+        if not self.tap_table:
+            return MOBILENET_V2
+        return TapTable.from_json(self.tap_table)
 
     def split_size(self, split: str) -> int:
         return self.train_size if split == "train" else self.test_size
 
     def width(self, tap: str) -> int:
-        return channels([tap], self.pool)[0]
+        return self.table.channels([tap], self.pool)[0]
 
     def to_attrs(self) -> dict:
         out = {}
@@ -143,11 +172,14 @@ class CacheMeta:
 
     @classmethod
     def from_attrs(cls, attrs, where: str) -> "CacheMeta":
-        """Parse HDF5 attributes; every field present (unless it has a default) and of its type."""
+        """Parse HDF5 attributes; every field of the cache's schema present (unless it is optional provenance)
+        and of its type. A schema-2 cache gets the MobileNetV2 values of the fields schema 3 added."""
+        version = _as_int(attrs.get("schema_version", SCHEMA_VERSION))
         values = {}
         for f in dataclasses.fields(cls):
             if f.name not in attrs:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                optional = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+                if not optional or f.metadata["since"] > LEGACY_SCHEMA and version >= f.metadata["since"]:
                     raise FusionCacheError(f"{where}: attribute '{f.name}' is missing; {_REBUILD}")
                 continue
             try:
@@ -156,6 +188,8 @@ class CacheMeta:
                 raise FusionCacheError(f"{where}: attribute '{f.name}' is not {_KIND_NAMES[f.metadata['kind']]} "
                                        f"({str(e)[:80]}); {_REBUILD}") from None
         meta = cls(**values)
+        if version == LEGACY_SCHEMA and not meta.library_version:
+            meta = dataclasses.replace(meta, library_version=str(meta.versions.get("torchvision", "")))
         meta.check(where)
         return meta
 
@@ -179,15 +213,25 @@ class CacheMeta:
         def bad(name, why):
             raise FusionCacheError(f"{where}: attribute '{name}' {why}; {_REBUILD}")
 
-        if self.pool not in POOLS:
-            bad("pool", f"is {self.pool!r}, not one of {', '.join(POOLS)}")
+        try:
+            table = self.table
+        except (TypeError, ValueError, KeyError) as e:
+            bad("tap_table", f"is not a tap table ({' '.join(str(e).split())[:80]})")
+        if self.schema_version == LEGACY_SCHEMA and self.backbone != "mobilenet_v2":
+            bad("backbone", f"is {self.backbone!r}, but a schema-2 cache can only be mobilenet_v2")
+        if table.backbone != self.backbone:
+            bad("tap_table", f"is the table of {table.backbone}, not of {self.backbone}")
+        if self.library not in ("torchvision", "timm"):
+            bad("library", f"is {self.library!r}, not torchvision or timm")
+        if self.pool not in table.pools:
+            bad("pool", f"is {self.pool!r}, not one of {', '.join(table.pools)}")
         if self.dtype not in DTYPES:
             bad("dtype", f"is {self.dtype!r}, not one of {', '.join(DTYPES)}")
         if self.precision not in PRECISIONS:
             bad("precision", f"is {self.precision!r}, not one of {', '.join(PRECISIONS)}")
         if not self.taps:
             bad("taps", "is empty")
-        unknown = [t for t in self.taps if t not in TAP_BY_NAME]
+        unknown = [t for t in self.taps if t not in table.names]
         if unknown:
             bad("taps", f"names an unknown tap {unknown[0]!r}")
         if len(set(self.taps)) != len(self.taps):
@@ -288,8 +332,16 @@ class Cache:
     def fingerprint(self) -> str:
         return self.meta.fingerprint
 
+    @property
+    def backbone(self) -> str:
+        return self.meta.backbone
+
+    @property
+    def table(self) -> TapTable:
+        return self.meta.table
+
     def view_taps(self, view: str) -> list[str]:
-        return resolve_view(view, self.taps)
+        return self.meta.table.resolve_view(view, self.taps)
 
     def labels(self, split: str = "train") -> np.ndarray:
         return self._read(split, "labels")
@@ -396,7 +448,7 @@ def _check_schema(raw: dict, where: str) -> None:
     if version > SCHEMA_VERSION:
         raise FusionCacheError(f"{where} has schema_version {version}, newer than this fusion-cache understands "
                                f"({SCHEMA_VERSION}); upgrade fusion-cache")
-    if version < SCHEMA_VERSION:
+    if version < LEGACY_SCHEMA:
         raise FusionCacheError(f"{where} has schema_version {version}, written by an older fusion-cache; {_REBUILD}")
 
 
@@ -467,7 +519,7 @@ class CacheWriter:
         self.meta = meta
         self.force = force
         self.sizes = {s: meta.split_size(s) for s in SPLITS}
-        self.channels = dict(zip(meta.taps, channels(meta.taps, meta.pool)))
+        self.channels = dict(zip(meta.taps, meta.table.channels(meta.taps, meta.pool)))
         self.dtype = np.dtype(meta.dtype)
         self.resumed_from: dict[str, int] = {}
         self._lock_fd: int | None = None

@@ -138,7 +138,8 @@ def _features(value: str) -> str:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fusion-cache")
 def main():
-    """Frozen-MobileNetV2 transfer learning from cached features.
+    """Frozen-backbone transfer learning from cached features (MobileNetV2 by default; any
+    torchvision classification model or timm:NAME with --backbone, see `models`).
 
     \b
     The workflow:
@@ -172,19 +173,26 @@ def main():
               help="Class-stratified random subset of the test split, or 'all'.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the subset draw (and of --weights random).")
-@click.option("--weights", default="imagenet1k_v1", show_default=True,
-              help="imagenet1k_v1 | imagenet1k_v2 (torchvision, downloaded once) | random | PATH to a MobileNetV2 state_dict.")
-@click.option("--image-size", type=click.IntRange(32, 1024), default=128, show_default=True,
-              help="Images are resized (bilinear, shorter side) and center-cropped to this many pixels (32-1024).")
+@click.option("--backbone", default="mobilenet_v2", show_default=True,
+              help="A torchvision classification model (resnet50, vit_b_16, ...) or timm:NAME. See `fusion-cache models`.")
+@click.option("--weights", default=None,
+              help="Named weights (torchvision: imagenet1k_v1, ...; timm: a pretrained tag; downloaded once) | random | "
+                   "PATH to a .pth or .safetensors state_dict [default: mobilenet_v2's imagenet1k_v1, else the "
+                   "library's default weights].")
+@click.option("--image-size", type=click.IntRange(32, 1024), default=None,
+              help="Images are resized (shorter side, the weights' interpolation) and center-cropped to this many "
+                   "pixels (32-1024) [default: 128 for mobilenet_v2, the case study's; else the weights' own].")
 @click.option("--taps", default="all", show_default=True,
-              help="Comma-separated blocks to cache (features.0 ... features.18), or a view name. See `fusion-cache taps`.")
+              help="Comma-separated blocks to cache (features.0 ... features.18 for mobilenet_v2), or a view name. "
+                   "See `fusion-cache taps --backbone NAME`.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Autocast precision of the forward pass (part of the cache fingerprint).")
-@click.option("--pool", type=click.Choice(["avg", "avgmax"]), default="avg", show_default=True,
-              help="Global pooling of each tap: avg (the case study), or avgmax (average and max, 2x the floats).")
+@click.option("--pool", type=click.Choice(["avg", "avgmax", "cls", "mean", "clsmean"]), default=None,
+              help="Pooling of each tap. Maps: avg (the case study) or avgmax (average and max, 2x the floats). "
+                   "ViT tokens: cls, mean (patch tokens) or clsmean [default: the model's own global pool].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
@@ -197,8 +205,9 @@ def main():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (slower start, faster on long runs).")
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
-def extract(out, dataset, data_root, train_size, test_size, seed, weights, image_size, taps, batch_size, device,
-            precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force, progress):
+def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weights, image_size, taps, batch_size,
+            device, precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force,
+            progress):
     """Run the frozen backbone once and cache pooled features of every tap.
 
     Writes OUT atomically (OUT.partial, renamed when complete). Running the same
@@ -211,11 +220,11 @@ def extract(out, dataset, data_root, train_size, test_size, seed, weights, image
     from .data import IntegrityWarning
     from .extract import ExtractConfig
     from .extract import extract as run_extract
-    from .taps import parse_taps
 
     cfg = ExtractConfig(
         out=out, dataset=dataset, data_root=data_root, train_size=train_size, test_size=test_size, seed=seed,
-        weights=weights, image_size=image_size, taps=tuple(parse_taps(_csv(taps, "--taps"))), batch_size=batch_size, device=device,
+        backbone=backbone, weights=weights, image_size=image_size, taps=tuple(_csv(taps, "--taps")),
+        batch_size=batch_size, device=device,
         precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
         force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
     )
@@ -248,7 +257,8 @@ def info(cache, as_json):
         return
     click.echo(f"cache       {c.path}")
     click.echo(f"fingerprint {m.fingerprint}")
-    click.echo(f"backbone    {m.backbone}  weights {m.weights}  sha256 {m.weights_sha256}")
+    click.echo(f"backbone    {m.backbone} ({m.library} {m.library_version})  weights {m.weights}  "
+               f"sha256 {m.weights_sha256}")
     click.echo(f"preprocess  {m.image_size} px, {m.resize}, mean {list(m.mean)}, std {list(m.std)}")
     click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}")
     click.echo(f"subset      train {m.train_size} of {m.train_source_size}, test {m.test_size} of {m.test_source_size}")
@@ -263,19 +273,45 @@ def info(cache, as_json):
         click.echo(f"  {t:<12} train {shapes['train'][t]}  test {shapes['test'][t]}")
 
 
-@main.command(short_help="The declared taps and the named views.")
-def taps():
-    """List the declared taps (block, channels, stride) and the named views."""
-    from .taps import TAPS, VIEWS
+@main.command(short_help="A backbone's taps and the named views.")
+@click.option("--backbone", default="mobilenet_v2", show_default=True,
+              help="A torchvision classification model or timm:NAME (see `fusion-cache models`).")
+def taps(backbone):
+    """List a backbone's taps (node, kind, channels, stride, relative depth) and the named views.
 
-    click.echo(f"{'tap':<12} {'channels':>8} {'stride':>6}")
-    for t in TAPS:
-        click.echo(f"{t.name:<12} {t.channels:>8} {t.reduction:>6}")
+    The taps are read from the model: every residual block, the stem and the last
+    map, and what the classifier's final nn.Linear receives.
+    """
+    from .backbones import resolve
+
+    table = resolve(backbone).tap_table()
+    w = max(12, max(len(t.name) for t in table.taps))
+    click.echo(f"{'tap':<{w}} {'kind':<7} {'channels':>8} {'stride':>6} {'depth':>5}")
+    for t in table.taps:
+        click.echo(f"{t.name:<{w}} {t.kind:<7} {t.channels:>8} {t.reduction:>6} {t.depth:>5.2f}")
     click.echo("")
+    click.echo(f"pools: {', '.join(table.pools)} (default {table.default_pool})")
     click.echo("views:")
-    for name, members in VIEWS.items():
+    for name, members in table.all_views.items():
         shown = "every cached tap" if name == "all" else " + ".join(members)
         click.echo(f"  {name:<6} {shown}")
+
+
+@main.command(short_help="The tested backbones and their tap counts.")
+def models():
+    """List the backbones the test suite runs end to end, with their taps and defaults.
+
+    Any other torchvision classification model, or timm:NAME, can be tried with
+    `fusion-cache taps --backbone NAME`: a model that cannot be tapped says why.
+    """
+    from .backbones import TESTED, describe
+
+    click.echo(f"{'backbone':<28} {'library':<11} {'taps':>4} {'late':>6} {'pool':<5} {'size':>4}  early / late")
+    for name in TESTED:
+        d = describe(name)
+        click.echo(f"{d['backbone']:<28} {d['library']:<11} {d['taps']:>4} {d['late_width']:>6} {d['pool']:<5} "
+                   f"{d['image_size']:>4}{'*' if d['fixed_size'] else ' '} {d['early']} / {d['late']}")
+    click.echo("late: width of what the classifier receives; size: default image size (* the only one it takes)")
 
 
 # ---------------------------------------------------------------------------------------------- fit / ablate
@@ -389,8 +425,8 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
 
 
-@main.command(short_help="Views x heads x seeds from one cache.")
-@click.argument("cache", type=click.Path(path_type=Path))
+@main.command(short_help="Views x heads x seeds from one cache, or one per backbone.")
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+', e.g. features.13+features.18.")
 @click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg, knn.")
@@ -400,16 +436,20 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
               help="Folder for results.json (one row per run), results.csv and results.md.")
 @click.option("--force", is_flag=True, help="Replace the results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
-def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
+def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
            as_json):
-    """Compare views x heads x seeds on one cache, with no re-extraction.
+    """Compare views x heads x seeds on CACHES, with no re-extraction.
+
+    Several caches (one per backbone, extracted from the same images) give one
+    table with a backbone column.
 
     \b
     Example:
       fusion-cache ablate data/cifar10-paper.h5 --views early,late,fused,all --seeds 0,1,2 --out data/ablation
+      fusion-cache ablate data/mnv2.h5 data/resnet50.h5 --views early,late,fused --heads linear
     """
     from .cache import open_cache
-    from .fit import ABLATION_FILES, markdown_table, summarize, write_ablation
+    from .fit import ABLATION_FILES, ablate_caches, markdown_table, summarize, write_ablation
     from .fit import ablate as run_ablate
     from .io import check_output_folder
 
@@ -418,20 +458,31 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
     head_list = list(dict.fromkeys(_csv(heads, "--heads")))
     params = _params(head_list, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                      standardize=standardize, solver=solver, C=C, k=k)
-    c = open_cache(cache)
+    opened = [open_cache(c) for c in caches]
+    if len(opened) > 1:
+        from .fit import check_same_data
+
+        check_same_data(opened)
     if out:
         check_output_folder(out, force, lambda name: name in ABLATION_FILES)
 
     def tick(row):
         if not as_json:
-            click.echo(f"  {row['view']:<10} {row['head']:<7} seed {row['seed']}: test {100 * row['test_acc']:.2f} %"
-                       f" ({row['fit_seconds']:.1f} s)", err=True)
+            who = f"{row['backbone']} " if "backbone" in row else ""
+            click.echo(f"  {who}{row['view']:<10} {row['head']:<7} seed {row['seed']}: test "
+                       f"{100 * row['test_acc']:.2f} % ({row['fit_seconds']:.1f} s)", err=True)
 
-    rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick)
+    if len(opened) == 1:
+        c = opened[0]
+        rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick)
+    else:
+        rows = ablate_caches(opened, view_list, head_list, seed_list, params, progress=tick)
     from dataclasses import asdict
 
-    meta = {"cache": str(c.path), "fingerprint": c.fingerprint, "command": _command_line(), "seeds": seed_list,
-            "params": asdict(params)}
+    meta = {"cache": str(opened[0].path), "fingerprint": opened[0].fingerprint, "command": _command_line(),
+            "seeds": seed_list, "params": asdict(params)}
+    if len(opened) > 1:
+        meta["caches"] = [{"cache": str(c.path), "fingerprint": c.fingerprint, "backbone": c.backbone} for c in opened]
     if out:
         write_ablation(rows, out, meta, force)
     if as_json:
@@ -445,8 +496,8 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
 # ---------------------------------------------------------------------------------------------- report
 
 
-@main.command(short_help="Case-study and tuned protocols, tables and figures.")
-@click.argument("cache", type=click.Path(path_type=Path))
+@main.command(short_help="Case-study and tuned protocols, tables and figures; or backbones compared.")
+@click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md, report.json and the PNGs.")
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+'.")
@@ -456,13 +507,17 @@ def ablate(cache, views, heads, seeds, epochs, lr, batch_size, weight_decay, sta
 @click.option("--val-fraction", type=FiniteFloat(0, 0.5, min_open=True), default=0.1, show_default=True,
               help="Tuned protocol: share of train held out (stratified) to choose the L2 strength (0-0.5).")
 @click.option("--pair-search/--no-pair-search", default=True, show_default=True,
-              help="Tuned protocol: also find the best features.i + features.18 pair (on validation) and tune it.")
+              help="Tuned protocol: also find the tap that best complements the late view (features.18 for "
+                   "mobilenet_v2), on validation, and tune that pair.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the cache's images are, for the figures [default: the folder recorded in the cache].")
 @click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,
               help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
+@click.option("--layer-curve", is_flag=True,
+              help="Compare backbones: the case study's protocol on every cache in one table, and the layer curve "
+                   "(a head on each single tap against its relative depth). Implied by several caches.")
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
-def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, force):
+def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, layer_curve, force):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
 
     
@@ -471,6 +526,10 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
       tuned  L2 strength chosen on a validation split of train, refit, test once
     OUT gets report.md, report.json (best_view, best_test_acc), samples.png,
     curves.png, predictions.png, confusion.png and per_class.png.
+
+    Several CACHES (one per backbone, the same images), or --layer-curve: OUT gets
+    report.md, report.json and layer_curve.png, the case study's protocol on every
+    cache in one table with a backbone column, and the layer curve.
     """
     import platform
 
@@ -483,13 +542,30 @@ def report(cache, out, views, heads, seeds, val_fraction, pair_search, data_root
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
                        seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter)
     cfg.check()
-    c = open_cache(cache)
+    machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
+                                    f"torch {torch.__version__}") if x)
+    if len(caches) > 1 or layer_curve:
+        from .compare import COMPARE_FILES, run_comparison, write_comparison
+        from .fit import check_same_data
+
+        opened = [open_cache(c) for c in caches]
+        check_same_data(opened)
+        ours = lambda name: name in COMPARE_FILES  # noqa: E731
+        check_output_folder(out, force, ours)
+        result = run_comparison(opened, cfg.views, cfg.heads, cfg.seeds, progress=lambda m: click.echo(m, err=True))
+        with staged_folder(out, force, ours) as tmp:
+            write_comparison(result, tmp, _command_line(), machine)
+        for cache_rows in [[r for r in result["layer_curve"]["rows"] if r["cache"] == str(c.path)] for c in opened]:
+            best = max(cache_rows, key=lambda r: r["test_acc_mean"])
+            click.echo(f"{best['backbone']}: best single tap {best['tap']} (depth {best['depth']:.2f}), "
+                       f"{100 * best['test_acc_mean']:.2f} % test accuracy")
+        click.echo(f"wrote {out}/report.md, report.json and layer_curve.png")
+        return
+    c = open_cache(caches[0])
     ours = lambda name: name in REPORT_FILES  # noqa: E731
     check_output_folder(out, force, ours)  # before minutes of fitting, not after
     sources = figure_sources(c, data_root)
     r = run_report(c, cfg, progress=lambda msg: click.echo(msg, err=True))
-    machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
-                                    f"torch {torch.__version__}") if x)
     with staged_folder(out, force, ours) as tmp:
         render_figures(r, c, tmp, sources)
         write_report(r, tmp, _command_line(), machine)

@@ -14,10 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as cache_mod
-from .backbone import PRECISIONS, RESIZE, Preprocess, PooledExtractor, build_model, load_weights, resolve_device, versions
+from .backbone import (PRECISIONS, INTERPOLATIONS, Preprocess, PooledExtractor, build_model, load_weights,
+                       resize_sentence, resolve_device, versions)
+from .backbones import DEFAULT_BACKBONE, resolve
 from .data import SPLITS, BadImage, IntegrityWarning, Source, display_path, load_source, stratified_subset
 from .errors import FusionCacheError
-from .taps import DEFAULT_TAPS, POOLS, channels, parse_taps
+from .taps import POOLS
 
 DTYPES = cache_mod.DTYPES
 
@@ -32,13 +34,14 @@ class ExtractConfig:
     train_size: int | None = 5000  # None = the whole split; 5000/1000 is the case study's subset
     test_size: int | None = 1000
     seed: int = 0  # draws the stratified subset (and the weights when --weights random)
-    weights: str = "imagenet1k_v1"  # imagenet1k_v1 | imagenet1k_v2 | random | PATH to a state_dict
-    image_size: int = 128  # the case study resizes 32 px CIFAR-10 to 128 px
-    taps: tuple[str, ...] = DEFAULT_TAPS  # all 19 blocks: any view can be ablated later without re-extracting
+    backbone: str = DEFAULT_BACKBONE  # a `backbones` name: mobilenet_v2, resnet50, timm:vit_small_patch16_224, ...
+    weights: str | None = None  # None: the backbone's default (mobilenet_v2: imagenet1k_v1) | a name | random | PATH
+    image_size: int | None = None  # None: the weights' own (mobilenet_v2: 128, the case study's CIFAR-10 upscale)
+    taps: tuple[str, ...] = ("all",)  # every block: any view can be ablated later without re-extracting
     batch_size: int = 64
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast for the forward pass
-    pool: str = "avg"  # avg (the case study's GAP) | avgmax (average and max of each tap, 2C floats)
+    pool: str | None = None  # None: the model's own (avg for CNNs) | avgmax | cls | mean | clsmean (token taps)
     dtype: str = "float32"  # storage dtype of the features: float32 | float16
     download: bool = True
     skip_integrity_check: bool = False
@@ -77,7 +80,7 @@ class ExtractResult:
 
 
 def validate(cfg: ExtractConfig) -> None:
-    if not 32 <= cfg.image_size <= 1024:
+    if cfg.image_size is not None and not 32 <= cfg.image_size <= 1024:
         raise FusionCacheError(f"--image-size {cfg.image_size} is out of range; pass 32 (MobileNetV2's minimum) to 1024")
     max_workers = 2 * (os.cpu_count() or 1)
     if cfg.workers is not None and not 0 <= cfg.workers <= max_workers:
@@ -88,7 +91,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.precision not in PRECISIONS:
         raise FusionCacheError(f"unknown --precision '{cfg.precision}'; use one of {', '.join(PRECISIONS)}")
-    if cfg.pool not in POOLS:
+    if cfg.pool is not None and cfg.pool not in POOLS:
         raise FusionCacheError(f"unknown --pool '{cfg.pool}'; use one of {', '.join(POOLS)}")
     if cfg.dtype not in DTYPES:
         raise FusionCacheError(f"unknown --dtype '{cfg.dtype}'; use one of {', '.join(DTYPES)}")
@@ -109,8 +112,12 @@ def validate(cfg: ExtractConfig) -> None:
 def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], dict[str, np.ndarray], object]:
     """Load the sources and weights and work out what the cache will hold; no backbone pass yet."""
     validate(cfg)
-    taps = parse_taps(list(cfg.taps))
-    weights = load_weights(cfg.weights, seed=cfg.seed)  # before the data: a bad weights file fails fast
+    bb = resolve(cfg.backbone)
+    table = bb.tap_table()
+    taps = table.parse_taps(list(cfg.taps))
+    pool = table.check_pool(cfg.pool or table.default_pool)
+    weights = load_weights(cfg.weights, seed=cfg.seed, backbone=bb)  # before the data: a bad file fails fast
+    pre = preprocess_for(bb, weights.name, cfg.image_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sources = {
@@ -125,21 +132,24 @@ def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], di
         raise FusionCacheError(f"{what}; train and test must hold the same class folders")
     sizes = {"train": cfg.train_size, "test": cfg.test_size}
     subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
-    pre = Preprocess(cfg.image_size)
     meta = cache_mod.CacheMeta.create(
-        backbone="mobilenet_v2",
+        backbone=bb.name,
         weights_sha256=weights.sha256,
         image_size=pre.image_size,
         mean=tuple(pre.mean),
         std=tuple(pre.std),
-        resize=RESIZE,
-        pool=cfg.pool,
+        resize=resize_sentence(pre.interpolation),
+        pool=pool,
         taps=tuple(taps),
         dataset=cfg.dataset,
         data_identity={s: sources[s].identity for s in SPLITS},
         subset={s: hash_indices(subsets[s]) for s in SPLITS},
         dtype=cfg.dtype,
         precision=cfg.precision,
+        library=bb.library,
+        library_version=bb.library_version,
+        interpolation=pre.interpolation,
+        tap_table=table.to_json(),
         weights=weights.name,
         data_root=display_path(Path(cfg.data_root).resolve()),
         classes=tuple(sources["train"].classes),
@@ -154,6 +164,18 @@ def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], di
     return meta, sources, subsets, weights
 
 
+def preprocess_for(bb, weights_name: str, image_size: int | None) -> Preprocess:
+    """Mean, std, interpolation and size from the weights' metadata (named weights: their own; a file or random
+    weights: the default weights'); `image_size` overrides the size and is checked against the model."""
+    named = weights_name.lower() if weights_name.lower() in bb.weight_names() else None
+    d = bb.preprocessing(named)
+    size = image_size or d["image_size"]
+    bb.check_image_size(size)
+    if d["interpolation"] not in INTERPOLATIONS:
+        raise FusionCacheError(f"{bb.name}'s weights ask for {d['interpolation']} resizing, which fusion-cache lacks")
+    return Preprocess(size, tuple(d["mean"]), tuple(d["std"]), d["interpolation"])
+
+
 def hash_indices(indices: np.ndarray) -> str:
     import hashlib
 
@@ -165,12 +187,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     meta, sources, subsets, weights = plan(cfg)
     out = Path(cfg.out)
     taps = list(meta.taps)
-    widths = dict(zip(taps, channels(taps, cfg.pool)))
+    table = meta.table
+    widths = dict(zip(taps, table.channels(taps, meta.pool)))
     dims = sum(widths.values())
     counts = {s: len(subsets[s]) for s in SPLITS}
     if out.exists():
         existing = cache_mod.peek_fingerprint(out)
-        if existing == meta.fingerprint and not cfg.force:
+        if existing in (meta.fingerprint, meta.legacy_fingerprint()) and existing and not cfg.force:
             return ExtractResult(out, True, counts, dims)
         if not cfg.force:
             why = "was built with other settings" if existing else "is not a complete fusion-cache file"
@@ -179,10 +202,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     device = resolve_device(cfg.device)
     model = build_model(weights).to(device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
-    extractor = PooledExtractor(model, taps, cfg.pool).eval()
+    extractor = PooledExtractor(model, taps, meta.pool, table).eval()
     if cfg.compile:
         extractor = torch.compile(extractor)
-    pre = Preprocess(cfg.image_size)
+    pre = Preprocess(meta.image_size, meta.mean, meta.std, meta.interpolation)
     start = time.perf_counter()
     processed = 0
     with cache_mod.CacheWriter(out, meta, force=cfg.force) as writer, ThreadPoolExecutor(1) as pool, \

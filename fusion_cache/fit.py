@@ -257,16 +257,45 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
     return rows
 
 
+def check_same_data(caches: list[Cache]) -> None:
+    """Caches compared in one table must hold the same images, labels and subsets (one per backbone)."""
+    first = caches[0].meta
+    for c in caches[1:]:
+        m = c.meta
+        for name in ("dataset", "classes", "data_identity", "subset"):
+            if getattr(m, name) != getattr(first, name):
+                raise FusionCacheError(f"{c.path} and {caches[0].path} hold different data ({name} differs); "
+                                       "compare caches extracted from the same images with the same --seed and sizes")
+        if c.fingerprint == caches[0].fingerprint:
+            raise FusionCacheError(f"{c.path} and {caches[0].path} are the same cache; pass each one once")
+
+
+def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],
+                  params: HeadParams | None = None, progress=None) -> list[dict]:
+    """`ablate` on each cache (one backbone each, the same images), rows tagged with backbone and cache."""
+    check_same_data(caches)
+    for c in caches:  # every view of every cache, before any training
+        for v in views:
+            c.view_taps(v)
+    rows = []
+    for c in caches:
+        tag = {"backbone": c.backbone, "cache": str(c.path)}
+        rows += [{**tag, **r} for r in ablate(c, views, heads, seeds, params,
+                                             progress=(lambda r, tag=tag: progress({**tag, **r})) if progress else None)]
+    return rows
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std (over seeds) per view x head, in the order the rows came."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Mean and std (over seeds) per view x head (x cache, for rows of several), in the order the rows came."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["view"], r["head"]), []).append(r)
+        groups.setdefault((r.get("cache", ""), r["view"], r["head"]), []).append(r)
     out = []
-    for (view, head), rs in groups.items():
+    for (cache, view, head), rs in groups.items():
         test = np.array([r["test_acc"] for r in rs])
         train = None if any(r["train_acc"] is None for r in rs) else np.array([r["train_acc"] for r in rs])
-        out.append({"view": view, "head": head, "dim": rs[0]["dim"], "n_seeds": len(rs),
+        tag = {"backbone": rs[0]["backbone"], "cache": cache} if cache else {}
+        out.append({**tag, "view": view, "head": head, "dim": rs[0]["dim"], "n_seeds": len(rs),
                     "test_acc_mean": float(test.mean()), "test_acc_std": float(test.std(ddof=1) if len(rs) > 1 else 0.0),
                     "train_acc_mean": None if train is None else float(train.mean()),
                     "train_acc_std": None if train is None else float(train.std(ddof=1) if len(rs) > 1 else 0.0)})
@@ -274,11 +303,14 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    lines = ["| view | head | dim | test acc (%) | train acc, final epoch (%) | seeds |", "|---|---|---:|---:|---:|---:|"]
+    """One table; a backbone column first when the rows come from several caches."""
+    several = any("backbone" in s for s in summary)
+    lines = [("| backbone " if several else "") + "| view | head | dim | test acc (%) | train acc, final epoch (%) | seeds |",
+             ("|---" if several else "") + "|---|---|---:|---:|---:|---:|"]
     for s in summary:
         train = f"{100 * s['train_acc_mean']:.2f} ± {100 * s['train_acc_std']:.2f}" if s["head"] == "linear" else "—"
-        lines.append(f"| {s['view']} | {s['head']} | {s['dim']} | {100 * s['test_acc_mean']:.2f} ± "
-                     f"{100 * s['test_acc_std']:.2f} | {train} | {s['n_seeds']} |")
+        lines.append((f"| {s['backbone']} " if several else "") + f"| {s['view']} | {s['head']} | {s['dim']} | "
+                     f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f} | {train} | {s['n_seeds']} |")
     return "\n".join(lines)
 
 
@@ -290,11 +322,13 @@ def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: boo
     replaces `out_dir` only when all three are complete."""
     summary = summarize(rows)
     buf = io.StringIO()
-    cols = ["view", "head", "seed", "taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
+    cols = (["backbone", "cache"] if rows and "backbone" in rows[0] else []) + \
+        ["view", "head", "seed", "taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    md = (f"# Ablation\n\nCache `{meta['cache']}` (fingerprint `{meta['fingerprint'][:16]}`), "
+    caches = meta.get("caches") or [{"cache": meta["cache"], "fingerprint": meta["fingerprint"]}]
+    md = ("# Ablation\n\n" + ", ".join(f"Cache `{c['cache']}` (fingerprint `{c['fingerprint'][:16]}`)" for c in caches) + ", "
           f"command `{meta['command']}`.\nAccuracies in percent, mean ± std over seeds {meta['seeds']}.\n\n"
           + markdown_table(summary) + "\n")
     with staged_folder(out_dir, force, lambda name: name in ABLATION_FILES) as tmp:

@@ -19,12 +19,14 @@ import torch
 from .cache import CacheMeta
 from .errors import FusionCacheError
 from .io import atomic_write, dumps_json
-from .taps import POOLS, TAP_BY_NAME, channels
+from .taps import MOBILENET_V2, TapTable
 
 HEAD_FORMAT = "fusion-cache-head/1"
 HEAD_FILE = "head.pt"
 # Provenance fields a head needs to rebuild its backbone and preprocessing, parsed as CacheMeta parses them.
 NEEDED = ("backbone", "weights", "weights_sha256", "image_size", "mean", "std", "pool", "seed")
+# Recorded by schema-3 caches; a head trained on a schema-2 cache lacks them and reads MobileNetV2's.
+LATER = {"library": "torchvision", "interpolation": "bilinear", "tap_table": {}}
 _FIX = "re-run `fusion-cache fit ... --out` to save the head again"
 
 
@@ -52,12 +54,23 @@ class HeadFile:
         return int(self.provenance["image_size"])
 
     @property
+    def backbone(self) -> str:
+        return self.provenance["backbone"]
+
+    @property
+    def table(self) -> TapTable:
+        """The backbone's tap table, as the cache recorded it (schema 2: the case study's)."""
+        t = self.provenance.get("tap_table") or {}
+        return TapTable.from_json(t) if t else MOBILENET_V2
+
+    @property
     def preprocess(self):
         """How images become the backbone's input, as the cache recorded it."""
         from .backbone import Preprocess
 
         p = self.provenance
-        return Preprocess(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]))
+        return Preprocess(int(p["image_size"]), tuple(p["mean"]), tuple(p["std"]),
+                          p.get("interpolation", "bilinear"))
 
     def logits_from_features(self, X: np.ndarray) -> np.ndarray:
         return ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
@@ -66,11 +79,19 @@ class HeadFile:
         def bad(what):
             raise FusionCacheError(f"{where}: {what}; {_FIX}")
 
-        if not self.taps or any(t not in TAP_BY_NAME for t in self.taps) or len(set(self.taps)) != len(self.taps):
+        try:
+            table = self.table
+        except (TypeError, ValueError, KeyError) as e:
+            bad(f"its tap table is malformed ({' '.join(str(e).split())[:80]})")
+        if table.backbone != self.backbone:
+            bad(f"its tap table is {table.backbone}'s, not {self.backbone}'s")
+        if not self.taps or any(t not in table.names for t in self.taps) or len(set(self.taps)) != len(self.taps):
             bad(f"its taps {list(self.taps)[:4]} are not distinct known taps")
-        if self.pool not in POOLS:
+        if self.pool not in table.pools:
             bad(f"its pooling {self.pool!r} is unknown")
-        d = sum(channels(self.taps, self.pool))
+        if self.provenance.get("interpolation", "bilinear") not in ("bilinear", "bicubic", "nearest"):
+            bad(f"its interpolation {self.provenance.get('interpolation')!r} is unknown")
+        d = sum(table.channels(self.taps, self.pool))
         k = len(self.classes)
         if k < 2 or len(set(self.classes)) != k:
             bad(f"it has {k} distinct class names; a classifier needs two or more")
@@ -135,6 +156,10 @@ def load_head(head_dir: str | Path) -> HeadFile:
     if not isinstance(provenance, dict):
         raise FusionCacheError(f"{where}: 'provenance' is not a JSON object; {_FIX}")
     parsed = CacheMeta.parse_fields(provenance, NEEDED, f"{where}: provenance", _FIX)
+    later = [k for k in LATER if k in provenance]
+    parsed.update(CacheMeta.parse_fields(provenance, tuple(later), f"{where}: provenance", _FIX))
+    for k, v in LATER.items():
+        parsed.setdefault(k, v)
     if len(parsed["mean"]) != 3 or len(parsed["std"]) != 3 or not all(s > 0 for s in parsed["std"]):
         raise FusionCacheError(f"{where}: provenance mean/std are not 3 numbers with std positive; {_FIX}")
     if not 16 <= parsed["image_size"] <= 4096:

@@ -20,9 +20,10 @@ from .io import atomic_write, check_output_file
 class DeployedModel(nn.Module):
     """Normalized image tensor (N, 3, S, S) -> logits (N, K): taps, pooling, standardization, linear."""
 
-    def __init__(self, backbone: nn.Module, taps: list[str], coef, intercept, mean, scale, pool: str = "avg"):
+    def __init__(self, backbone: nn.Module, taps: list[str], coef, intercept, mean, scale, pool: str = "avg",
+                 table=None):
         super().__init__()
-        self.features = PooledExtractor(backbone, taps, pool)
+        self.features = PooledExtractor(backbone, taps, pool, table)
         self.taps = list(taps)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
@@ -41,14 +42,15 @@ def build_deployed(head: HeadFile, weights: str | None = None) -> DeployedModel:
     """Rebuild the backbone from `weights` (default: the ones recorded) and refuse any other weights."""
     p = head.provenance
     spec = weights or p["weights"]
-    loaded = load_weights(spec, seed=int(p["seed"]))
+    loaded = load_weights(spec, seed=int(p["seed"]), backbone=head.backbone)
     if loaded.sha256 != p["weights_sha256"]:
         raise FusionCacheError(
             f"weights {spec} (sha256 {loaded.sha256[:12]}…) are not the ones this head's features came from "
             f"(sha256 {p['weights_sha256'][:12]}…, {p['weights']}); pass --weights with that file"
         )
-    model = DeployedModel(build_model(loaded), list(head.taps), head.coef, head.intercept, head.mean, head.scale,
-                          head.pool)
+    backbone = build_model(loaded).to(memory_format=torch.channels_last)  # as extract runs it: the same numbers
+    model = DeployedModel(backbone, list(head.taps), head.coef, head.intercept, head.mean, head.scale,
+                          head.pool, head.table)
     return model.eval().requires_grad_(False)
 
 
@@ -114,9 +116,10 @@ def export(head: HeadFile, out: str | Path, weights: str | None = None, force: b
         raise FusionCacheError(f"torch.export failed ({type(e).__name__}: {e}); upgrade torch") from None
     meta = {
         "classes": list(head.classes),
-        "input": "float32 (N, 3, S, S): RGB scaled to [0, 1], resized (shorter side, bilinear) and center-cropped "
-                 "to S, then (x - mean) / std per channel",
+        "input": f"float32 (N, 3, S, S): RGB scaled to [0, 1], resized (shorter side, {pre.interpolation}) and "
+                 "center-cropped to S, then (x - mean) / std per channel",
         "image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std),
+        "interpolation": pre.interpolation, "backbone": head.backbone,
         "taps": list(head.taps), "weights_sha256": head.provenance["weights_sha256"],
         "fingerprint": head.fingerprint,
     }

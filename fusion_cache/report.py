@@ -222,7 +222,7 @@ def render_figures(report: ReportResult, cache: Cache, out_dir: Path, sources: d
     from . import figures
     from .backbone import Preprocess
 
-    pre = Preprocess(cache.meta.image_size, cache.meta.mean, cache.meta.std)
+    pre = Preprocess(cache.meta.image_size, cache.meta.mean, cache.meta.std, cache.meta.interpolation)
     classes = cache.classes
 
     def images(split: str, positions) -> np.ndarray:

@@ -24,7 +24,6 @@ from .errors import FusionCacheError
 from .fit import ViewData, load_view
 from .grid import Eigenbasis, fit_l2_grid, grid_accuracy, grid_logits
 from .heads import HEAD_SPECS, KNNHead, LinearHead
-from .taps import LATE_TAP
 
 PAIR_WEIGHT_DECAY = 1e-2  # the pair search ranks candidate taps with one mid-grid strength
 PAIR_MAX_ITER = 50  # L-BFGS iterations per pair candidate: enough to rank, not to converge
@@ -280,20 +279,23 @@ def _tune_knn(data, fit_rows, val_rows, grid):
 
 def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
               max_iter: int = PAIR_MAX_ITER) -> tuple[str, dict[str, float]]:
-    """The early tap that best complements features.18, judged on validation accuracy only. Each candidate
-    is a linear head at one mid-grid strength on its standardized [tap, features.18] columns. Every tap is
-    read, standardized and rotated into its own eigenbasis once; all candidates train together as one
-    stacked model over all taps, each masked to its own columns (one wide product per pass). The basis of
-    a pair is block-diagonal: the preconditioner ignores the cross-covariance, which changes only the path."""
-    if LATE_TAP not in cache.taps:
-        raise FusionCacheError(f"the pair search needs {LATE_TAP}; extract it, or pass --no-pair-search")
+    """The tap that best complements the backbone's `late` view (features.18 for MobileNetV2), judged on
+    validation accuracy only. Each candidate is a linear head at one mid-grid strength on its standardized
+    [tap, late] columns. Every tap is read, standardized and rotated into its own eigenbasis once; all
+    candidates train together as one stacked model over all taps, each masked to its own columns (one wide
+    product per pass). The basis of a pair is block-diagonal: the preconditioner ignores the
+    cross-covariance, which changes only the path. Returns ("tap,late...", {tap: validation accuracy})."""
+    try:
+        late = cache.view_taps("late")
+    except FusionCacheError as e:
+        raise FusionCacheError(f"the pair search needs the late view: {e}; or pass --no-pair-search") from None
     y = cache.labels("train")
     fit_rows, val_rows = validation_split(y, val_fraction, seed)
     f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     taps = list(cache.taps)
-    candidates = [t for t in taps if t != LATE_TAP]
+    candidates = [t for t in taps if t not in late]
     if not candidates:
-        raise FusionCacheError(f"the pair search needs a tap besides {LATE_TAP}; extract more taps, or pass "
+        raise FusionCacheError(f"the pair search needs a tap besides {', '.join(late)}; extract more taps, or pass "
                                "--no-pair-search")
     blocks, Vs, lams, cols = [], [], [], {}
     for tap in taps:
@@ -311,11 +313,12 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     masks = torch.zeros(len(candidates), X.shape[1], dtype=torch.bool)
     for g, tap in enumerate(candidates):
         masks[g, cols[tap]] = True
-        masks[g, cols[LATE_TAP]] = True
+        for t in late:
+            masks[g, cols[t]] = True
     yt = torch.from_numpy(y).to(device)
     k = int(y.max()) + 1
     opts = dict(precondition=False)
-    if len(fit_rows) >= max(cache.meta.width(t) for t in candidates) + cache.meta.width(LATE_TAP):
+    if len(fit_rows) >= int(masks.sum(1).max()):
         opts = dict(precondition=Eigenbasis(torch.block_diag(*Vs), torch.cat(lams)), rotated=True,
                     tol=ROTATED_TOL, refresh=JACOBI_REFRESH)
     fit = fit_l2_grid(X[f], yt[f], k, [PAIR_WEIGHT_DECAY] * len(candidates), max_iter=min(max_iter, PAIR_MAX_ITER),
@@ -323,4 +326,4 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     acc = grid_accuracy(fit, X[v], yt[v])
     scores = {tap: float(a) for tap, a in zip(candidates, acc)}
     tap = max(scores, key=scores.get)
-    return f"{tap},{LATE_TAP}", scores
+    return ",".join([tap, *late]), scores

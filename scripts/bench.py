@@ -8,6 +8,10 @@ Keys of bench.json (each with the two measurements it divides):
                                  paper subset vs the raw backbone, torchvision's MobileNetV2 as it comes (same
                                  taps, batch, precision, device, channels_last, inference mode) on the same
                                  images, already preprocessed in memory
+  extract_vs_backbone_ratio_resnet50, extract_vs_backbone_ratio_vit_small
+                                 the same for torchvision's resnet50 (at --image-size) and timm's
+                                 vit_small_patch16_224 (at its fixed 224 px), random weights, on a smaller subset
+                                 (--backbone-train-size / --backbone-test-size); --only-backbones measures just these
   extract_vs_folded_backbone_ratio  the same against the backbone extract itself runs (BatchNorm folded into
                                  the convolutions): the cost of loading, preprocessing and writing alone
   imagefolder_vs_backbone_ratio  the same with the subset written out as a folder of JPEGs
@@ -46,9 +50,10 @@ import torch
 from PIL import Image
 
 from fusion_cache.backbone import PRECISIONS, Preprocess, PooledExtractor, build_model, load_weights, versions
+from fusion_cache.backbones import resolve
 from fusion_cache.cache import open_cache
 from fusion_cache.data import load_source, stratified_subset
-from fusion_cache.extract import ExtractConfig, extract
+from fusion_cache.extract import ExtractConfig, extract, preprocess_for
 from fusion_cache.fit import HeadParams, ablate, fit_head, load_view
 from fusion_cache.taps import DEFAULT_TAPS
 
@@ -58,11 +63,12 @@ def log(msg: str) -> None:
 
 
 def backbone_throughput(weights, images: torch.Tensor, pre: Preprocess, batch: int, precision: str = "fp32",
-                        fold_bn: bool = False) -> float:
+                        fold_bn: bool = False, table=None) -> float:
     """Images/s of the extractor alone on preprocessed images held in memory (no loading, no writing).
-    fold_bn=False: torchvision's MobileNetV2 as it comes (the raw backbone); True: as `extract` builds it."""
+    fold_bn=False: torchvision's MobileNetV2 (or `table`'s backbone) as it comes (the raw backbone); True: as
+    `extract` builds it."""
     model = build_model(weights, fold_bn=fold_bn).to(memory_format=torch.channels_last)
-    ex = PooledExtractor(model, list(DEFAULT_TAPS)).eval()
+    ex = PooledExtractor(model, list(table.names if table else DEFAULT_TAPS), None, table).eval()
     x_all = pre.normalize(images).contiguous(memory_format=torch.channels_last)
     dtype = PRECISIONS[precision]
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -81,6 +87,33 @@ def timed_extract(cfg: ExtractConfig) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     n = sum(r.counts.values())
     return n / seconds, seconds
+
+
+OTHER_BACKBONES = {"resnet50": "resnet50", "vit_small": "timm:vit_small_patch16_224"}
+
+
+def backbone_ratios(a, sources: dict, tmp: Path) -> dict:
+    """extract_vs_backbone_ratio_<key> for resnet50 and vit_small, random weights (seed 0), all taps, each
+    measured as the MobileNetV2 one: extract end to end vs the raw extractor on the same images in memory."""
+    out = {}
+    subsets = {"train": stratified_subset(sources["train"].labels, a.backbone_train_size, 0, "train"),
+               "test": stratified_subset(sources["test"].labels, a.backbone_test_size, 0, "test")}
+    for key, name in OTHER_BACKBONES.items():
+        bb = resolve(name)
+        weights = load_weights("random", seed=0, backbone=bb)
+        pre = preprocess_for(bb, "random", None if bb.fixed_image_size() else a.image_size)
+        images = torch.cat([pre.resize(torch.from_numpy(sources[s].images[subsets[s]])) for s in ("train", "test")])
+        log(f"  {name}: {len(images)} images at {pre.image_size} px")
+        raw_ips = backbone_throughput(weights, images, pre, a.batch_size, table=bb.tap_table())
+        cfg = ExtractConfig(out=tmp / f"{key}.h5", data_root=a.data_root, backbone=name, weights="random",
+                            image_size=pre.image_size, batch_size=a.batch_size, download=False,
+                            skip_integrity_check=a.skip_integrity_check, progress=False, device="cpu",
+                            train_size=a.backbone_train_size, test_size=a.backbone_test_size)
+        extract_ips, _ = timed_extract(cfg)
+        out[f"{key}_backbone_img_per_s"] = raw_ips
+        out[f"{key}_extract_img_per_s"] = extract_ips
+        out[f"extract_vs_backbone_ratio_{key}"] = extract_ips / raw_ips
+    return out
 
 
 def write_jpeg_folder(root: Path, sources: dict, subsets: dict) -> Path:
@@ -146,6 +179,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of the tuned-heads keys (default: every CPU)")
+    ap.add_argument("--backbone-train-size", type=int, default=500, help="train images of the resnet50/vit_small ratios")
+    ap.add_argument("--backbone-test-size", type=int, default=100, help="test images of the resnet50/vit_small ratios")
+    ap.add_argument("--only-backbones", action="store_true",
+                    help="measure only the resnet50 and vit_small extract ratios and merge them into --out")
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
     a = ap.parse_args()
@@ -155,6 +192,17 @@ def main() -> int:
             ap.error("--only-heads needs --full-cache")
         res = json.loads(a.out.read_text()) if a.out.exists() else {}
         res.update(tuned_heads(a.full_cache, threads=a.threads))
+        tmp_out = a.out.with_name(a.out.name + ".tmp")
+        tmp_out.write_text(json.dumps(res, indent=2))
+        os.replace(tmp_out, a.out)
+        print(table(res))
+        return 0
+
+    if a.only_backbones:
+        res = json.loads(a.out.read_text()) if a.out.exists() else {}
+        sources = {s: load_source("cifar10", a.data_root, s, False, a.skip_integrity_check) for s in ("train", "test")}
+        with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+            res.update(backbone_ratios(a, sources, Path(tmp)))
         tmp_out = a.out.with_name(a.out.name + ".tmp")
         tmp_out.write_text(json.dumps(res, indent=2))
         os.replace(tmp_out, a.out)
@@ -189,6 +237,8 @@ def main() -> int:
         res["extract_vs_backbone_ratio"] = extract_ips / backbone_ips
         res["folded_backbone_img_per_s"] = folded_ips  # the extractor extract runs: BatchNorm folded into convs
         res["extract_vs_folded_backbone_ratio"] = extract_ips / folded_ips  # loading + writing overhead only
+        log("[1b/7] the same for resnet50 and vit_small, random weights")
+        res.update(backbone_ratios(a, sources, tmp))
 
         log("[2/7] image folder of JPEGs")
         folder = write_jpeg_folder(tmp / "jpeg", sources, subsets)
@@ -354,6 +404,8 @@ def tuned_heads(path: Path, seed: int = 0, val_fraction: float = 0.1, threads: i
 
 ROWS = [
     ("extract_vs_backbone_ratio", ">= 0.95", "{:.2f}"),
+    ("extract_vs_backbone_ratio_resnet50", ">= 0.95", "{:.2f}"),
+    ("extract_vs_backbone_ratio_vit_small", ">= 0.95", "{:.2f}"),
     ("extract_vs_folded_backbone_ratio", "(overhead)", "{:.2f}"),
     ("imagefolder_vs_backbone_ratio", ">= 0.8", "{:.2f}"),
     ("ablation_speedup", ">= 15", "{:.1f}"),

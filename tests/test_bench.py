@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-KEYS = ("extract_vs_backbone_ratio", "extract_vs_folded_backbone_ratio", "imagefolder_vs_backbone_ratio",
+KEYS = ("extract_vs_backbone_ratio", "extract_vs_backbone_ratio_resnet50", "extract_vs_backbone_ratio_vit_small",
+        "extract_vs_folded_backbone_ratio", "imagefolder_vs_backbone_ratio",
         "ablation_speedup", "ablation_speedup_same_backbone", "head_vs_logreg_time_ratio",
         "head_vs_logreg_acc_delta", "rss_ratio", "bf16_speedup", "bf16_acc_delta", "float16_cache_size_ratio",
         "float16_cache_acc_delta", "tuned_grid_vs_one_fit", "tuned_vs_sklearn_grid", "tuned_vs_sklearn_acc_delta",
@@ -21,6 +22,7 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
     r = subprocess.run([sys.executable, str(script), "--data-root", str(cifar_root), "--weights", str(weights_file),
                         "--skip-integrity-check", "--train-size", "30", "--test-size", "20", "--image-size", "32",
                         "--batch-size", "8", "--views", "early,fused", "--seeds", "0", "--rss-images", "120",
+                        "--backbone-train-size", "10", "--backbone-test-size", "10",
                         "--workers", "0", "--full-cache", str(tiny_cache), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

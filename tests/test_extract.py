@@ -95,7 +95,7 @@ def test_stratified_counts_and_provenance(tiny_cache, weights_file):
     assert a.image_size == 48 and a.mean == (0.485, 0.456, 0.406) and a.std == (0.229, 0.224, 0.225)
     assert a.classes == tuple(CIFAR_CLASSES)
     assert a.dataset == "cifar10" and a.seed == 0 and a.train_size == 60 and a.test_size == 20
-    assert a.schema_version == 2 and a.complete is True and a.integrity_checked is False
+    assert a.schema_version == 3 and a.complete is True and a.integrity_checked is False
     assert {"torch", "torchvision", "h5py", "numpy", "sklearn", "fusion_cache"} <= set(a.versions)
     assert len(a.fingerprint) == 64 and a.fingerprint == a.compute_fingerprint()
     with h5py.File(tiny_cache, "r") as f:

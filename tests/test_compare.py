@@ -1,0 +1,101 @@
+"""Backbones compared: ablate and report on several caches of the same images (one table with a backbone
+column, the layer curve), and the refusal to compare caches of different images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion_cache.backbones import tap_table
+
+from .hostile import clean_failure, run, snapshot
+
+BACKBONES = ("mobilenet_v2", "resnet18")
+
+
+def _folder(root: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 4), ("test", 2)):
+        for ci, c in enumerate(("ants", "bees")):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                px = np.clip(ci * 90 + rng.integers(0, 120, size=(40, 44, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _extract(name: str, images: Path, out: Path) -> Path:
+    r = run("extract", "--backbone", name, "--out", out, "--dataset", "imagefolder", "--data-root", images,
+            "--train-size", "all", "--test-size", "all", "--weights", "random", "--image-size", 32, "--workers", 0,
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("compare")
+    images = _folder(d / "images", 0)
+    return [_extract(name, images, d / f"{name}.h5") for name in BACKBONES]
+
+
+def test_ablate_several_caches_gives_one_table_with_a_backbone_column(caches, tmp_path):
+    r = run("ablate", *caches, "--views", "early,late", "--heads", "linear", "--seeds", "0,1", "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    table = [line for line in r.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| backbone | view | head |")
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["mobilenet_v2"] * 2 + ["resnet18"] * 2
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert {(row["backbone"], row["view"]) for row in res["rows"]} == {(b, v) for b in BACKBONES for v in ("early", "late")}
+    assert [c["backbone"] for c in res["caches"]] == list(BACKBONES)
+    dims = {(s["backbone"], s["view"]): s["dim"] for s in res["summary"]}
+    assert dims[("resnet18", "late")] == 512 and dims[("mobilenet_v2", "late")] == 1280
+    assert (tmp_path / "a" / "results.csv").read_text().startswith("backbone,cache,view,")
+
+
+def test_report_draws_the_layer_curve_of_each_backbone(caches, tmp_path):
+    out = tmp_path / "r"
+    r = run("report", *caches, "--out", out, "--views", "late", "--heads", "linear", "--seeds", "0,1")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["layer_curve.png", "report.json", "report.md"]
+    rep = json.loads((out / "report.json").read_text())
+    curve = rep["layer_curve"]["rows"]
+    for name in BACKBONES:
+        rows = [x for x in curve if x["backbone"] == name]
+        assert [x["tap"] for x in rows] == list(tap_table(name).names)
+        assert [x["depth"] for x in rows] == sorted(x["depth"] for x in rows) and rows[-1]["depth"] == 1.0
+        assert all(0 <= x["test_acc_mean"] <= 1 for x in rows)
+    assert "| backbone | view | head |" in (out / "report.md").read_text()
+    with Image.open(out / "layer_curve.png") as im:
+        assert im.size == (900, 500)
+    one = tmp_path / "one"
+    r = run("report", caches[1], "--layer-curve", "--out", one, "--views", "late", "--heads", "linear", "--seeds", 0)
+    assert r.exit_code == 0, r.output
+    assert {x["backbone"] for x in json.loads((one / "report.json").read_text())["layer_curve"]["rows"]} == {"resnet18"}
+
+
+def test_caches_of_other_images_are_not_compared(caches, tmp_path):
+    other = _extract("resnet18", _folder(tmp_path / "images", 1), tmp_path / "other.h5")
+    before = snapshot(tmp_path)
+    for args in (("ablate", caches[0], other), ("report", caches[0], other, "--out", tmp_path / "r"),
+                 ("ablate", caches[0], caches[0])):
+        r = run(*args, "--views", "late", "--heads", "linear", "--seeds", 0)
+        problem = clean_failure(r, "same")
+        assert problem is None, problem
+        assert r.exit_code == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_a_tap_list_of_one_backbone_is_refused_on_another(caches, tmp_path):
+    """Named views (early, late, fused, all) resolve per backbone; a list of one backbone's taps does not."""
+    before = snapshot(tmp_path)
+    r = run("ablate", *caches, "--views", "features.13+features.18", "--heads", "linear", "--seeds", 0,
+            "--out", tmp_path / "a")
+    problem = clean_failure(r, "unknown view or tap 'features.13'; use one of early, late, fused, all or "
+                               "comma-separated taps of resnet18 such as layer3.1,layer4.1")
+    assert problem is None, problem
+    assert snapshot(tmp_path) == before and not (tmp_path / "a").exists()
