@@ -205,13 +205,16 @@ def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
     1e-6, about a third faster on a CPU. The module names, and so the taps, are unchanged. Networks with no
     such pair (ViTs, ConvNeXts, timm's fused BatchNormAct) are left as they are."""
     bb = resolve(weights.backbone)
+    # a file saved in float16 or bfloat16 (common for safetensors) runs in float32, as every other input does
+    sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+          for k, v in weights.state_dict.items()}
     try:
         with torch.device("meta"):  # no random init to throw away; the weights are assigned as they are
             model = bb.create()
-        model.load_state_dict(weights.state_dict, strict=True, assign=True)
+        model.load_state_dict(sd, strict=True, assign=True)
         if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):  # a buffer outside the state_dict
             model = bb.create()
-            model.load_state_dict(weights.state_dict, strict=True)
+            model.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # named weights built for another variant (e.g. a ViT at 384 px)
         raise FusionCacheError(f"weights {weights.name} do not fit {bb.name} as fusion-cache builds it "
                                f"({' '.join(str(e).split())[:120]}); pass other --weights") from None

@@ -41,7 +41,7 @@ TESTED = ("mobilenet_v2", "mobilenet_v3_large", "resnet18", "resnet50", "efficie
           "vit_b_16", "timm:resnet50", "timm:efficientnet_b0", "timm:convnext_nano", "timm:vit_small_patch16_224",
           "timm:deit_tiny_patch16_224")
 TABLE_SIZE = 224  # shapes (and so strides) of the tap table are read at this input size (the models' own)
-HOW_TO_LIST = ("see `fusion-cache models` for the tested ones; any torchvision classification model "
+HOW_TO_LIST = (f"tested: {', '.join(TESTED)} (`fusion-cache models`); any torchvision classification model "
                "(torchvision.models.list_models(module=torchvision.models)) or timm:NAME (timm.list_models()) may work")
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -105,7 +105,12 @@ class Backbone:
         if self.library == "timm":
             import timm
 
-            return timm.get_pretrained_cfg(self.arch).tag or (self.weight_names() or ["random"])[0]
+            cfg = timm.get_pretrained_cfg(self.arch)
+            tag = (cfg.tag if cfg is not None else None) or (self.weight_names() or [None])[0]
+            if not tag:  # never fall back to random features silently
+                raise FusionCacheError(f"timm:{self.arch} has no pretrained weights; pass --weights random or a "
+                                       "weights file")
+            return tag
         import torchvision
 
         try:

@@ -585,6 +585,7 @@ class CacheWriter:
                 ours = "schema_version" in f.attrs and not bool(f.attrs.get("complete", True))
                 same = ours and f.attrs.get("fingerprint") == self.meta.fingerprint
                 other_settings = ours and not same and "fingerprint" in f.attrs
+                legacy = ours and _as_int(f.attrs["schema_version"]) == LEGACY_SCHEMA
                 if same and _layout_ok(f, self.sizes, self.channels):
                     for s in SPLITS:
                         rows = int(f[s].attrs["rows"])
@@ -594,7 +595,7 @@ class CacheWriter:
                     self._f = f
                     return
             except Exception:  # a file killed mid-flush may be unreadable: it is ours, start it again
-                ours, other_settings = True, False
+                ours, other_settings, legacy = True, False, False
             if f is not None:
                 try:
                     f.close()
@@ -604,6 +605,9 @@ class CacheWriter:
                 raise FusionCacheError(f"{self.partial} is an HDF5 file that fusion-cache did not write as a partial "
                                        "cache; move it away or choose another --out")
             if other_settings and not self.force:
+                if legacy:
+                    raise FusionCacheError(f"{self.partial} holds an interrupted extraction of an older fusion-cache "
+                                           "(cache schema 2), which cannot be resumed; pass --force to start over")
                 raise FusionCacheError(
                     f"{self.partial} holds an interrupted extraction with other settings; run that command again to "
                     "resume it, or pass --force to start over"

@@ -181,7 +181,8 @@ def main():
                    "library's default weights].")
 @click.option("--image-size", type=click.IntRange(32, 1024), default=None,
               help="Images are resized (shorter side, the weights' interpolation) and center-cropped to this many "
-                   "pixels (32-1024) [default: 128 for mobilenet_v2, the case study's; else the weights' own].")
+                   "pixels (32-1024; a ViT takes only its patch grid's size) [default: 128 for mobilenet_v2, the "
+                   "case study's; else the weights' own].")
 @click.option("--taps", default="all", show_default=True,
               help="Comma-separated blocks to cache (features.0 ... features.18 for mobilenet_v2), or a view name. "
                    "See `fusion-cache taps --backbone NAME`.")
@@ -192,7 +193,8 @@ def main():
               help="Autocast precision of the forward pass (part of the cache fingerprint).")
 @click.option("--pool", type=click.Choice(["avg", "avgmax", "cls", "mean", "clsmean"]), default=None,
               help="Pooling of each tap. Maps: avg (the case study) or avgmax (average and max, 2x the floats). "
-                   "ViT tokens: cls, mean (patch tokens) or clsmean [default: the model's own global pool].")
+                   "ViT tokens: cls, mean (patch tokens) or clsmean [default: the model's own global pool]. "
+                   "A vector tap (pre_logits, the late view of ConvNeXt and ViTs) is stored as it is.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
@@ -514,8 +516,9 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
 @click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,
               help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
 @click.option("--layer-curve", is_flag=True,
-              help="Compare backbones: the case study's protocol on every cache in one table, and the layer curve "
-                   "(a head on each single tap against its relative depth). Implied by several caches.")
+              help="Compare backbones instead of the two-protocol report: the case study's protocol on every cache "
+                   "in one table, and the layer curve (a head on each single tap against its relative depth). "
+                   "Implied by several caches; works on one cache too.")
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
 def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, layer_curve, force):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
@@ -545,6 +548,12 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
     machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
                                     f"torch {torch.__version__}") if x)
     if len(caches) > 1 or layer_curve:
+        ctx = click.get_current_context()
+        for name in ("val_fraction", "pair_search", "max_iter", "data_root"):  # the tuned protocol's and figures'
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None):
+                flag = "--pair-search/--no-pair-search" if name == "pair_search" else f"--{name.replace('_', '-')}"
+                raise click.UsageError(f"{flag} does not apply to a comparison of backbones (several caches or "
+                                       "--layer-curve), which runs the case study's protocol only; leave it out")
         from .compare import COMPARE_FILES, run_comparison, write_comparison
         from .fit import check_same_data
 

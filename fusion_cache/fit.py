@@ -266,8 +266,11 @@ def check_same_data(caches: list[Cache]) -> None:
             if getattr(m, name) != getattr(first, name):
                 raise FusionCacheError(f"{c.path} and {caches[0].path} hold different data ({name} differs); "
                                        "compare caches extracted from the same images with the same --seed and sizes")
-        if c.fingerprint == caches[0].fingerprint:
-            raise FusionCacheError(f"{c.path} and {caches[0].path} are the same cache; pass each one once")
+    seen: dict[str, Cache] = {}
+    for c in caches:  # every pair, not only against the first
+        if c.fingerprint in seen:
+            raise FusionCacheError(f"{c.path} and {seen[c.fingerprint].path} are the same cache; pass each one once")
+        seen[c.fingerprint] = c
 
 
 def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],

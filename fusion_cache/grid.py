@@ -260,7 +260,8 @@ class Eigenbasis:
     triangular solves per head and iteration. Rotation is orthogonal: ||W||^2 and the optimum (rotated back)
     are unchanged."""
 
-    V: torch.Tensor  # (d, d) float32, orthonormal eigenvectors in columns
+    V: torch.Tensor | None  # (d, d) float32, orthonormal eigenvectors in columns; None: only for features
+    # already rotated (rotated=True), where the fit needs nothing but lam
     lam: torch.Tensor  # (d,) float32, eigenvalues >= 0
 
     @classmethod
@@ -388,6 +389,8 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     if rotated and not isinstance(precondition, Eigenbasis):
         raise ValueError("rotated=True needs precondition= the Eigenbasis the features were rotated into")
     if basis is not None and not rotated:
+        if basis.V is None:
+            raise ValueError("an Eigenbasis without V serves only features already rotated (rotated=True)")
         X = basis.rotate(X)
     G, k, p = len(wds), int(n_classes), int(n_classes) * (d + 1)
     theta = torch.zeros(G, k, d + 1, device=dev)
@@ -578,7 +581,7 @@ def _basis(precondition, X: torch.Tensor, rows: int | None) -> Eigenbasis | None
         basis = Eigenbasis.from_covariance(cov)
     if basis.dim != d:
         raise ValueError(f"the Eigenbasis is for {basis.dim} features, X has {d}")
-    return Eigenbasis(basis.V.to(X.device), basis.lam.to(X.device))
+    return Eigenbasis(None if basis.V is None else basis.V.to(X.device), basis.lam.to(X.device))
 
 
 def refit_l2(X, y, n_classes: int, weight_decay: float, init=None, **kwargs) -> GridFit:

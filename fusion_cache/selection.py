@@ -297,7 +297,7 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     if not candidates:
         raise FusionCacheError(f"the pair search needs a tap besides {', '.join(late)}; extract more taps, or pass "
                                "--no-pair-search")
-    blocks, Vs, lams, cols = [], [], [], {}
+    blocks, lams, cols = [], [], {}
     for tap in taps:
         X = cache.features(tap, "train").astype(np.float32)
         mean, scale = train_statistics(X)
@@ -306,7 +306,6 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
         start = sum(b.shape[1] for b in blocks)
         cols[tap] = slice(start, start + X.shape[1])
         blocks.append(basis.rotate(X))
-        Vs.append(basis.V)
         lams.append(basis.lam)
     X = torch.cat(blocks, dim=1)
     del blocks
@@ -319,8 +318,8 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     k = int(y.max()) + 1
     opts = dict(precondition=False)
     if len(fit_rows) >= int(masks.sum(1).max()):
-        opts = dict(precondition=Eigenbasis(torch.block_diag(*Vs), torch.cat(lams)), rotated=True,
-                    tol=ROTATED_TOL, refresh=JACOBI_REFRESH)
+        opts = dict(precondition=Eigenbasis(None, torch.cat(lams)), rotated=True,  # only the scores are needed,
+                    tol=ROTATED_TOL, refresh=JACOBI_REFRESH)  # never the heads rotated back: no d x d basis
     fit = fit_l2_grid(X[f], yt[f], k, [PAIR_WEIGHT_DECAY] * len(candidates), max_iter=min(max_iter, PAIR_MAX_ITER),
                       device=device, masks=masks, **opts)
     acc = grid_accuracy(fit, X[v], yt[v])
