@@ -81,12 +81,26 @@ def test_report_draws_the_layer_curve_of_each_backbone(caches, tmp_path):
 def test_caches_of_other_images_are_not_compared(caches, tmp_path):
     other = _extract("resnet18", _folder(tmp_path / "images", 1), tmp_path / "other.h5")
     before = snapshot(tmp_path)
-    for args in (("ablate", caches[0], other), ("report", caches[0], other, "--out", tmp_path / "r"),
-                 ("ablate", caches[0], caches[0])):
+    for args, fragment in (
+            (("ablate", caches[0], other), "hold different data (data_identity differs)"),
+            (("report", caches[0], other, "--out", tmp_path / "r"), "hold different data (data_identity differs)"),
+            (("ablate", caches[0], caches[0]), "are the same cache; pass each one once"),
+            (("ablate", caches[0], caches[1], caches[1]), "are the same cache; pass each one once")):
         r = run(*args, "--views", "late", "--heads", "linear", "--seeds", 0)
-        problem = clean_failure(r, "same")
+        problem = clean_failure(r, fragment)
         assert problem is None, problem
         assert r.exit_code == 1
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("option", [["--max-iter", "30"], ["--no-pair-search"], ["--val-fraction", "0.2"],
+                                    ["--data-root", "."]])
+def test_tuned_protocol_options_are_refused_in_a_comparison(caches, tmp_path, option):
+    before = snapshot(tmp_path)
+    r = run("report", *caches, "--out", tmp_path / "r", *option)
+    flag = "--pair-search/--no-pair-search" if option[0] == "--no-pair-search" else option[0]
+    problem = clean_failure(r, f"{flag} does not apply to a comparison of backbones")
+    assert problem is None, problem
     assert snapshot(tmp_path) == before
 
 

@@ -363,3 +363,21 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, cifar_root, weight
                                   "--train-size", "20", "--test-size", "10", "--device", "cuda"])
     assert r.exit_code == 1 and "no CUDA GPU is visible; use --device cpu or auto" in r.output
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_half_precision_weights_file_runs_in_float32(cifar_root, weights_file, tmp_path):
+    """A state_dict saved in float16 (as many safetensors files are) loads and runs in float32, with the
+    features of the float32 weights to fp16 rounding, not a dtype traceback."""
+    from .hostile import run
+
+    sd = torch.load(weights_file, weights_only=True)
+    half = tmp_path / "half.pth"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, half)
+    outs = {}
+    for name, w in (("half", half), ("full", weights_file)):
+        r = run("extract", "--out", tmp_path / f"{name}.h5", "--data-root", cifar_root, "--weights", w,
+                "--train-size", 8, "--test-size", 4, "--image-size", 32, "--skip-integrity-check", "--no-progress")
+        assert r.exit_code == 0, r.output
+        outs[name] = open_cache(tmp_path / f"{name}.h5").features("features.18", "train")
+    assert np.isfinite(outs["half"]).all()
+    np.testing.assert_allclose(outs["half"], outs["full"], rtol=0.05, atol=0.05)
