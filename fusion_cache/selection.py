@@ -1,10 +1,11 @@
 """Model selection for the tuned protocol: a validation split of train, each head's grid chosen on it, the
-early+late pair search, and the refit on all of train. The test split is read only for the final number.
+tap + late pair search, and the refit on all of train. The test split is read only for the final number.
 
-- linear: the whole weight-decay grid trains as one stacked model (grid.py: one wide matrix product per
-  pass, each head converging to its own optimum), on features standardized once per view with train-split
-  statistics; the chosen head is refit on all of train, warm-started from its grid fit.
-- logreg: LogisticRegression's C grid is the same problem (weight decay 1 / (rows x C)), so it trains as the
+- linear: the whole weight-decay grid of every seed trains as one stacked model (grid.py: one wide matrix
+  product per pass, each head on its own seed's fit rows and converging to its own optimum), on features
+  standardized once per view with train-split statistics and rotated once into their eigenbasis (where
+  the preconditioner is diagonal); each chosen head is refit on all of train, warm-started from its grid fit.
+- logreg: LogisticRegression's C grid is the same problem (weight decay 1 / (rows x C)), so it trains in the
   same stacked model; the paper protocol's logreg (C = 0.1) stays scikit-learn's own fit.
 - knn: one top-k search at the largest k scores every k of the grid on validation.
 Which parameter a head tunes, and over which grid, comes from its declaration in heads.HEAD_SPECS.

@@ -179,8 +179,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads of the tuned-heads keys (default: every CPU)")
-    ap.add_argument("--backbone-train-size", type=int, default=500, help="train images of the resnet50/vit_small ratios")
-    ap.add_argument("--backbone-test-size", type=int, default=100, help="test images of the resnet50/vit_small ratios")
+    ap.add_argument("--backbone-train-size", type=int, default=1500,
+                    help="train images of the resnet50/vit_small ratios (enough that start-up costs amortize)")
+    ap.add_argument("--backbone-test-size", type=int, default=300, help="test images of the resnet50/vit_small ratios")
     ap.add_argument("--only-backbones", action="store_true",
                     help="measure only the resnet50 and vit_small extract ratios and merge them into --out")
     ap.add_argument("--only-heads", action="store_true",
