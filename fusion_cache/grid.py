@@ -39,11 +39,12 @@ Convergence of every head to its own optimum: for wd_g > 0, f_g is strongly conv
 data term is convex) and has a Lipschitz gradient; the only flat direction, shifting all intercepts by one
 constant, changes neither the loss nor the gradient, and the intercepts' gradient always sums to zero, so
 that shift never moves. Preconditioned L-BFGS with a fixed SPD P is L-BFGS in the variables P^-1/2 theta, where
-all of this still holds (a refreshed diagonal stays SPD and bounded, which the same argument needs). Hence every pair has s'y > 0 (s'y >= wd_g ||s_W||^2), the L-BFGS matrices stay
-uniformly positive definite with bounded condition number (Liu & Nocedal 1989, Thm 7.1), every direction is a
-descent direction with cos(angle to -gradient) bounded away from 0, and every accepted step decreases f_g by
-a fixed fraction of what the exact line minimum would, so f_g converges to its minimum and W_g to the unique
-minimizer (R-linearly). A pair with s'y <= 1e-10 y'y (only through rounding, or with wd = 0) is not stored.
+all of this still holds (a refreshed diagonal is again SPD and bounded, which is all the argument uses). Hence
+every pair has s'y > 0 (s'y >= wd_g ||s_W||^2), the L-BFGS matrices stay uniformly positive definite with
+bounded condition number (Liu & Nocedal 1989, Thm 7.1), every direction is a descent direction with cos(angle to
+-gradient) bounded away from 0, and every accepted step decreases f_g by a fixed fraction of what the exact line
+minimum would, so f_g converges to its minimum and W_g to the unique minimizer (R-linearly). A pair with s'y <=
+1e-10 y'y (only through rounding, or with wd = 0) is not stored.
 
 The line search uses convexity: phi(t) = f_g(theta + t d) is convex with phi'(0) < 0, so a step is accepted
 when it satisfies Armijo (phi(t) <= phi(0) + 1e-4 t phi'(0)) or when phi'(t) <= 0 (the step stops short of the
