@@ -237,7 +237,7 @@ def _extract_args(out, images, *extra):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (("--backbone", "nope_net"), "unknown backbone 'nope_net'; see `fusion-cache models`"),
+    (("--backbone", "nope_net"), "unknown backbone 'nope_net'; tested: mobilenet_v2, mobilenet_v3_large, resnet18"),
     (("--backbone", "timm:nope_net"), "timm has no model 'nope_net'"),
     (("--backbone", "vgg16", "--weights", "random"), "vgg16 cannot be tapped: it has no residual blocks"),
     (("--backbone", "resnet50", "--weights", "W"), "does not hold torchvision resnet50 weights"),
