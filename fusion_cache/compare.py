@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import Cache
-from .fit import HeadParams, ablate_caches, check_same_data, fit_head, load_view, markdown_table, summarize
+from .fit import HeadParams, ablate_caches, fit_head, load_view, markdown_table, summarize
 from .io import atomic_write_text, dumps_json
 
 # The head of the layer curve: linear, standardized (taps differ in scale by orders of magnitude), Adam 1e-3,
@@ -66,11 +66,8 @@ def run_comparison(caches: list[Cache], views: list[str], heads: list[str], seed
                    progress=None) -> dict:
     """The case study's protocol on every cache (one table) and every cache's layer curve: report.json."""
     say = progress or (lambda msg: None)
-    check_same_data(caches)
-    for c in caches:  # every view of every cache, before any training
-        for v in views:
-            c.view_taps(v)
-    rows = ablate_caches(caches, views, heads, seeds, HeadParams(),
+    rows = ablate_caches(  # checks the caches hold the same data and every view resolves, before any training
+caches, views, heads, seeds, HeadParams(),
                          progress=lambda r: say(f"  paper {r['backbone']} {r['view']} {r['head']} seed {r['seed']}: "
                                                 f"test {100 * r['test_acc']:.2f} %"))
     curve = []

@@ -228,12 +228,12 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
         Xtr, basis = store.rotated(view)
         opts.update(precondition=basis, rotated=True, tol=ROTATED_TOL, refresh=JACOBI_REFRESH)
 
-    def weight_decays(head, grid, rows):
-        return [1.0 / (rows * c) for c in grid] if HEAD_SPECS[head].tuned == "C" else [float(w) for w in grid]
+    def weight_decay(head, value, rows):  # logreg's C on `rows` rows as the linear head's weight decay
+        return 1.0 / (rows * value) if HEAD_SPECS[head].tuned == "C" else float(value)
 
     # grid head g: (head, seed, position in the head's grid)
     members = [(h, seed, i) for seed in splits for h in grids for i in range(len(grids[h]))]
-    wds = [weight_decays(h, [grids[h][i]], len(splits[seed][0]))[0] for h, seed, i in members]
+    wds = [weight_decay(h, grids[h][i], len(splits[seed][0])) for h, seed, i in members]
     if len(splits) == 1:  # one seed: its fit rows are simply the rows the grid is given
         f = torch.from_numpy(next(iter(splits.values()))[0])
         fit = fit_l2_grid(Xtr[f], y[f], k, wds, **opts)
@@ -251,7 +251,7 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
             val = correct[val_rows][:, gs].mean(0)
             scores[h, seed] = val
             chosen.append((h, seed, gs[int(np.argmax(val))]))  # first of the best: grids are strongest first
-    final_wds = [weight_decays(h, [grids[h][members[g][2]]], n)[0] for h, seed, g in chosen]
+    final_wds = [weight_decay(h, grids[h][members[g][2]], n) for h, seed, g in chosen]
     idx = [g for _, _, g in chosen]
     final = fit_l2_grid(Xtr, y, k, final_wds, init=(fit.coef[idx], fit.intercept[idx]), **opts)
     out = {}

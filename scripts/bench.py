@@ -187,6 +187,11 @@ def main() -> int:
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
     a = ap.parse_args()
+    for name in ("threads", "backbone_train_size", "backbone_test_size"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.threads > 4 * (os.cpu_count() or 1):
+        ap.error(f"--threads must be at most 4 x CPUs ({4 * (os.cpu_count() or 1)}), got {a.threads}")
     warnings.filterwarnings("once", category=UserWarning)  # the local-copy warning, once, not per extract
     if a.only_heads:
         if not a.full_cache:
