@@ -30,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ LOCK_SUFFIX = ".lock"
 SPLITS = ("train", "test")
 DTYPES = ("float32", "float16")  # storage dtype of the features
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast precision of the forward pass
+ENGINES = ("local", "ray")  # provenance: who ran the backbone
+SHARDS_SUFFIX = ".shards"  # the ray engine's shard folder beside the cache
+SHARD_SCHEMA = 1
 _REBUILD = "rebuild it with `fusion-cache extract ... --force`"
 
 
@@ -58,6 +62,10 @@ def partial_path(path: str | Path) -> Path:
 
 def lock_path(path: str | Path) -> Path:
     return Path(str(path) + LOCK_SUFFIX)
+
+
+def shard_folder(path: str | Path) -> Path:
+    return Path(str(path) + SHARDS_SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -107,6 +115,8 @@ class CacheMeta:
     # -- provenance with a default
     device: str = _attr("str", default="")  # where the forward pass ran
     skipped: dict = _attr("json", default_factory=dict)  # {split: [unreadable files]}
+    engine: str = _attr("str", default="local")  # local | ray (the datasets are then virtual, over shard files)
+    shards: int = _attr("int", default=0)  # shard files a ray cache reads (0: one self-contained file)
     # -- state
     schema_version: int = _attr("int", default=SCHEMA_VERSION)
     complete: bool = _attr("bool", default=False)
@@ -225,6 +235,8 @@ class CacheMeta:
             bad("library", f"is {self.library!r}, not torchvision or timm")
         if self.pool not in table.pools:
             bad("pool", f"is {self.pool!r}, not one of {', '.join(table.pools)}")
+        if self.engine not in ENGINES:
+            bad("engine", f"is {self.engine!r}, not one of {', '.join(ENGINES)}")
         if self.dtype not in DTYPES:
             bad("dtype", f"is {self.dtype!r}, not one of {', '.join(DTYPES)}")
         if self.precision not in PRECISIONS:
@@ -242,7 +254,7 @@ class CacheMeta:
             bad("image_size", f"is {self.image_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             bad("mean", "and std must be 3 finite numbers each, std positive")
-        for name in ("train_size", "test_size", "train_source_size", "test_source_size", "seed"):
+        for name in ("train_size", "test_size", "train_source_size", "test_source_size", "seed", "shards"):
             if getattr(self, name) < 0:
                 bad(name, f"is negative ({getattr(self, name)})")
         for name in ("data_identity", "subset", "versions", "skipped"):
@@ -418,6 +430,7 @@ def open_cache(path: str | Path) -> Cache:
                 raise FusionCacheError(
                     f"{where}: its attributes do not match its fingerprint (edited after extraction?); {_REBUILD}"
                 )
+            _check_virtual_sources(f, meta, path)
             _check_layout(f, meta, where)
     except FusionCacheError:
         raise
@@ -522,7 +535,7 @@ class CacheWriter:
         self.channels = dict(zip(meta.taps, meta.table.channels(meta.taps, meta.pool)))
         self.dtype = np.dtype(meta.dtype)
         self.resumed_from: dict[str, int] = {}
-        self._lock_fd: int | None = None
+        self._lock: CacheLock | None = None
         self._f: h5py.File | None = None
 
     # -- lifecycle
@@ -543,39 +556,12 @@ class CacheWriter:
             self._release_lock()
 
     def _acquire_lock(self) -> None:
-        lock = lock_path(self.path)
-        while True:
-            _refuse_foreign(lock, lambda p, st: st.st_size == 0, "is not an empty lock file that fusion-cache made")
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-            except OSError as e:
-                raise write_error(lock, e) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise FusionCacheError(
-                    f"another extract is already writing {self.path} (lock {lock} is held); "
-                    "wait for it to finish or choose another --out"
-                ) from None
-            try:  # the holder before us may have unlinked the lock file after we opened it
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock_fd = fd
-                self._lock_path = lock
-                return
-            os.close(fd)
+        self._lock = CacheLock(self.path).acquire()
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                os.unlink(self._lock_path)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _open_partial(self) -> None:
         if _refuse_foreign(self.partial, _empty_or_hdf5, "is not a partial cache that fusion-cache wrote"):
@@ -696,17 +682,73 @@ class CacheWriter:
             f.flush()
             f.close()
             self._f = None
-            with open(self.partial, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(self.partial, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _publish(self.partial, self.path)
         except OSError as e:
             raise write_error(self.partial, e) from None
         return meta
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it to `path`, fsync the folder: `path` is whole or absent, even after a power cut."""
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CacheLock:
+    """`<path>.lock`, held (flock) by whoever writes `<path>`: the local engine's CacheWriter or the ray engine's
+    driver, for its whole run. A second writer gets a one-line error; a lock file that is not an empty file
+    fusion-cache made is refused, never deleted."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock = lock_path(self.path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "CacheLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> "CacheLock":
+        lock = self.lock
+        while True:
+            _refuse_foreign(lock, lambda p, st: st.st_size == 0, "is not an empty lock file that fusion-cache made")
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                raise write_error(lock, e) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FusionCacheError(
+                    f"another extract is already writing {self.path} (lock {lock} is held); "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            try:  # the holder before us may have unlinked the lock file after we opened it
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.lock)
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
 
 
 def _refuse_foreign(path: Path, ok, why: str) -> bool:
@@ -744,3 +786,226 @@ def _layout_ok(f: h5py.File, sizes: dict[str, int], channels: dict[str, int]) ->
         return True
     except (KeyError, OSError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+# The ray engine's shard files, one per contiguous range [start, stop) of a split's chosen positions, in
+# `<cache>.shards/<split>-<start>-<stop>.h5` (10-digit positions). A shard holds the rows of one split as the
+# cache does (`labels`, `indices`, `features/<tap>`, at its root) and these attributes:
+#     shard_schema, fingerprint (the cache's), split, start, stop, rows, skipped (JSON list), complete
+# It is written under `<name>.tmp-<id>` and renamed when whole. The cache file then maps its datasets onto the
+# shards as h5py virtual datasets (`write_virtual_cache`); `open_cache` checks every shard it reads.
+
+_SHARD_NAME = re.compile(r"^(train|test)-(\d{10})-(\d{10})\.h5$")
+_SHARD_TMP = re.compile(r"^(train|test)-(\d{10})-(\d{10})\.h5\.tmp-[0-9a-f]+$")
+
+
+def shard_name(split: str, start: int, stop: int) -> str:
+    return f"{split}-{start:010d}-{stop:010d}.h5"
+
+
+def is_shard_file_name(name: str) -> bool:
+    """A name fusion-cache gives to shard files and their temporary files."""
+    return bool(_SHARD_NAME.match(name) or _SHARD_TMP.match(name))
+
+
+def is_shard_tmp_name(name: str) -> bool:
+    return bool(_SHARD_TMP.match(name))
+
+
+@dataclass
+class Shard:
+    """A complete shard file: positions [start, stop) of `split`, `rows` of them cached (the rest skipped)."""
+
+    path: Path
+    split: str
+    start: int
+    stop: int
+    rows: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def write_shard(folder: Path, meta: CacheMeta, split: str, start: int, stop: int, labels: np.ndarray,
+                indices: np.ndarray, feats: dict[str, np.ndarray], skipped: list[str]) -> Shard:
+    """Write one shard atomically (a temporary name, then a rename). Any process may call it: a Ray worker does."""
+    path = Path(folder) / shard_name(split, start, stop)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid():x}{os.urandom(4).hex()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"shard_schema": SHARD_SCHEMA, "fingerprint": meta.fingerprint, "split": split,
+                            "start": start, "stop": stop, "rows": len(labels), "skipped": json.dumps(list(skipped)),
+                            "complete": False})
+            f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            f.create_dataset("indices", data=np.asarray(indices, dtype=np.int64))
+            g = f.create_group("features")
+            for tap in meta.taps:
+                g.create_dataset(tap, data=np.asarray(feats[tap], dtype=meta.dtype))
+            f.attrs["complete"] = True
+        _publish(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+    return Shard(path, split, start, stop, len(labels), list(skipped))
+
+
+def read_shard(path: Path, meta: CacheMeta, split: str, start: int, stop: int, expected: np.ndarray,
+               source_labels: np.ndarray) -> Shard | str:
+    """The shard at `path` if it is complete, of these settings, and holds exactly the rows of positions
+    [start, stop) (`expected`: their source indices) in order, minus those it lists as skipped, with their
+    true labels; otherwise the reason it is not (it is then redone, never read)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or not is_hdf5_file(path):
+            return "not an HDF5 file"
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            if _as_int(a.get("shard_schema", -1)) != SHARD_SCHEMA or not _as_bool(a.get("complete", False)):
+                return "incomplete"
+            if _as_str(a.get("fingerprint", "")) != meta.fingerprint:
+                return "written with other settings"
+            if (_as_str(a["split"]), _as_int(a["start"]), _as_int(a["stop"])) != (split, start, stop):
+                return "of another range"
+            rows = _as_int(a["rows"])
+            skipped = json.loads(_as_str(a["skipped"]))
+            if not isinstance(skipped, list) or not all(isinstance(x, str) for x in skipped):
+                return "has a bad skipped list"
+            for name, width in [("labels", None), ("indices", None)] + [(f"features/{t}", meta.width(t))
+                                                                        for t in meta.taps]:
+                ds = f.get(name)
+                want = (rows,) if width is None else (rows, width)
+                dtype = np.dtype(np.int64) if width is None else np.dtype(meta.dtype)
+                if not isinstance(ds, h5py.Dataset) or ds.shape != want or ds.dtype != dtype or ds.is_virtual:
+                    return f"has a bad dataset {name}"
+            indices, labels = f["indices"][()], f["labels"][()]
+            keep = np.isin(expected, indices)
+            if len(indices) != int(keep.sum()) or not np.array_equal(expected[keep], indices) or \
+                    len(expected) - rows != len(skipped):
+                return "holds other rows"
+            if not np.array_equal(labels, source_labels[indices]):
+                return "holds wrong labels"
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        return f"unreadable ({str(e)[:60]})"
+    return Shard(Path(path), split, start, stop, rows, skipped)
+
+
+def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard]]) -> CacheMeta:
+    """Write the cache `out` (its writer holds the lock) with the given final metadata, its datasets virtual
+    over `shards` (in position order per split), under `<out>.partial`, renamed when complete."""
+    out = Path(out)
+    partial = partial_path(out)
+    widths = {t: meta.width(t) for t in meta.taps}
+    try:
+        with h5py.File(partial, "w") as f:
+            for k, v in dataclasses.replace(meta, complete=False).to_attrs().items():
+                f.attrs[k] = v
+            for s in SPLITS:
+                g = f.create_group(s)
+                g.create_group("features")
+                n = sum(sh.rows for sh in shards[s])
+                for name, width, dtype in [("labels", None, np.int64), ("indices", None, np.int64)] + [
+                        (f"features/{t}", w, np.dtype(meta.dtype)) for t, w in widths.items()]:
+                    shape = (n,) if width is None else (n, width)
+                    if n == 0:
+                        g.create_dataset(name, shape=shape, dtype=dtype)
+                        continue
+                    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                    pos = 0
+                    for sh in shards[s]:
+                        if sh.rows:
+                            rel = os.path.relpath(sh.path, out.resolve().parent)
+                            src_shape = (sh.rows,) if width is None else (sh.rows, width)
+                            layout[pos : pos + sh.rows] = h5py.VirtualSource(rel, name, shape=src_shape)
+                            pos += sh.rows
+                    g.create_virtual_dataset(name, layout)
+            f.attrs["complete"] = True
+        _publish(partial, out)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise write_error(out, e) from None
+    return meta
+
+
+def _check_virtual_sources(f: h5py.File, meta: CacheMeta, path: Path) -> None:
+    """Every shard file a virtual dataset reads exists beside the cache, is complete, carries the cache's
+    fingerprint and holds the rows mapped from it. (HDF5 reads a missing source as zeros, silently.)"""
+    uses: dict[str, list[tuple[str, int]]] = {}  # shard file -> [(dataset, rows mapped from it)]
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            for m in obj.virtual_sources():
+                first, last = m.vspace.get_select_bounds()  # the whole source dataset maps onto these rows
+                uses.setdefault(m.file_name, []).append((m.dset_name, last[0] - first[0] + 1))
+
+    f.visititems(visit)
+    if not uses:
+        if meta.shards:
+            raise FusionCacheError(f"{path}: attribute 'shards' says {meta.shards} but no dataset reads a shard; "
+                                   f"{_REBUILD}")
+        return
+    folder = shard_folder(path)
+    fix = f"keep {folder.name}/ beside {path.name}, or rebuild it with the same extract command and --force"
+    for name, reads in uses.items():
+        src = Path(name) if os.path.isabs(name) else path.parent / name
+        if name == "." or not os.path.isfile(src) or not is_hdf5_file(src):
+            raise FusionCacheError(f"{path} reads its features from shard {src}, which is missing or not an HDF5 "
+                                   f"file; {fix}")
+        try:
+            with h5py.File(src, "r") as g:
+                ok = _as_bool(g.attrs.get("complete", False)) and \
+                    _as_str(g.attrs.get("fingerprint", "")) == meta.fingerprint
+                short = [d for d, rows in reads if not isinstance(g.get(d), h5py.Dataset) or len(g[d]) != rows]
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise FusionCacheError(f"{path} reads shard {src}, which is damaged ({str(e)[:80]}); {fix}") from None
+        if not ok:
+            raise FusionCacheError(f"{path} reads shard {src}, which is incomplete or from other settings; {fix}")
+        if short:
+            raise FusionCacheError(f"{path} reads shard {src}, whose {short[0]} does not hold the rows mapped; {fix}")
+
+
+def remove_shards(out: Path) -> int:
+    """Remove `<out>.shards/` if it holds only files named as shards (anything else stays, and so does the
+    folder). Returns how many files were removed."""
+    folder = shard_folder(out)
+    if not folder.is_dir() or folder.is_symlink():
+        return 0
+    names = os.listdir(folder)
+    if not all(is_shard_file_name(n) for n in names):
+        return 0
+    for n in names:
+        (folder / n).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+    return len(names)
+
+
+def consolidate(path: str | Path, out: str | Path, force: bool = False, block: int = 4096) -> CacheMeta:
+    """Copy a cache (typically the ray engine's, virtual over shard files) into one self-contained cache file
+    `out`, written like any cache (`<out>.partial`, resumable, renamed when complete). Same rows, same bytes of
+    features, same fingerprint; the metadata says engine ray, 0 shards."""
+    src = open_cache(path)
+    out = Path(out)
+    if out.is_dir():
+        raise FusionCacheError(f"--out {out} is a folder; pass a file path such as {out / 'cache.h5'}")
+    if not out.resolve().parent.is_dir():
+        raise FusionCacheError(f"cannot write {out}: folder {out.resolve().parent} does not exist; create it or "
+                               "choose another --out")
+    if os.path.lexists(out):
+        folder = shard_folder(src.path).resolve()
+        if out.resolve() == src.path.resolve() or out.resolve().parent == folder:
+            raise FusionCacheError(f"--out {out} is {path} itself or one of its shards; choose another --out")
+        if not force:
+            raise FusionCacheError(f"{out} exists; pass --force to replace it, or choose another --out")
+    meta = dataclasses.replace(src.meta, shards=0, complete=False)
+    with CacheWriter(out, meta, force=force) as w, h5py.File(src.path, "r") as f:
+        for s in SPLITS:
+            n = meta.split_size(s)
+            for lo in range(w.next_position(s), n, block):
+                hi = min(lo + block, n)
+                g = f[s]
+                w.append(s, hi, g["labels"][lo:hi], g["indices"][lo:hi],
+                         {t: g["features"][t][lo:hi] for t in meta.taps})
+        return w.finish()

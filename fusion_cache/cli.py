@@ -207,9 +207,24 @@ def main():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (slower start, faster on long runs).")
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process. ray: workers of a Ray cluster write shards under OUT.shards/, and OUT reads "
+                   "them (needs `pip install 'fusion-cache[ray]'`; see the README's \"On a cluster\").")
+@click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
+              help="The Ray cluster to join (`ray start --head` prints it) [default: start a local one].")
+@click.option("--num-workers", type=int, default=None,
+              help="Ray workers, each with the model loaded [default: as many as the cluster's GPUs (with "
+                   "--gpus-per-worker) or CPUs fit].")
+@click.option("--gpus-per-worker", type=FiniteFloat(0, 8), default=0.0, show_default=True,
+              help="GPUs per Ray worker (0: run on CPU).")
+@click.option("--cpus-per-worker", type=FiniteFloat(0, 256, min_open=True), default=1.0, show_default=True,
+              help="CPUs reserved per Ray worker; its torch threads are this, rounded down (at least 1).")
+@click.option("--shard-size", type=int, default=None,
+              help="Images per shard, the Ray engine's unit of work and of resumption; a multiple of --batch-size "
+                   "[default: about 1/64 of the images, 1 to 64 batches].")
 def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weights, image_size, taps, batch_size,
             device, precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force,
-            progress):
+            progress, engine, ray_address, num_workers, gpus_per_worker, cpus_per_worker, shard_size):
     """Run the frozen backbone once and cache pooled features of every tap.
 
     Writes OUT atomically (OUT.partial, renamed when complete). Running the same
@@ -229,6 +244,8 @@ def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weig
         batch_size=batch_size, device=device,
         precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
         force=force, workers=workers, on_bad_image=on_bad_image, compile=compile_, progress=progress,
+        engine=engine, ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker, shard_size=shard_size,
     )
     with warnings.catch_warnings():  # a local copy used without checks is always said out loud
         warnings.simplefilter("always", IntegrityWarning)
@@ -248,7 +265,7 @@ def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weig
 @click.option("--json", "as_json", is_flag=True, help="Print the attributes and shapes as one JSON object.")
 def info(cache, as_json):
     """Print a cache's provenance (weights, preprocessing, taps, data, versions) and shapes."""
-    from .cache import open_cache
+    from .cache import open_cache, shard_folder
 
     c = open_cache(cache)
     shapes = c.shapes()
@@ -265,6 +282,9 @@ def info(cache, as_json):
     click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}")
     click.echo(f"subset      train {m.train_size} of {m.train_source_size}, test {m.test_size} of {m.test_source_size}")
     click.echo(f"features    {m.dtype}, {m.pool}-pooled, forward in {m.precision}, device {m.device or '?'}")
+    click.echo(f"engine      {m.engine}" + (f", {m.shards} shard files in {shard_folder(c.path).name}/ (virtual "
+                                            "datasets; `fusion-cache consolidate` makes one file)"
+                                            if m.shards else ""))
     if not m.integrity_checked:
         click.echo("integrity   NOT checked (--skip-integrity-check)")
     for split, files in m.skipped.items():
@@ -273,6 +293,25 @@ def info(cache, as_json):
     click.echo("taps:")
     for t in c.taps:
         click.echo(f"  {t:<12} train {shapes['train'][t]}  test {shapes['test'][t]}")
+
+
+@main.command(short_help="Copy a sharded (ray engine) cache into one file.")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The single-file cache to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out (never the input or its shards).")
+def consolidate(cache, out, force):
+    """Copy CACHE, whose features are virtual datasets over OUT.shards/ files
+    (`extract --engine ray`), into one self-contained cache file: the same
+    features, bit for bit, and the same fingerprint.
+
+    \b
+    Example:
+      fusion-cache consolidate data/imagenet.h5 --out data/imagenet-one.h5
+    """
+    from .cache import consolidate as run
+
+    meta = run(cache, out, force)
+    click.echo(f"wrote {out}: {meta.train_size + meta.test_size} rows from {cache} in one file")
 
 
 @main.command(short_help="A backbone's taps and the named views.")

@@ -320,7 +320,7 @@ def _digest(path: str) -> str:
             return "unreadable: " + _reason(e)
 
 
-def load_image_folder(root: str | Path, split: str) -> Source:
+def load_image_folder(root: str | Path, split: str, hash_contents: bool = True) -> Source:
     r"""`root/<split>/<class>/<image>`, listed the way torchvision's ImageFolder lists it, but safely.
 
     Classes are the sorted names of the folders in `root/<split>/`; samples are the files with torchvision's
@@ -404,7 +404,8 @@ def load_image_folder(root: str | Path, split: str) -> Source:
             linked.add(key)
         kept.append((path, label, problem))
     with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL; overlaps the reads
-        digests = list(pool.map(lambda k: "bad: " + k[2] if k[2] else _digest(k[0]), kept))
+        digests = list(pool.map(lambda k: "bad: " + k[2] if k[2] else _digest(k[0]) if hash_contents else "",
+                                kept))
 
     rel = [os.path.relpath(path, top) for path, _, _ in kept]
     labels = np.asarray([label for _, label, _ in kept], dtype=np.int64)
@@ -413,7 +414,8 @@ def load_image_folder(root: str | Path, split: str) -> Source:
         h.update(os.fsencode(c) + b"\n")
     for r, label, digest in zip(rel, labels, digests):
         h.update(os.fsencode(r) + b"\0" + str(int(label)).encode() + b"\0" + digest.encode() + b"\n")
-    return Source("imagefolder", split, shown_classes, labels, h.hexdigest(), paths=[display_path(r) for r in rel],
+    return Source("imagefolder", split, shown_classes, labels, h.hexdigest() if hash_contents else "",
+                  paths=[display_path(r) for r in rel],
                   root=folder, files=rel)
 
 
@@ -546,11 +548,12 @@ class BadImage(Exception):
 
 
 def load_source(dataset: str, root: str | Path, split: str, download: bool = True,
-                skip_integrity_check: bool = False) -> Source:
+                skip_integrity_check: bool = False, hash_contents: bool = True) -> Source:
+    """One split of a dataset. `hash_contents=False` lists image files without hashing them (identity "")."""
     if dataset == "cifar10":
         return load_cifar10(root, split, download, skip_integrity_check)
     if dataset == "imagefolder":
-        return load_image_folder(root, split)
+        return load_image_folder(root, split, hash_contents)
     raise FusionCacheError(f"unknown dataset '{dataset}'; use cifar10 or imagefolder")
 
 

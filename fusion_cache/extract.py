@@ -50,6 +50,13 @@ class ExtractConfig:
     on_bad_image: str = "fail"  # fail | skip, for undecodable files in image folders
     compile: bool = False  # torch.compile the extractor
     progress: bool | None = None  # None: show the bar when stderr is a terminal
+    # -- the engine (provenance, not in the fingerprint): local, or Ray workers writing shards (`cluster.py`)
+    engine: str = "local"  # local | ray
+    ray_address: str | None = None  # None: start a local Ray | auto | HOST:PORT
+    num_workers: int | None = None  # Ray workers; None: one per GPU (--gpus-per-worker > 0), else one per CPU
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # Ray's CPU reservation per worker; torch threads = max(1, floor(this))
+    shard_size: int | None = None  # images per shard; None: 64 batches
 
 
 @dataclass
@@ -79,7 +86,18 @@ class ExtractResult:
         )
 
 
+RAY_OPTIONS = {"ray_address": None, "num_workers": None, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0,
+               "shard_size": None}  # their defaults: a non-default value asks for --engine ray
+
+
 def validate(cfg: ExtractConfig) -> None:
+    if cfg.engine not in ("local", "ray"):
+        raise FusionCacheError(f"unknown --engine '{cfg.engine}'; use local or ray")
+    if cfg.engine == "local":
+        given = [k for k, default in RAY_OPTIONS.items() if getattr(cfg, k) != default]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise FusionCacheError(f"{flag} applies only to --engine ray; add --engine ray or drop {flag}")
     if cfg.image_size is not None and not 32 <= cfg.image_size <= 1024:
         raise FusionCacheError(f"--image-size {cfg.image_size} is out of range; pass 32 (MobileNetV2's minimum) to 1024")
     max_workers = 2 * (os.cpu_count() or 1)
@@ -109,8 +127,12 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} is not writable; choose a writable --out")
 
 
-def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], dict[str, np.ndarray], object]:
-    """Load the sources and weights and work out what the cache will hold; no backbone pass yet."""
+def plan(cfg: ExtractConfig, hash_contents: bool = True
+         ) -> tuple[cache_mod.CacheMeta, dict[str, Source], dict[str, np.ndarray], object]:
+    """Load the sources and weights and work out what the cache will hold; no backbone pass yet.
+
+    `hash_contents=False` (a Ray worker, which checks what it sees against the driver's plan instead) lists
+    image files without hashing their contents; the metadata's data identity is then not the cache's."""
     validate(cfg)
     bb = resolve(cfg.backbone)
     table = bb.tap_table()
@@ -121,7 +143,8 @@ def plan(cfg: ExtractConfig) -> tuple[cache_mod.CacheMeta, dict[str, Source], di
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sources = {
-            s: load_source(cfg.dataset, cfg.data_root, s, cfg.download, cfg.skip_integrity_check) for s in SPLITS
+            s: load_source(cfg.dataset, cfg.data_root, s, cfg.download, cfg.skip_integrity_check, hash_contents)
+            for s in SPLITS
         }
     for message in dict.fromkeys(str(w.message) for w in caught):  # both splits share a tarball: warn once
         warnings.warn(message, IntegrityWarning, stacklevel=2)
@@ -184,6 +207,10 @@ def hash_indices(indices: np.ndarray) -> str:
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract (or reuse, or resume) the cache that `cfg` describes. Returns what was done."""
+    if cfg.engine == "ray":
+        from .cluster import extract_ray
+
+        return extract_ray(cfg)
     meta, sources, subsets, weights = plan(cfg)
     out = Path(cfg.out)
     taps = list(meta.taps)
@@ -191,21 +218,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     widths = dict(zip(taps, table.channels(taps, meta.pool)))
     dims = sum(widths.values())
     counts = {s: len(subsets[s]) for s in SPLITS}
-    if out.exists():
-        existing = cache_mod.peek_fingerprint(out)
-        if existing in (meta.fingerprint, meta.legacy_fingerprint()) and existing and not cfg.force:
-            return ExtractResult(out, True, counts, dims)
-        if not cfg.force:
-            why = "was built with other settings" if existing else "is not a complete fusion-cache file"
-            raise FusionCacheError(f"{out} exists and {why}; pass --force to replace it, or choose another --out")
+    reused = existing_cache(out, meta, cfg.force, counts, dims)
+    if reused is not None:
+        return reused
 
-    device = resolve_device(cfg.device)
-    model = build_model(weights).to(device)
-    model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
-    extractor = PooledExtractor(model, taps, meta.pool, table).eval()
-    if cfg.compile:
-        extractor = torch.compile(extractor)
-    pre = Preprocess(meta.image_size, meta.mean, meta.std, meta.interpolation)
+    _refuse_shard_folder(out, cfg.force)
+    core = Core(cfg, meta, sources, subsets, weights)
     start = time.perf_counter()
     processed = 0
     with cache_mod.CacheWriter(out, meta, force=cfg.force) as writer, ThreadPoolExecutor(1) as pool, \
@@ -215,26 +233,13 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         bar = tqdm(total=total, unit="img", desc="extract", disable=_no_bar(cfg.progress), dynamic_ncols=True)
         try:
             for split in SPLITS:
-                src, idx = sources[split], subsets[split]
-                for next_pos, positions, images, bad in _batches(src, idx, writer.next_position(split), cfg, pre):
-                    if bad:
-                        if cfg.on_bad_image == "fail":
-                            raise FusionCacheError(
-                                f"cannot read image {bad[0][0]}: {bad[0][1]}; fix or remove it, or pass "
-                                "--on-bad-image skip"
-                            )
-                    feats = _forward(extractor, images, pre, device, cfg.precision) if len(positions) else {
-                        t: np.zeros((0, c), np.float32) for t, c in widths.items()}
-                    _check_finite(feats, split, idx[positions[0]] if len(positions) else -1)
+                for batch in core.batches(split, writer.next_position(split), counts[split]):
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(
-                        writer.append, split, next_pos, src.labels[idx[positions]], idx[positions],
-                        {t: v.astype(cfg.dtype, copy=False) for t, v in feats.items()},
-                        [name for name, _ in bad],
-                    )
-                    processed += len(positions)
-                    bar.update(len(positions) + len(bad))
+                    pending = pool.submit(writer.append, split, batch.next_position, batch.labels, batch.indices,
+                                          batch.features, batch.skipped)
+                    processed += len(batch.labels)
+                    bar.update(batch.next_position - batch.start)
             if pending is not None:
                 pending.result()
                 pending = None
@@ -247,10 +252,92 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
             bar.close()
         all_skipped = {s: writer.skipped(s) for s in SPLITS if writer.skipped(s)}
         counts = {s: writer.rows(s) for s in SPLITS}
-        writer.finish(skipped=all_skipped, train_size=counts["train"], test_size=counts["test"], device=str(device))
+        writer.finish(skipped=all_skipped, train_size=counts["train"], test_size=counts["test"],
+                      device=str(core.device))
         resumed = dict(writer.resumed_from)
+    if cfg.force:
+        cache_mod.remove_shards(out)  # a ray extraction's shards that OUT no longer points to
     seconds = time.perf_counter() - start
     return ExtractResult(out, False, counts, dims, seconds, processed / max(seconds, 1e-9), resumed, all_skipped)
+
+
+def existing_cache(out: Path, meta: cache_mod.CacheMeta, force: bool, counts: dict[str, int], dims: int
+                   ) -> ExtractResult | None:
+    """What an existing `out` means, for both engines: reused when it is complete with these settings (built
+    by either engine), refused unless --force when it is anything else; None when it is to be (re)built."""
+    if not os.path.lexists(out):
+        return None
+    existing = cache_mod.peek_fingerprint(out)
+    if existing in (meta.fingerprint, meta.legacy_fingerprint()) and existing and not force:
+        return ExtractResult(out, True, counts, dims)
+    if not force:
+        why = "was built with other settings" if existing else "is not a complete fusion-cache file"
+        raise FusionCacheError(f"{out} exists and {why}; pass --force to replace it, or choose another --out")
+    return None
+
+
+@dataclass
+class Batch:
+    """One batch of extracted rows: positions [start, next_position) of a split's chosen indices, minus the
+    skipped unreadable images."""
+
+    start: int
+    next_position: int
+    labels: np.ndarray  # (n,) int64
+    indices: np.ndarray  # (n,) int64, positions in the source split
+    features: dict[str, np.ndarray]  # {tap: (n, W)} in the cache's storage dtype
+    skipped: list[str]  # display names of the unreadable images of this batch
+
+
+class Core:
+    """The extraction core that both engines call: a range of positions in one split's chosen indices in,
+    pooled tap features out. Preprocessing, the forward pass, pooling, precision and the storage dtype live
+    here and nowhere else; the local engine streams its batches into one file, a Ray worker into a shard.
+
+    Batches start at multiples of `batch_size` counted from the split's first position, so any range that
+    starts at such a multiple (a resumed run, a shard) meets exactly the batches of an uninterrupted run.
+    """
+
+    def __init__(self, cfg: ExtractConfig, meta: cache_mod.CacheMeta, sources: dict[str, Source],
+                 subsets: dict[str, np.ndarray], weights, device: str | None = None, workers: int | None = None):
+        self.cfg, self.meta, self.sources, self.subsets = cfg, meta, sources, subsets
+        self.device = resolve_device(device or cfg.device)
+        self.workers = cfg.workers if workers is None else workers
+        self.widths = dict(zip(meta.taps, meta.table.channels(list(meta.taps), meta.pool)))
+        model = build_model(weights).to(self.device)
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU alike
+        self.extractor = PooledExtractor(model, list(meta.taps), meta.pool, meta.table).eval()
+        if cfg.compile:
+            self.extractor = torch.compile(self.extractor)
+        self.pre = Preprocess(meta.image_size, meta.mean, meta.std, meta.interpolation)
+
+    def batches(self, split: str, start: int, stop: int):
+        """Yield the `Batch`es of positions [start, stop) of `split`; `start` must be a multiple of the batch
+        size (or `stop`). An unreadable image raises unless --on-bad-image skip."""
+        if start % self.cfg.batch_size and start != stop:
+            raise ValueError(f"range start {start} is not a multiple of the batch size {self.cfg.batch_size}")
+        src, idx = self.sources[split], self.subsets[split]
+        for lo, next_pos, positions, images, bad in _batches(src, idx, start, stop, self.cfg.batch_size,
+                                                             self.workers, self.device, self.pre):
+            if bad and self.cfg.on_bad_image == "fail":
+                raise FusionCacheError(
+                    f"cannot read image {bad[0][0]}: {bad[0][1]}; fix or remove it, or pass --on-bad-image skip"
+                )
+            if len(positions):
+                feats = _forward(self.extractor, images, self.pre, self.device, self.cfg.precision)
+                _check_finite(feats, split, idx[positions[0]])
+            else:
+                feats = {t: np.zeros((0, c), np.float32) for t, c in self.widths.items()}
+            yield Batch(lo, next_pos, src.labels[idx[positions]], idx[positions],
+                        {t: v.astype(self.meta.dtype, copy=False) for t, v in feats.items()}, [n for n, _ in bad])
+
+
+def _refuse_shard_folder(out: Path, force: bool) -> None:
+    """The local engine does not silently leave a Ray extraction's shards beside the cache it replaces."""
+    shards = cache_mod.shard_folder(out)
+    if os.path.lexists(shards) and not force:
+        raise FusionCacheError(f"{shards} holds the shards of a Ray extraction (--engine ray); run that command "
+                               "again to finish it, or pass --force to replace it with a local extraction")
 
 
 def _no_bar(progress: bool | None) -> bool | None:
@@ -275,28 +362,26 @@ def _check_finite(feats: dict[str, np.ndarray], split: str, first_index: int) ->
             )
 
 
-def _batches(src: Source, idx: np.ndarray, start: int, cfg: ExtractConfig, pre: Preprocess):
-    """Yield (next_position, positions kept, uint8 (n, 3, S, S) resized images, [(bad file, reason)]) per batch.
-
-    Batches always start at multiples of batch_size, so a resumed run sees exactly the same batches.
-    """
-    bs = cfg.batch_size
+def _batches(src: Source, idx: np.ndarray, start: int, stop: int, bs: int, workers: int | None,
+             device: torch.device, pre: Preprocess):
+    """Yield (start, next_position, positions kept, uint8 (n, 3, S, S) resized images, [(bad file, reason)])
+    per batch of positions [start, stop)."""
     if src.images is not None:  # in memory (CIFAR-10): batched tensor resize, no per-image PIL work
-        for lo in range(start, len(idx), bs):
-            hi = min(lo + bs, len(idx))
+        for lo in range(start, stop, bs):
+            hi = min(lo + bs, stop)
             images = pre.resize(torch.from_numpy(src.images[idx[lo:hi]]))
-            yield hi, np.arange(lo, hi), images, []
+            yield lo, hi, np.arange(lo, hi), images, []
         return
     dataset = _FolderDataset(src, idx, pre)
-    workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
-    positions = list(range(start, len(idx)))
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    positions = list(range(start, stop))
     batch_sampler = [positions[i : i + bs] for i in range(0, len(positions), bs)]
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_collate,
-        pin_memory=torch.cuda.is_available() and cfg.device != "cpu", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=False,
     )
     for batch_positions, (kept, images, bad) in zip(batch_sampler, loader):
-        yield batch_positions[-1] + 1, np.asarray(kept, dtype=np.int64), images, bad
+        yield batch_positions[0], batch_positions[-1] + 1, np.asarray(kept, dtype=np.int64), images, bad
 
 
 class _FolderDataset(torch.utils.data.Dataset):

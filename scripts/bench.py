@@ -116,6 +116,41 @@ def backbone_ratios(a, sources: dict, tmp: Path) -> dict:
     return out
 
 
+def ray_ratio(common: dict, tmp: Path, workers: int = 2) -> dict:
+    """ray_vs_local_ratio: the ray engine with `workers` single-threaded workers vs the local engine, both
+    building the same cache from nothing in this run. The cluster's start-up is timed apart: `ray.init`, and a
+    first tiny Ray Data job that starts Ray Data's per-cluster service actors (a standing cluster has them). The
+    ray time counts everything of the job itself: starting the workers (imports, data, model), the shards and
+    the virtual cache. The local engine runs alone with the process's torch threads, the ray job with 1
+    thread per worker; their features are compared bit for bit."""
+    import logging
+
+    import numpy as np
+    import ray
+    import ray.data
+
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    init_s = time.perf_counter() - start
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    start = time.perf_counter()
+    ray.data.range(2, override_num_blocks=2).map_batches(lambda b: b, num_cpus=0.5).materialize()
+    warm_s = time.perf_counter() - start
+    try:
+        local_ips, local_s = timed_extract(ExtractConfig(out=tmp / "local.h5", **common))
+        ray_ips, ray_s = timed_extract(ExtractConfig(out=tmp / "ray.h5", **common, engine="ray",
+                                                     num_workers=workers, cpus_per_worker=1.0))
+    finally:
+        ray.shutdown()
+    a, b = open_cache(tmp / "local.h5"), open_cache(tmp / "ray.h5")
+    diff = max(float(np.max(np.abs(a.features(t, s) - b.features(t, s)) / (np.abs(a.features(t, s)).max() or 1)))
+               for t in a.taps for s in ("train", "test"))
+    return {"ray_init_s": init_s, "ray_data_first_job_s": warm_s, "ray_workers": workers,
+            "ray_extract_s": ray_s, "ray_img_per_s": ray_ips, "local_extract_s": local_s, "local_img_per_s": local_ips,
+            "ray_vs_local_ratio": ray_ips / local_ips, "ray_vs_local_max_rel_diff": diff,
+            "ray_shards": b.meta.shards}
+
+
 def write_jpeg_folder(root: Path, sources: dict, subsets: dict) -> Path:
     for split, src in sources.items():
         for i in subsets[split]:

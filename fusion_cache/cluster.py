@@ -1,0 +1,425 @@
+"""The Ray engine: `fusion-cache extract --engine ray` runs the backbone on a Ray cluster's workers.
+
+The work unit is a shard, a contiguous range of positions in one split's chosen indices. The driver plans the
+cache exactly as the local engine does (`extract.plan`: same settings, same fingerprint), then hands Ray Data
+one row per missing shard: `(split, start, stop)`, never pixels. An actor pool of `_ShardWorker`s (the model
+stays loaded) reads its images from the data root itself, runs the extraction core the local engine runs
+(`extract.Core`), and writes the shard atomically under `<out>.shards/` (`cache.write_shard`). Ray restarts a
+killed worker and retries its shard (Ray Data's actor pools default to unlimited restarts and task retries).
+
+When every shard is there, the driver writes `<out>`: the cache schema, with virtual datasets over the shards
+(`cache.write_virtual_cache`), so every command reads it as it reads a local cache. Re-running the command skips
+the shards that are complete and of these settings (`cache.read_shard` checks each), and redoes the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import cache as cache_mod
+from .data import SPLITS, Source
+from .errors import FusionCacheError
+from .extract import RAY_OPTIONS, Core, ExtractConfig, ExtractResult, _no_bar, existing_cache, hash_indices, plan
+
+MAX_WORKERS = 4096
+DEFAULT_SHARDS = 64  # --shard-size default: about 1/64 of the images ...
+MAX_SHARD_BATCHES = 64  # ... but at most 64 batches (4096 images at --batch-size 64)
+EXTRA = "pip install 'fusion-cache[ray]'"
+
+
+def import_ray():
+    """Ray and Ray Data, or a one-line error naming the extra."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise FusionCacheError(f"--engine ray needs Ray Data, which is not installed; run `{EXTRA}`") from None
+    return ray
+
+
+def shard_size(cfg: ExtractConfig, total: int) -> int:
+    """--shard-size, or by default about 1/64 of the `total` images in whole batches, 1 to 64 batches (4096
+    images at --batch-size 64): enough shards to balance any pool of workers, few enough to cost nothing. It
+    depends on the data alone, so a re-run with another worker count resumes the same shards."""
+    if cfg.shard_size is not None:
+        return cfg.shard_size
+    batches = math.ceil(total / DEFAULT_SHARDS / cfg.batch_size)
+    return min(max(batches, 1), MAX_SHARD_BATCHES) * cfg.batch_size
+
+
+def validate_ray(cfg: ExtractConfig) -> None:
+    """Options of the Ray engine, checked before any data is read."""
+    k = cfg.shard_size
+    if k is not None and (k <= 0 or k % cfg.batch_size):
+        up = max(1, math.ceil(max(k, 1) / cfg.batch_size)) * cfg.batch_size
+        raise FusionCacheError(f"--shard-size {k} is not a positive multiple of --batch-size {cfg.batch_size} (a "
+                               f"shard must hold whole batches, for features identical to the local engine's); "
+                               f"pass --shard-size {up}")
+    if cfg.num_workers is not None and not 1 <= cfg.num_workers <= MAX_WORKERS:
+        raise FusionCacheError(f"--num-workers {cfg.num_workers} is out of range; pass 1 to {MAX_WORKERS}")
+    if not (0 <= cfg.gpus_per_worker <= 8) or not math.isfinite(cfg.gpus_per_worker):
+        raise FusionCacheError(f"--gpus-per-worker {cfg.gpus_per_worker} is out of range; pass 0 to 8")
+    if not (0 < cfg.cpus_per_worker <= 256) or not math.isfinite(cfg.cpus_per_worker):
+        raise FusionCacheError(f"--cpus-per-worker {cfg.cpus_per_worker} is out of range; pass more than 0, up to 256")
+    if cfg.device == "cuda" and cfg.gpus_per_worker == 0:
+        raise FusionCacheError("--device cuda with --engine ray needs GPUs for the workers; pass --gpus-per-worker 1")
+    if cfg.device == "cpu" and cfg.gpus_per_worker > 0:
+        raise FusionCacheError("--device cpu contradicts --gpus-per-worker; drop one of them")
+    if cfg.compile:
+        raise FusionCacheError("--compile is not supported with --engine ray; drop it")
+    if cfg.ray_address is not None and cfg.ray_address != "auto":
+        host, _, port = cfg.ray_address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise FusionCacheError(f"--ray-address {cfg.ray_address!r} is not auto or HOST:PORT; pass the address "
+                                   "`ray start --head` printed, such as 10.0.0.1:6379")
+
+
+def listing_digest(src: Source) -> str:
+    """What a worker must see of a split to read the same images: its labels and file names (image folders,
+    manifests) or its pixels' hash (CIFAR-10). Cheap: no image file is read."""
+    h = hashlib.sha256(np.ascontiguousarray(src.labels, dtype=np.int64).tobytes())
+    h.update("\n".join(src.classes).encode() + b"\0")
+    h.update(("\n".join(src.paths).encode() if src.paths is not None else src.identity.encode()))
+    return h.hexdigest()
+
+
+def plan_shards(counts: dict[str, int], size: int) -> list[tuple[str, int, int]]:
+    return [(s, lo, min(lo + size, counts[s])) for s in SPLITS for lo in range(0, counts[s], size)]
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def extract_ray(cfg: ExtractConfig) -> ExtractResult:
+    """The ray engine's `extract`: same settings, fingerprint, reuse and --force rules as the local engine."""
+    validate_ray(cfg)
+    ray = import_ray()  # before the data: a missing extra fails fast
+    meta, sources, subsets, weights = plan(cfg)
+    out = Path(cfg.out)
+    counts = {s: len(subsets[s]) for s in SPLITS}
+    dims = sum(meta.table.channels(list(meta.taps), meta.pool))
+    reused = existing_cache(out, meta, cfg.force, counts, dims)
+    if reused is not None:
+        return reused
+    with cache_mod.CacheLock(out):
+        _clear_partial(out, cfg.force)
+        folder = _shard_folder(out, meta, cfg.force)
+        done, todo = {}, []
+        for split, lo, hi in plan_shards(counts, shard_size(cfg, sum(counts.values()))):
+            got = _read(folder, meta, split, lo, hi, subsets, sources)
+            if isinstance(got, cache_mod.Shard):
+                done[(split, lo)] = got
+            else:
+                if got is not None:
+                    (folder / cache_mod.shard_name(split, lo, hi)).unlink(missing_ok=True)
+                todo.append((split, lo, hi))
+        resumed = {s: sum(sh.stop - sh.start for (sp, _), sh in done.items() if sp == s) for s in SPLITS}
+        start = time.perf_counter()
+        processed, device = 0, "cpu"
+        if todo:
+            device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
+            for sh in _run(ray, cfg, meta, sources, folder, todo):
+                got = _read(folder, meta, sh[0], sh[1], sh[2], subsets, sources)
+                if not isinstance(got, cache_mod.Shard):
+                    raise FusionCacheError(f"a Ray worker wrote shard {folder / cache_mod.shard_name(*sh)}, but it "
+                                           f"is {got or 'missing'}; check the shared storage, then run again")
+                done[(sh[0], sh[1])] = got
+                processed += got.rows
+        shards = {s: sorted((sh for (sp, _), sh in done.items() if sp == s), key=lambda sh: sh.start) for s in SPLITS}
+        rows = {s: sum(sh.rows for sh in shards[s]) for s in SPLITS}
+        skipped = {s: [f for sh in shards[s] for f in sh.skipped] for s in SPLITS}
+        skipped = {s: v for s, v in skipped.items() if v}
+        final = replace(meta, train_size=rows["train"], test_size=rows["test"], skipped=skipped, device=device,
+                        engine="ray", shards=sum(len(v) for v in shards.values()), complete=True)
+        cache_mod.write_virtual_cache(out, final, shards)
+        _remove_tmp(folder)
+    seconds = time.perf_counter() - start
+    return ExtractResult(out, False, rows, dims, seconds, processed / max(seconds, 1e-9), resumed, skipped)
+
+
+def _read(folder: Path, meta, split: str, lo: int, hi: int, subsets, sources):
+    """The complete shard of [lo, hi), the reason the file there is not one, or None when there is no file."""
+    path = folder / cache_mod.shard_name(split, lo, hi)
+    if not os.path.lexists(path):
+        return None
+    return cache_mod.read_shard(path, meta, split, lo, hi, subsets[split][lo:hi], sources[split].labels)
+
+
+def _clear_partial(out: Path, force: bool) -> None:
+    """A local engine's interrupted `<out>.partial` is kept unless --force; one the ray engine left (its
+    virtual cache, killed before the rename) is removed."""
+    part = cache_mod.partial_path(out)
+    if not os.path.lexists(part):
+        return
+    cache_mod._refuse_foreign(part, cache_mod._empty_or_hdf5, "is not a partial cache that fusion-cache wrote")
+    engine = None
+    try:
+        import h5py
+
+        with h5py.File(part, "r") as f:
+            engine = f.attrs.get("engine")
+            engine = engine.decode() if isinstance(engine, bytes) else engine
+    except Exception:  # an empty or torn file: ours, killed mid-write
+        engine = "ray"
+    if engine != "ray" and not force:
+        raise FusionCacheError(f"{part} holds an interrupted local extraction; run the command again without "
+                               "--engine ray to resume it, or pass --force to start over")
+    part.unlink()
+
+
+def _shard_folder(out: Path, meta, force: bool) -> Path:
+    """`<out>.shards/`, created or checked: it may hold only shard files. Shards of other settings are replaced
+    with --force; without it, a folder whose shards are all of other settings is refused (another command's
+    interrupted run). Leftover temporary files of killed workers are removed."""
+    folder = cache_mod.shard_folder(out)
+    if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+        raise FusionCacheError(f"{folder} is not a folder fusion-cache made for shards; move it away or choose "
+                               "another --out")
+    if not folder.exists():
+        try:
+            folder.mkdir()
+        except OSError as e:
+            raise FusionCacheError(f"cannot create {folder} ({e.strerror}); choose a writable --out") from None
+        return folder
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise FusionCacheError(f"cannot read shard folder {folder} ({e.strerror}); fix its permissions or move it "
+                               "away") from None
+    foreign = [n for n in names if not cache_mod.is_shard_file_name(n)]
+    if foreign:
+        raise FusionCacheError(f"{folder} holds {foreign[0]!r}, which is not a shard fusion-cache wrote; move it "
+                               "away or choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FusionCacheError(f"cannot write shard folder {folder}: permission denied; fix its permissions")
+    _remove_tmp(folder)
+    shards = [n for n in names if not cache_mod.is_shard_tmp_name(n)]
+    fingerprints = {_peek(folder / n) for n in shards}
+    if shards and meta.fingerprint not in fingerprints and fingerprints - {None}:
+        if not force:
+            raise FusionCacheError(f"{folder} holds the shards of an extraction with other settings; run that "
+                                   "command again to finish it, or pass --force to start over")
+        for n in shards:
+            (folder / n).unlink(missing_ok=True)
+    return folder
+
+
+def _peek(path: Path) -> str | None:
+    try:
+        if not os.path.isfile(path) or not cache_mod.is_hdf5_file(path):
+            return None
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get("fingerprint")
+        return v.decode() if isinstance(v, bytes) else v
+    except Exception:
+        return None
+
+
+def _remove_tmp(folder: Path) -> None:
+    for n in os.listdir(folder):
+        if cache_mod.is_shard_tmp_name(n):
+            (folder / n).unlink(missing_ok=True)
+
+
+def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path, todo):
+    """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written."""
+    started = _connect(ray, cfg)
+    try:
+        workers, cpus, threads = _pool(ray, cfg, len(todo))
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        worker_cfg = replace(cfg, download=False, skip_integrity_check=True, engine="local", progress=False,
+                             force=False, workers=cfg.workers or 0, device="cuda" if cfg.gpus_per_worker else "cpu",
+                             **RAY_OPTIONS)
+        listings = {s: listing_digest(sources[s]) for s in SPLITS}
+        items = [{"split": s, "start": lo, "stop": hi} for s, lo, hi in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        results = ds.map_batches(
+            _ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
+            num_gpus=cfg.gpus_per_worker or None,
+            fn_constructor_kwargs={"cfg": worker_cfg, "meta": meta, "listings": listings,
+                                   "folder": str(folder.resolve()), "threads": threads},
+        )
+        total = sum(hi - lo for _, lo, hi in todo)
+        bar = tqdm(total=total, unit="img", desc=f"extract (ray, {workers} workers)", disable=_no_bar(cfg.progress),
+                   dynamic_ncols=True)
+        try:
+            for row in _rows(results):
+                if row["error"]:
+                    raise FusionCacheError(str(row["error"]))
+                bar.update(int(row["stop"]) - int(row["start"]))
+                yield str(row["split"]), int(row["start"]), int(row["stop"])
+        finally:
+            bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _rows(results):
+    """Iterate Ray Data's output; an exception of Ray's (not a worker's FusionCacheError, which comes back as
+    a row) becomes one line."""
+    it = iter(results.iter_rows())
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except FusionCacheError:
+            raise
+        except Exception as e:  # a Ray system error: name it in one line
+            text = " ".join(str(e).split())
+            raise FusionCacheError(f"the Ray job failed ({type(e).__name__}: {text[:200]}); see the Ray logs, then "
+                                   "run the same command again to resume") from None
+        yield row
+
+
+def _connect(ray, cfg: ExtractConfig) -> bool:
+    """Join the cluster `--ray-address` names, or start a local one. True when we started it (and stop it)."""
+    address = cfg.ray_address
+    if address not in (None, "auto"):
+        host, _, port = address.rpartition(":")
+        try:  # Ray itself retries a wrong address for minutes
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            raise FusionCacheError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one with "
+                                   "`ray start --head` and pass the address it prints, or drop --ray-address to "
+                                   "start a local one") from None
+    if ray.is_initialized():  # a notebook, a test or the bench holds a cluster already: use it
+        return False
+    # Ray's C++ core logs warnings meant for its developers to stderr (an actor pool's restartable actors
+    # with arguments in the object store, each time): keep fatal ones only. It announces that setting once,
+    # at init, which goes to Ray's own log folder with the rest of init's native output.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
+    try:
+        with warnings.catch_warnings(), _native_stderr_to(Path(tempfile.gettempdir()) / "fusion-cache-ray-init.log"):
+            warnings.simplefilter("ignore")
+            if address is None:
+                ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+            else:
+                ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        text = " ".join(str(e).split())
+        raise FusionCacheError(f"cannot connect to Ray at {address or 'a new local cluster'} ({text[:160]}); start "
+                               "one with `ray start --head`, or drop --ray-address to start a local one") from None
+    return True
+
+
+@contextmanager
+def _native_stderr_to(path: Path):
+    """Point file descriptor 2 at `path` (appending) for the block: native libraries' prints go there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:  # no log file: keep the terminal
+        os.close(saved)
+        yield
+        return
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _pool(ray, cfg: ExtractConfig, n_shards: int) -> tuple[int, float, int]:
+    """(workers, CPUs reserved per worker, torch threads per worker), checked against the cluster's resources."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if cfg.gpus_per_worker > 0:
+        fit = int(gpus // cfg.gpus_per_worker)
+        if fit < 1:
+            raise FusionCacheError(f"--gpus-per-worker {cfg.gpus_per_worker:g} asks for GPUs, but the Ray cluster "
+                                   f"has {gpus:g}; drop --gpus-per-worker or add GPU nodes")
+    else:
+        fit = int(cpus // cfg.cpus_per_worker)
+        if fit < 1:
+            raise FusionCacheError(f"--cpus-per-worker {cfg.cpus_per_worker:g} is more than the Ray cluster's "
+                                   f"{cpus:g} CPUs; pass --cpus-per-worker {max(cpus, 0.1):g} or less")
+    workers = cfg.num_workers if cfg.num_workers is not None else fit
+    if workers > fit:
+        what = f"{gpus:g} GPUs" if cfg.gpus_per_worker > 0 else f"{cpus:g} CPUs"
+        raise FusionCacheError(f"--num-workers {workers} does not fit the Ray cluster's {what}; pass --num-workers "
+                               f"{fit} or fewer")
+    workers = max(1, min(workers, n_shards))
+    # Reserve a little less than asked, so Ray Data's own small tasks are never starved of a CPU slot.
+    reserve = cfg.cpus_per_worker * 0.95
+    return workers, reserve, max(1, int(cfg.cpus_per_worker))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+class _ShardWorker:
+    """A Ray actor: plans like the driver (checking it sees the same data and weights), keeps the model loaded,
+    and turns `(split, start, stop)` rows into shard files. Errors come back as rows, not exceptions, so Ray
+    does not retry what would fail again."""
+
+    def __init__(self, cfg: ExtractConfig, meta, listings: dict[str, str], folder: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.meta, self.folder, self.error = meta, Path(folder), ""
+        try:
+            c = cfg
+            mine, sources, subsets, weights = plan(c, hash_contents=False)
+            where = f"the Ray worker on {socket.gethostname()}"
+            if mine.weights_sha256 != meta.weights_sha256:
+                raise FusionCacheError(f"{where} loaded other weights than the driver ({c.weights}); put the same "
+                                       "weights file at the same path on every node")
+            for s in SPLITS:
+                if listing_digest(sources[s]) != listings[s] or hash_indices(subsets[s]) != meta.subset[s]:
+                    raise FusionCacheError(f"{where} sees another {s} split under {c.data_root} than the driver; "
+                                           "put the same data at the same path on every node (shared storage)")
+            self.core = Core(c, meta, sources, subsets, weights)
+        except FusionCacheError as e:
+            self.error = str(e)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"split": [], "start": [], "stop": [], "rows": [], "error": []}
+        for split, lo, hi in zip(batch["split"], batch["start"], batch["stop"]):
+            split, lo, hi = str(split), int(lo), int(hi)
+            error, rows = self.error, 0
+            if not error:
+                try:
+                    rows = self._shard(split, lo, hi)
+                except FusionCacheError as e:
+                    error = str(e)
+            for k, v in zip(out, (split, lo, hi, rows, error)):
+                out[k].append(v)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _shard(self, split: str, lo: int, hi: int) -> int:
+        parts = list(self.core.batches(split, lo, hi))
+        taps = list(self.meta.taps)
+        feats = {t: np.concatenate([b.features[t] for b in parts]) for t in taps}
+        labels = np.concatenate([b.labels for b in parts])
+        indices = np.concatenate([b.indices for b in parts])
+        skipped = [f for b in parts for f in b.skipped]
+        cache_mod.write_shard(self.folder, self.meta, split, lo, hi, labels, indices, feats, skipped)
+        return len(labels)
