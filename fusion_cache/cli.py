@@ -163,10 +163,15 @@ def main():
 @main.command(short_help="Run the backbone once; cache pooled features of every tap.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Cache file to write (HDF5), e.g. data/cifar10-paper.h5.")
-@click.option("--dataset", type=click.Choice(["cifar10", "imagefolder"]), default="cifar10", show_default=True,
-              help="cifar10: torchvision's CIFAR-10 under --data-root. imagefolder: DATA_ROOT/{train,test}/<class>/<image>.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=Path("data"), show_default=True,
-              help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py/ or cifar-10-python.tar.gz).")
+@click.option("--dataset", type=click.Choice(["cifar10", "imagefolder", "manifest"]), default="cifar10",
+              show_default=True,
+              help="cifar10: torchvision's CIFAR-10 under --data-root. "
+                   "imagefolder: DATA_ROOT/{train,test}/<class>/<image>. "
+                   "manifest: --data-root is a CSV with the header path,label,split, one row per image (path "
+                   "absolute or relative to the CSV's folder, label a class name, split train or test).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py/ or cifar-10-python.tar.gz; "
+                   "imagefolder: train/ and test/), or the CSV file for --dataset manifest.")
 @click.option("--train-size", type=SizeType(), default="5000", show_default=True,
               help="Class-stratified random subset of the train split, or 'all'. 5000 is the case study's.")
 @click.option("--test-size", type=SizeType(), default="1000", show_default=True,
@@ -198,7 +203,8 @@ def main():
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
-              help="Image-decoding processes for --dataset imagefolder, at most 2 x CPUs [default: min(4, CPUs)].")
+              help="Image-decoding processes for --dataset imagefolder or manifest, at most 2 x CPUs "
+                   "[default: min(4, CPUs)].")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="What to do with an image file that cannot be decoded; skipped files are listed in the cache.")
 @click.option("--no-download", is_flag=True, help="Never download CIFAR-10; fail if it is not under --data-root.")
@@ -550,8 +556,9 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
 @click.option("--pair-search/--no-pair-search", default=True, show_default=True,
               help="Tuned protocol: also find the tap that best complements the late view (features.18 for "
                    "mobilenet_v2), on validation, and tune that pair.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the cache's images are, for the figures [default: the folder recorded in the cache].")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Where the cache's images are, for the figures: a folder, or the CSV of a manifest cache "
+                   "[default: the one recorded in the cache].")
 @click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,
               help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
 @click.option("--layer-curve", is_flag=True,

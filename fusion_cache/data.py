@@ -1,7 +1,9 @@
-"""Image sources (CIFAR-10 and image folders) and the class-stratified subset sampler."""
+"""Image sources (CIFAR-10, image folders and CSV manifests) and the class-stratified subset sampler."""
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
 import io
 import os
@@ -24,6 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import FusionCacheError
 
 SPLITS = ("train", "test")
+DATASETS = ("cifar10", "imagefolder", "manifest")
 MAX_PIXELS = 8192 * 8192  # larger images are refused before decoding (decompression bombs)
 MAX_ASPECT = 50  # longer side / shorter side; a 200000x1 image would resize to a 25-gigapixel raster
 
@@ -403,20 +406,32 @@ def load_image_folder(root: str | Path, split: str, hash_contents: bool = True) 
                 continue  # a link to a file that is already listed: counted once
             linked.add(key)
         kept.append((path, label, problem))
-    with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL; overlaps the reads
-        digests = list(pool.map(lambda k: "bad: " + k[2] if k[2] else _digest(k[0]) if hash_contents else "",
-                                kept))
-
+    digests = _digests([(path, problem) for path, _, problem in kept], hash_contents)
     rel = [os.path.relpath(path, top) for path, _, _ in kept]
     labels = np.asarray([label for _, label, _ in kept], dtype=np.int64)
-    h = hashlib.sha256(b"fusion-cache imagefolder 2\n")
+    identity = _listing_identity(b"fusion-cache imagefolder 2\n", classes, rel, labels, digests) \
+        if hash_contents else ""
+    return Source("imagefolder", split, shown_classes, labels, identity, paths=[display_path(r) for r in rel],
+                  root=folder, files=rel)
+
+
+def _digests(items: list[tuple[str, str]], hash_contents: bool = True) -> list[str]:
+    """For each (path, problem): "bad: <problem>" when a stat already found one (the file is not opened),
+    else `_digest(path)` ("" without `hash_contents`). Four threads: hashlib releases the GIL, so the reads
+    overlap."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda k: "bad: " + k[1] if k[1] else _digest(k[0]) if hash_contents else "", items))
+
+
+def _listing_identity(tag: bytes, classes: list[str], names: list[str], labels: np.ndarray,
+                      digests: list[str]) -> str:
+    """sha256 over `tag`, the class names, and every sample's name, label and content digest, in order."""
+    h = hashlib.sha256(tag)
     for c in classes:
         h.update(os.fsencode(c) + b"\n")
-    for r, label, digest in zip(rel, labels, digests):
-        h.update(os.fsencode(r) + b"\0" + str(int(label)).encode() + b"\0" + digest.encode() + b"\n")
-    return Source("imagefolder", split, shown_classes, labels, h.hexdigest() if hash_contents else "",
-                  paths=[display_path(r) for r in rel],
-                  root=folder, files=rel)
+    for name, label, digest in zip(names, labels, digests):
+        h.update(os.fsencode(name) + b"\0" + str(int(label)).encode() + b"\0" + digest.encode() + b"\n")
+    return h.hexdigest()
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -424,6 +439,223 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return entry.is_dir()
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+MANIFEST_COLUMNS = ("path", "label", "split")
+MAX_MANIFEST_LINE = 1 << 20  # bytes in one line of a manifest; a row is a path, a label and a split
+_MANIFEST_HELP = "a UTF-8 CSV whose header names the columns path,label,split"
+
+
+@dataclass
+class _Row:
+    path: str  # as written in the manifest
+    label: str
+    split: str
+    problem: str  # why the file cannot be an image, from stat alone ("" when it is a regular file)
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """A value from the manifest as an error message shows it: printable, and cut after `limit` characters."""
+    shown = display_path(text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def check_data_root(dataset: str, root: str | Path) -> None:
+    """Fail fast when --data-root is the wrong kind of path: a folder for cifar10 and imagefolder, a readable
+    CSV file for manifest (its rows are checked when it is loaded)."""
+    if dataset not in DATASETS:
+        raise FusionCacheError(f"unknown dataset '{dataset}'; use {', '.join(DATASETS[:-1])} or {DATASETS[-1]}")
+    if dataset == "manifest":
+        _open_manifest(Path(root)).close()
+    elif os.path.exists(root) and not os.path.isdir(root):
+        raise FusionCacheError(
+            f"--data-root {display_path(root)} is a file; --dataset {dataset} reads a folder: pass a folder, or "
+            "--dataset manifest for a CSV list of images"
+        )
+
+
+def _open_manifest(path: Path):
+    """The manifest opened for binary reading: opened non-blocking and checked with fstat, so a FIFO or a
+    device given as the manifest is refused, never read."""
+    shown = display_path(path)
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FusionCacheError(
+            f"manifest {shown} does not exist; pass --data-root the path of {_MANIFEST_HELP}"
+        ) from None
+    except OSError as e:
+        raise FusionCacheError(f"cannot read manifest {shown} ({_reason(e)}); fix its permissions") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise FusionCacheError(f"cannot read manifest {shown} ({_reason(e)}); fix it or pass another file") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise FusionCacheError(f"manifest {shown} is {_kind(mode)}, not a CSV file; pass --data-root the path of "
+                               f"{_MANIFEST_HELP}")
+    return os.fdopen(fd, "rb")
+
+
+def _manifest_lines(f, shown: str, count: list[int]):
+    """The manifest's lines decoded as UTF-8, one at a time and at most MAX_MANIFEST_LINE bytes each, so a
+    binary file or one endless line fails with its line number instead of filling memory. `count[0]`: lines read."""
+    while True:
+        raw = f.readline(MAX_MANIFEST_LINE + 1)
+        if not raw:
+            return
+        count[0] += 1
+        if len(raw) > MAX_MANIFEST_LINE:
+            raise FusionCacheError(f"manifest {shown} row {count[0]} is over {MAX_MANIFEST_LINE >> 20} MiB long; "
+                                   f"pass {_MANIFEST_HELP}, one row per image")
+        if count[0] == 1 and raw.startswith(codecs.BOM_UTF8):  # as spreadsheets save UTF-8
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FusionCacheError(
+                f"manifest {shown} row {count[0]} is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                "of the row); save the manifest as UTF-8 CSV"
+            ) from None
+
+
+def _csv_rows(f, shown: str):
+    """(row number, fields) for every non-blank row; csv errors become one-line FusionCacheErrors."""
+    count = [0]
+    reader = csv.reader(_manifest_lines(f, shown, count), strict=True)
+    while True:
+        number = count[0] + 1  # the line where the next row starts
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if "field limit" in str(e):
+                why = (f"has a field over {csv.field_size_limit()} characters (an unclosed quote?); close the quote, "
+                       "or shorten the path or label")
+            elif "new-line character" in str(e):
+                why = r"has a lone carriage return (\r); save the manifest with \n or \r\n line endings"
+            else:
+                why = (f"is not valid CSV ({e}); write a field that holds a comma or a quote in double quotes, "
+                       'with each quote inside doubled ("")')
+            raise FusionCacheError(f"manifest {shown} row {number} {why}") from None
+        if fields:  # a blank line
+            yield number, fields
+
+
+def _read_manifest(path: Path) -> list[_Row]:
+    """Every row of the manifest at `path`, checked: the header, each row's fields, and that each path names
+    something that exists and is not a folder. Raises FusionCacheError at the first problem, naming its row."""
+    shown = display_path(path)
+    folder = path.parent
+    rows: list[_Row] = []
+    with _open_manifest(path) as f:
+        records = _csv_rows(f, shown)
+        first = next(records, None)
+        if first is None:
+            raise FusionCacheError(
+                f"manifest {shown} is empty; write a header path,label,split, then one row per image"
+            )
+        header = [h.strip().lower() for h in first[1]]
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        if missing:
+            names = " or ".join(filter(None, (", ".join(missing[:-1]), missing[-1])))
+            raise FusionCacheError(
+                f"manifest {shown} has no {names} column in its header (row {first[0]}); make the first row "
+                "path,label,split"
+            )
+        twice = next((c for c in MANIFEST_COLUMNS if header.count(c) > 1), None)
+        if twice:
+            raise FusionCacheError(f"manifest {shown} names the column {twice} twice in its header (row {first[0]}); "
+                                   "keep one")
+        at = {c: header.index(c) for c in MANIFEST_COLUMNS}
+        for number, fields in records:
+            where = f"manifest {shown} row {number}"
+            if len(fields) != len(header):
+                raise FusionCacheError(
+                    f"{where} has {len(fields)} fields, the header {len(header)}; write a path or label that holds "
+                    'a comma in double quotes ("a,b.png")'
+                )
+            p, label, split = fields[at["path"]], fields[at["label"]].strip(), fields[at["split"]].strip()
+            if not p:
+                raise FusionCacheError(f"{where} has an empty path; give the image's path (absolute, or relative to "
+                                       "the manifest's folder) or remove the row")
+            if not label:
+                raise FusionCacheError(f"{where} has an empty label; give the image's class name or remove the row")
+            if display_path(label) != label:
+                raise FusionCacheError(f"{where} has a label with a control character ({_short(label)}); "
+                                       "use a printable class name")
+            if split not in SPLITS:
+                raise FusionCacheError(f"{where} has the split '{_short(split)}'; use train or test")
+            rows.append(_Row(p, label, split, _manifest_entry(folder, p, where)))
+    if not rows:
+        raise FusionCacheError(f"manifest {shown} has a header but no rows; add one row per image: path,label,split")
+    for split in SPLITS:
+        if not any(r.split == split for r in rows):
+            raise FusionCacheError(f"manifest {shown} has no {split} rows; add rows with split {split} "
+                                   "(a dataset needs both train and test images)")
+    return rows
+
+
+def _manifest_entry(folder: Path, path: str, where: str) -> str:
+    """What stat says of a row's file: "" for a regular file, a problem for one that exists but is no image
+    file (a FIFO, socket or device: a bad image later, never opened). A path that does not exist (a broken
+    link or a link loop too) or is a folder raises FusionCacheError: the manifest is wrong, not the image."""
+    shown = _short(path)
+    if "\0" in path:
+        raise FusionCacheError(f"{where} has a path with a NUL character ({shown}); fix the path")
+    try:
+        st = os.stat(folder / path)
+    except PermissionError:
+        return "permission denied"  # a folder on the way is unreadable: a bad image, as in an image folder
+    except OSError as e:
+        if not os.path.lexists(folder / path):
+            what = "does not exist"
+        elif isinstance(e, FileNotFoundError):
+            what = "is a broken symbolic link"
+        else:
+            what = f"cannot be opened ({_reason(e)})"  # a symbolic link loop, ...
+        raise FusionCacheError(
+            f"{where}: {shown} {what}; fix the path (a relative path starts at the manifest's folder, "
+            f"{display_path(folder.resolve())}) or remove the row"
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FusionCacheError(f"{where}: {shown} is a folder; list its image files, one row each")
+    return "" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+
+
+def load_manifest(path: str | Path, split: str, hash_contents: bool = True) -> Source:
+    """The `split` rows of a manifest: a UTF-8 CSV with a header naming the columns path, label and split.
+
+    Paths are absolute or relative to the manifest's folder; labels are class names; split is train or test.
+    Classes are the sorted labels of the split (as ImageFolder sorts class folders), samples are in row
+    order, and `paths` holds the paths as written (`display_path`), `files` the same to open under `root`,
+    the manifest's folder. Other columns are ignored, blank lines skipped, a UTF-8 byte order mark allowed,
+    and whitespace around labels and splits (not paths) dropped.
+
+    The whole manifest is read and checked on every call, so both splits see the same rows and the same
+    errors: a missing or bad header, a row with the wrong number of fields, an empty path or label, an
+    unknown split, no rows for a split, or a path that does not exist or is a folder raise FusionCacheError
+    naming the row (rows are counted as lines, the header being row 1). A file that exists but is no image
+    (undecodable, a FIFO, unreadable) is a bad image when read, and follows --on-bad-image.
+
+    The identity is `load_image_folder`'s over the classes and every row's path as written, label and the
+    sha256 of its content, so a cache is reused only when every image is byte-for-byte the same.
+    """
+    path = Path(path)
+    mine = [r for r in _read_manifest(path) if r.split == split]
+    classes = sorted({r.label for r in mine})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([index[r.label] for r in mine], dtype=np.int64)
+    files = [r.path for r in mine]
+    digests = _digests([(str(path.parent / r.path), r.problem) for r in mine], hash_contents)
+    identity = _listing_identity(b"fusion-cache manifest 1\n", classes, files, labels, digests) if hash_contents \
+        else ""
+    return Source("manifest", split, classes, labels, identity, paths=[display_path(f) for f in files],
+                  root=path.parent, files=files)
 
 
 def list_image_files(inputs: list[str | Path]) -> list[Path]:
@@ -550,11 +782,12 @@ class BadImage(Exception):
 def load_source(dataset: str, root: str | Path, split: str, download: bool = True,
                 skip_integrity_check: bool = False, hash_contents: bool = True) -> Source:
     """One split of a dataset. `hash_contents=False` lists image files without hashing them (identity "")."""
+    if dataset == "manifest":
+        return load_manifest(root, split, hash_contents)  # checks its own path
+    check_data_root(dataset, root)  # an unknown dataset, a file for a folder
     if dataset == "cifar10":
         return load_cifar10(root, split, download, skip_integrity_check)
-    if dataset == "imagefolder":
-        return load_image_folder(root, split, hash_contents)
-    raise FusionCacheError(f"unknown dataset '{dataset}'; use cifar10 or imagefolder")
+    return load_image_folder(root, split, hash_contents)
 
 
 # ---------------------------------------------------------------------------------------------- subset

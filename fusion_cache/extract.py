@@ -17,7 +17,8 @@ from . import cache as cache_mod
 from .backbone import (PRECISIONS, INTERPOLATIONS, Preprocess, PooledExtractor, build_model, load_weights,
                        resize_sentence, resolve_device, versions)
 from .backbones import DEFAULT_BACKBONE, resolve
-from .data import SPLITS, BadImage, IntegrityWarning, Source, display_path, load_source, stratified_subset
+from .data import (SPLITS, BadImage, IntegrityWarning, Source, check_data_root, display_path, load_source,
+                   stratified_subset)
 from .errors import FusionCacheError
 from .taps import POOLS
 
@@ -29,8 +30,8 @@ class ExtractConfig:
     """Everything `fusion-cache extract` takes. Fields that change the features go into the fingerprint."""
 
     out: Path
-    dataset: str = "cifar10"  # cifar10 | imagefolder
-    data_root: Path = Path("data")
+    dataset: str = "cifar10"  # cifar10 | imagefolder | manifest
+    data_root: Path = Path("data")  # a folder; for manifest, the CSV file
     train_size: int | None = 5000  # None = the whole split; 5000/1000 is the case study's subset
     test_size: int | None = 1000
     seed: int = 0  # draws the stratified subset (and the weights when --weights random)
@@ -125,6 +126,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
         raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} is not writable; choose a writable --out")
+    check_data_root(cfg.dataset, cfg.data_root)  # a file for a folder dataset, a missing manifest: before the weights
 
 
 def plan(cfg: ExtractConfig, hash_contents: bool = True
@@ -151,8 +153,13 @@ def plan(cfg: ExtractConfig, hash_contents: bool = True
     if sources["train"].classes != sources["test"].classes:
         only_test = [c for c in sources["test"].classes if c not in sources["train"].classes]
         only_train = [c for c in sources["train"].classes if c not in sources["test"].classes]
-        what = f"class {only_test[0]!r} is in test but not in train" if only_test else f"class {only_train[0]!r} is in train but not in test"
-        raise FusionCacheError(f"{what}; train and test must hold the same class folders")
+        c, has, lacks = (only_test[0], "test", "train") if only_test else (only_train[0], "train", "test")
+        if cfg.dataset == "manifest":
+            fix = (f"train and test must hold the same classes: add {lacks} rows labelled {c!r}, or remove its "
+                   f"{has} rows")
+        else:
+            fix = "train and test must hold the same class folders"
+        raise FusionCacheError(f"class {c!r} is in {has} but not in {lacks}; {fix}")
     sizes = {"train": cfg.train_size, "test": cfg.test_size}
     subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
     meta = cache_mod.CacheMeta.create(
