@@ -944,10 +944,10 @@ def _check_virtual_sources(f: h5py.File, meta: CacheMeta, path: Path) -> None:
             raise FusionCacheError(f"{path}: attribute 'shards' says {meta.shards} but no dataset reads a shard; "
                                    f"{_REBUILD}")
         return
-    folder = shard_folder(path)
-    fix = f"keep {folder.name}/ beside {path.name}, or rebuild it with the same extract command and --force"
     for name, reads in uses.items():
         src = Path(name) if os.path.isabs(name) else path.parent / name
+        fix = (f"keep the shard folder {src.parent} where it was written, beside the cache, or rebuild the cache "
+               "with the same extract command and --force")
         if name == "." or not os.path.isfile(src) or not is_hdf5_file(src):
             raise FusionCacheError(f"{path} reads its features from shard {src}, which is missing or not an HDF5 "
                                    f"file; {fix}")

@@ -115,38 +115,45 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
     reused = existing_cache(out, meta, cfg.force, counts, dims)
     if reused is not None:
         return reused
-    with cache_mod.CacheLock(out):
-        _clear_partial(out, cfg.force)
-        folder = _shard_folder(out, meta, cfg.force)
-        done, todo = {}, []
-        for split, lo, hi in plan_shards(counts, shard_size(cfg, sum(counts.values()))):
-            got = _read(folder, meta, split, lo, hi, subsets, sources)
-            if isinstance(got, cache_mod.Shard):
-                done[(split, lo)] = got
-            else:
-                if got is not None:
-                    (folder / cache_mod.shard_name(split, lo, hi)).unlink(missing_ok=True)
-                todo.append((split, lo, hi))
-        resumed = {s: sum(sh.stop - sh.start for (sp, _), sh in done.items() if sp == s) for s in SPLITS}
-        start = time.perf_counter()
-        processed, device = 0, "cpu"
-        if todo:
-            device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
-            for sh in _run(ray, cfg, meta, sources, folder, todo):
-                got = _read(folder, meta, sh[0], sh[1], sh[2], subsets, sources)
+    started = _connect(ray, cfg)  # before any file is touched: a wrong address or size costs nothing
+    try:
+        workers, cpus, threads = _pool(ray, cfg)
+        with cache_mod.CacheLock(out):
+            _clear_partial(out, cfg.force)
+            folder = _shard_folder(out, meta, cfg.force)
+            done, todo = {}, []
+            for split, lo, hi in plan_shards(counts, shard_size(cfg, sum(counts.values()))):
+                got = _read(folder, meta, split, lo, hi, subsets, sources)
+                if isinstance(got, cache_mod.Shard):
+                    done[(split, lo)] = got
+                else:
+                    if got is not None:  # truncated, of other settings or rows: redone, never read
+                        (folder / cache_mod.shard_name(split, lo, hi)).unlink(missing_ok=True)
+                    todo.append((split, lo, hi))
+            resumed = {s: sum(sh.stop - sh.start for (sp, _), sh in done.items() if sp == s) for s in SPLITS}
+            start = time.perf_counter()
+            processed = 0
+            pool = (min(workers, len(todo)), cpus, threads)
+            for split, lo, hi in _run(ray, cfg, meta, sources, folder, todo, pool) if todo else ():
+                got = _read(folder, meta, split, lo, hi, subsets, sources)
                 if not isinstance(got, cache_mod.Shard):
-                    raise FusionCacheError(f"a Ray worker wrote shard {folder / cache_mod.shard_name(*sh)}, but it "
-                                           f"is {got or 'missing'}; check the shared storage, then run again")
-                done[(sh[0], sh[1])] = got
+                    raise FusionCacheError(f"a Ray worker wrote {folder / cache_mod.shard_name(split, lo, hi)}, "
+                                           f"but it is {got or 'missing'}; check the shared storage, then run again")
+                done[(split, lo)] = got
                 processed += got.rows
-        shards = {s: sorted((sh for (sp, _), sh in done.items() if sp == s), key=lambda sh: sh.start) for s in SPLITS}
-        rows = {s: sum(sh.rows for sh in shards[s]) for s in SPLITS}
-        skipped = {s: [f for sh in shards[s] for f in sh.skipped] for s in SPLITS}
-        skipped = {s: v for s, v in skipped.items() if v}
-        final = replace(meta, train_size=rows["train"], test_size=rows["test"], skipped=skipped, device=device,
-                        engine="ray", shards=sum(len(v) for v in shards.values()), complete=True)
-        cache_mod.write_virtual_cache(out, final, shards)
-        _remove_tmp(folder)
+            shards = {s: sorted((sh for (sp, _), sh in done.items() if sp == s), key=lambda sh: sh.start)
+                      for s in SPLITS}
+            rows = {s: sum(sh.rows for sh in shards[s]) for s in SPLITS}
+            skipped = {s: [f for sh in shards[s] for f in sh.skipped] for s in SPLITS}
+            skipped = {s: v for s, v in skipped.items() if v}
+            final = replace(meta, train_size=rows["train"], test_size=rows["test"], skipped=skipped,
+                            device="cuda" if cfg.gpus_per_worker > 0 else "cpu", engine="ray",
+                            shards=sum(len(v) for v in shards.values()), complete=True)
+            cache_mod.write_virtual_cache(out, final, shards)
+            _remove_tmp(folder)
+    finally:
+        if started:
+            ray.shutdown()
     seconds = time.perf_counter() - start
     return ExtractResult(out, False, rows, dims, seconds, processed / max(seconds, 1e-9), resumed, skipped)
 
@@ -237,43 +244,36 @@ def _remove_tmp(folder: Path) -> None:
             (folder / n).unlink(missing_ok=True)
 
 
-def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path, todo):
+def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path, todo, pool):
     """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written."""
-    started = _connect(ray, cfg)
-    try:
-        workers, cpus, threads = _pool(ray, cfg, len(todo))
-        import ray.data
+    import ray.data
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        worker_cfg = replace(cfg, download=False, skip_integrity_check=True, engine="local", progress=False,
-                             force=False, workers=cfg.workers or 0, device="cuda" if cfg.gpus_per_worker else "cpu",
-                             **RAY_OPTIONS)
-        listings = {s: listing_digest(sources[s]) for s in SPLITS}
-        items = [{"split": s, "start": lo, "stop": hi} for s, lo, hi in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        results = ds.map_batches(
-            _ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
-            num_gpus=cfg.gpus_per_worker or None,
-            fn_constructor_kwargs={"cfg": worker_cfg, "meta": meta, "listings": listings,
-                                   "folder": str(folder.resolve()), "threads": threads},
-        )
-        total = sum(hi - lo for _, lo, hi in todo)
-        bar = tqdm(total=total, unit="img", desc=f"extract (ray, {workers} workers)", disable=_no_bar(cfg.progress),
-                   dynamic_ncols=True)
-        try:
-            for row in _rows(results):
-                if row["error"]:
-                    raise FusionCacheError(str(row["error"]))
-                bar.update(int(row["stop"]) - int(row["start"]))
-                yield str(row["split"]), int(row["start"]), int(row["stop"])
-        finally:
-            bar.close()
+    workers, cpus, threads = pool
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    worker_cfg = replace(cfg, download=False, skip_integrity_check=True, engine="local", progress=False,
+                         force=False, workers=cfg.workers or 0, device="cuda" if cfg.gpus_per_worker else "cpu",
+                         **RAY_OPTIONS)
+    listings = {s: listing_digest(sources[s]) for s in SPLITS}
+    items = [{"split": s, "start": lo, "stop": hi} for s, lo, hi in todo]
+    results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
+        num_gpus=cfg.gpus_per_worker or None,
+        fn_constructor_kwargs={"cfg": worker_cfg, "meta": meta, "listings": listings,
+                               "folder": str(folder.resolve()), "threads": threads},
+    )
+    bar = tqdm(total=sum(hi - lo for _, lo, hi in todo), unit="img", desc=f"extract (ray, {workers} workers)",
+               disable=_no_bar(cfg.progress), dynamic_ncols=True)
+    try:
+        for row in _rows(results):
+            if row["error"]:
+                raise FusionCacheError(str(row["error"]))
+            bar.update(int(row["stop"]) - int(row["start"]))
+            yield str(row["split"]), int(row["start"]), int(row["stop"])
     finally:
-        if started:
-            ray.shutdown()
+        bar.close()
 
 
 def _rows(results):
@@ -347,7 +347,7 @@ def _native_stderr_to(path: Path):
         os.close(saved)
 
 
-def _pool(ray, cfg: ExtractConfig, n_shards: int) -> tuple[int, float, int]:
+def _pool(ray, cfg: ExtractConfig) -> tuple[int, float, int]:
     """(workers, CPUs reserved per worker, torch threads per worker), checked against the cluster's resources."""
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
@@ -366,7 +366,6 @@ def _pool(ray, cfg: ExtractConfig, n_shards: int) -> tuple[int, float, int]:
         what = f"{gpus:g} GPUs" if cfg.gpus_per_worker > 0 else f"{cpus:g} CPUs"
         raise FusionCacheError(f"--num-workers {workers} does not fit the Ray cluster's {what}; pass --num-workers "
                                f"{fit} or fewer")
-    workers = max(1, min(workers, n_shards))
     # Reserve a little less than asked, so Ray Data's own small tasks are never starved of a CPU slot.
     reserve = cfg.cpus_per_worker * 0.95
     return workers, reserve, max(1, int(cfg.cpus_per_worker))

@@ -1,0 +1,331 @@
+"""The ray engine (`extract --engine ray`) on a local Ray cluster started here with ray.init(num_cpus=2): features
+equal to the local engine's, shards resumed and redone, a killed worker and a killed driver, bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import ray
+import torch
+
+from fusion_cache.cache import open_cache, shard_folder, shard_name
+from fusion_cache.extract import ExtractConfig, extract
+from fusion_cache.synthetic import write_cifar
+
+from .hostile import clean_failure, run, snapshot
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for the module: 2 CPUs, as the issue asks. Its GCS address lets a subprocess join."""
+    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield info.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A CIFAR-10 in the real pickle format, 200 train / 40 test images (enough shards to kill a run in)."""
+    return write_cifar(tmp_path_factory.mktemp("ray-cifar"), per_class_per_batch=4)
+
+
+def _cfg(out, data, weights_file, **kw) -> ExtractConfig:
+    base = dict(out=Path(out), data_root=data, weights=str(weights_file), image_size=32, batch_size=BATCH,
+                train_size=None, test_size=None, download=False, skip_integrity_check=True, progress=False)
+    return ExtractConfig(**{**base, **kw})
+
+
+def _args(out, data, weights_file, *extra):
+    return ["extract", "--out", out, "--data-root", data, "--weights", weights_file, "--image-size", 32,
+            "--batch-size", BATCH, "--train-size", "all", "--test-size", "all", "--no-download",
+            "--skip-integrity-check", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def local_1thread(tmp_path_factory, data, weights_file) -> Path:
+    """The local engine's cache at 1 torch thread: the thread count of each Ray worker here."""
+    out = tmp_path_factory.mktemp("local") / "local.h5"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(_cfg(out, data, weights_file))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cache(tmp_path_factory, cluster, data, weights_file) -> Path:
+    out = tmp_path_factory.mktemp("ray") / "ray.h5"
+    r = extract(_cfg(out, data, weights_file, engine="ray", num_workers=2, shard_size=4 * BATCH))
+    assert not r.reused and r.counts == {"train": 200, "test": 40}
+    return out
+
+
+def assert_same_features(a: Path, b: Path) -> None:
+    """Bit-identical rows: labels, source indices and every tap's features, both splits."""
+    ca, cb = open_cache(a), open_cache(b)
+    assert ca.fingerprint == cb.fingerprint and ca.taps == cb.taps
+    for s in ("train", "test"):
+        np.testing.assert_array_equal(ca.labels(s), cb.labels(s))
+        np.testing.assert_array_equal(ca.indices(s), cb.indices(s))
+        for t in ca.taps:
+            x, y = ca.features(t, s), cb.features(t, s)
+            assert x.dtype == y.dtype and np.array_equal(x, y), f"{s} {t}: max diff {np.abs(x - y).max()}"
+
+
+def _is_virtual(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return f["train/features"][open_cache(path).taps[0]].is_virtual
+
+
+# ---------------------------------------------------------------------------------------------- equality
+
+
+def test_ray_cache_equals_the_local_engine_bit_for_bit(ray_cache, local_1thread):
+    """Same thread count per process (1): the same bits. The engine is provenance, not part of the fingerprint."""
+    assert_same_features(ray_cache, local_1thread)
+    meta = open_cache(ray_cache).meta
+    assert meta.engine == "ray" and meta.shards == len(list(shard_folder(ray_cache).iterdir())) == 13 + 3
+    assert open_cache(local_1thread).meta.engine == "local"
+    assert _is_virtual(ray_cache)
+    r = run("info", ray_cache)
+    assert r.exit_code == 0 and "engine      ray, 16 shard files in ray.h5.shards/" in r.output
+
+
+def test_ray_cache_reads_in_every_command(ray_cache, tmp_path):
+    r = run("fit", ray_cache, "--head", "logreg", "--features", "fused", "--out", tmp_path / "head")
+    assert r.exit_code == 0, r.output
+    r = run("ablate", ray_cache, "--views", "early,late", "--heads", "logreg", "--seeds", "0",
+            "--out", tmp_path / "ablate")
+    assert r.exit_code == 0, r.output
+
+
+def test_same_command_again_reuses_the_ray_cache(ray_cache, data, weights_file, cluster):
+    before = snapshot(ray_cache.parent)
+    r = extract(_cfg(ray_cache, data, weights_file, engine="ray", num_workers=2, shard_size=4 * BATCH))
+    assert r.reused and snapshot(ray_cache.parent) == before
+    # and the local engine's command reuses it too: same settings, same fingerprint
+    assert extract(_cfg(ray_cache, data, weights_file)).reused
+
+
+def test_consolidate_copies_the_shards_into_one_file(ray_cache, local_1thread, tmp_path):
+    one = tmp_path / "one.h5"
+    r = run("consolidate", ray_cache, "--out", one)
+    assert r.exit_code == 0, r.output
+    assert not _is_virtual(one) and open_cache(one).meta.shards == 0
+    assert_same_features(one, ray_cache)
+    assert_same_features(one, local_1thread)
+    before = snapshot(tmp_path, ray_cache.parent)
+    for args, fragment in [((ray_cache, "--out", one), "exists; pass --force"),
+                           ((ray_cache, "--out", ray_cache, "--force"), "itself or one of its shards"),
+                           ((ray_cache, "--out", tmp_path), "is a folder")]:
+        r = run("consolidate", *args)
+        assert clean_failure(r, fragment) is None, r.output
+    assert snapshot(tmp_path, ray_cache.parent) == before
+    r = run("consolidate", ray_cache, "--out", one, "--force")
+    assert r.exit_code == 0, r.output
+
+
+def test_missing_or_damaged_shard_is_a_one_line_error(ray_cache, tmp_path):
+    """HDF5 reads a missing source of a virtual dataset as zeros: the cache is checked shard by shard on open."""
+    copy = tmp_path / "c.h5"  # the cache reads ray.h5.shards/, by the relative name it was written with
+    shutil.copy(ray_cache, copy)
+    shutil.copytree(shard_folder(ray_cache), tmp_path / shard_folder(ray_cache).name)
+    assert run("info", copy).exit_code == 0
+    victim = tmp_path / shard_folder(ray_cache).name / shard_name("train", 16, 32)
+    victim.unlink()
+    r = run("info", copy)
+    assert clean_failure(r, "which is missing") is None, r.output
+    with h5py.File(victim, "w") as f:
+        f.attrs["complete"] = True
+    r = run("fit", copy, "--head", "logreg")
+    assert clean_failure(r, "incomplete or from other settings") is None, r.output
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_rerun_redoes_only_missing_truncated_and_foreign_shards(ray_cache, data, weights_file, cluster, tmp_path):
+    out = tmp_path / "r.h5"
+    shutil.copytree(shard_folder(ray_cache), shard_folder(out))
+    folder = shard_folder(out)
+    names = sorted(p.name for p in folder.iterdir())
+    missing, truncated, foreign, lying = (shard_name("train", 0, 16), shard_name("train", 48, 64),
+                                          shard_name("test", 16, 32), shard_name("train", 96, 112))
+    (folder / missing).unlink()
+    data_bytes = (folder / truncated).read_bytes()
+    (folder / truncated).write_bytes(data_bytes[: len(data_bytes) // 2])
+    with h5py.File(folder / foreign, "r+") as f:  # a shard of other settings
+        f.attrs["fingerprint"] = "0" * 64
+    with h5py.File(folder / lying, "r+") as f:  # right settings, wrong rows
+        f["labels"][0] = (f["labels"][0] + 1) % 10
+    (folder / (shard_name("test", 0, 16) + ".tmp-dead01")).write_bytes(b"half a shard")
+    kept = {n: os.stat(folder / n).st_ino for n in names if n not in (missing, truncated, foreign, lying)}
+
+    r = extract(_cfg(out, data, weights_file, engine="ray", num_workers=2, shard_size=4 * BATCH))
+    assert r.resumed_from == {"train": 200 - 3 * 16, "test": 40 - 16}
+    assert sorted(p.name for p in folder.iterdir()) == names  # the tmp file is gone, every shard is there
+    assert {n: os.stat(folder / n).st_ino for n in kept} == kept  # the good shards were not rewritten
+    assert_same_features(out, ray_cache)
+
+
+def test_a_worker_killed_mid_run_changes_nothing(ray_cache, data, weights_file, cluster, tmp_path):
+    """`ray.kill` one Ray Data worker while it extracts; Ray restarts it and retries its shard."""
+    from ray._private.state import actors
+    from ray._raylet import ActorID
+
+    out = tmp_path / "k.h5"
+    killed: list[str] = []
+    done_at_kill = []
+    result: dict = {}
+
+    def run_extract():
+        result["r"] = extract(_cfg(out, data, weights_file, engine="ray", num_workers=2, shard_size=BATCH))
+
+    t = threading.Thread(target=run_extract)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not killed and t.is_alive() and time.monotonic() < deadline:
+        done = list(shard_folder(out).glob("*.h5")) if shard_folder(out).exists() else []
+        if len(done) >= 2:
+            for actor_id, a in actors().items():
+                if a["ActorClassName"].startswith("MapWorker(MapBatches(_ShardWorker") and a["State"] == "ALIVE":
+                    # ray.kill(handle, no_restart=False), from the actor's id: Ray Data keeps the handles
+                    ray._private.worker.global_worker.core_worker.kill_actor(ActorID.from_hex(actor_id), False)
+                    killed.append(actor_id)
+                    done_at_kill.append(len(done))
+                    break
+        time.sleep(0.01)
+    assert killed and done_at_kill[0] < 60 and t.is_alive(), "the kill came after the run"
+    t.join(300)
+    assert not t.is_alive() and "r" in result
+    restarted = actors()[killed[0]]
+    assert restarted["NumRestarts"] >= 1
+    assert_same_features(out, ray_cache)
+
+
+def test_driver_sigkill_then_rerun_resumes(ray_cache, data, weights_file, cluster, tmp_path):
+    """The driver (a CLI process joined to the cluster) dies by SIGKILL mid-run; the same command resumes from
+    the shards on disk and gives the same cache."""
+    out = tmp_path / "d.h5"
+    args = [str(a) for a in _args(out, data, weights_file, "--engine", "ray", "--ray-address", cluster,
+                                  "--num-workers", 2, "--shard-size", BATCH)]
+    proc = subprocess.Popen([sys.executable, "-m", "fusion_cache", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if shard_folder(out).exists() and len(list(shard_folder(out).glob("*.h5"))) >= 3:
+                break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    done = len(list(shard_folder(out).glob("*.h5")))
+    assert not out.exists() and 3 <= done < 60, f"killed too late or too early: {done} shards"
+    r = run(*_args(out, data, weights_file, "--engine", "ray", "--ray-address", cluster, "--num-workers", 2,
+                   "--shard-size", BATCH))
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output
+    assert_same_features(out, ray_cache)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_other_settings_shards_need_force_and_the_local_engine_respects_them(ray_cache, data, weights_file,
+                                                                              cluster, tmp_path):
+    out = tmp_path / "o.h5"
+    shutil.copytree(shard_folder(ray_cache), shard_folder(out))
+    before = snapshot(tmp_path)
+    ray_args = ["--engine", "ray", "--num-workers", 2, "--shard-size", 4 * BATCH]
+    r = run(*_args(out, data, weights_file, *ray_args, "--pool", "avgmax"))
+    assert clean_failure(r, "holds the shards of an extraction with other settings") is None, r.output
+    r = run(*_args(out, data, weights_file))  # the local engine does not orphan them silently
+    assert clean_failure(r, "holds the shards of a Ray extraction") is None, r.output
+    assert snapshot(tmp_path) == before
+    r = run(*_args(out, data, weights_file, "--force"))
+    assert r.exit_code == 0, r.output
+    assert not shard_folder(out).exists() and not _is_virtual(out)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--ray-address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (["--ray-address", "nowhere"], "is not auto or HOST:PORT"),
+    (["--num-workers", 0], "--num-workers 0 is out of range"),
+    (["--num-workers", 100000], "--num-workers 100000 is out of range"),
+    (["--num-workers", 3], "does not fit the Ray cluster's 2 CPUs; pass --num-workers 2 or fewer"),
+    (["--cpus-per-worker", 4], "is more than the Ray cluster's 2 CPUs"),
+    (["--gpus-per-worker", 1], "the Ray cluster has 0"),
+    (["--shard-size", 6], "--shard-size 6 is not a positive multiple of --batch-size 4"),
+    (["--device", "cuda"], "pass --gpus-per-worker 1"),
+])
+def test_bad_ray_options_are_one_line_errors(extra, fragment, data, weights_file, cluster, tmp_path):
+    out = tmp_path / "x.h5"
+    r = run(*_args(out, data, weights_file, "--engine", "ray", *extra))
+    assert clean_failure(r, fragment) is None, r.output
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_ray_options_without_the_ray_engine_are_refused(data, weights_file, tmp_path):
+    r = run(*_args(tmp_path / "x.h5", data, weights_file, "--num-workers", 2))
+    assert clean_failure(r, "--num-workers applies only to --engine ray") is None, r.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_text("not a folder"), "is not a folder fusion-cache made for shards"),
+    (lambda p: os.symlink("/tmp", p), "is not a folder fusion-cache made for shards"),
+    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "holds 'notes.txt', which is not a shard"),
+])
+def test_foreign_shard_folders_are_refused(make, fragment, data, weights_file, cluster, tmp_path):
+    out = tmp_path / "f.h5"
+    make(shard_folder(out))
+    before = snapshot(tmp_path)
+    r = run(*_args(out, data, weights_file, "--engine", "ray", "--force"))
+    assert clean_failure(r, fragment) is None, r.output
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+def test_unreadable_shard_folder_is_a_one_line_error(data, weights_file, cluster, tmp_path):
+    out = tmp_path / "u.h5"
+    shard_folder(out).mkdir()
+    shard_folder(out).chmod(0)
+    try:
+        r = run(*_args(out, data, weights_file, "--engine", "ray"))
+    finally:
+        shard_folder(out).chmod(0o755)
+    assert clean_failure(r, "cannot read shard folder") is None, r.output
+
+
+def test_unwritable_shard_folder_is_a_one_line_error(data, weights_file, cluster, tmp_path, monkeypatch):
+    """As root cannot be denied a folder, the access check itself is what is exercised here."""
+    out = tmp_path / "w.h5"
+    shard_folder(out).mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == shard_folder(out) else
+                        real(p, mode, **kw))
+    r = run(*_args(out, data, weights_file, "--engine", "ray"))
+    assert clean_failure(r, "cannot write shard folder") is None, r.output
+
+
+def test_missing_ray_extra_names_it(data, weights_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError, as without the extra
+    r = run(*_args(tmp_path / "x.h5", data, weights_file, "--engine", "ray"))
+    assert clean_failure(r, "pip install 'fusion-cache[ray]'") is None, r.output
+    assert not any(tmp_path.iterdir())
