@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from .errors import FusionCacheError
 from .extract import RAY_OPTIONS, Core, ExtractConfig, ExtractResult, _no_bar, existing_cache, hash_indices, plan
 
 MAX_WORKERS = 4096
+STAT_KEYS = ("extract_s", "write_s", "bytes")  # per shard, from its worker: reading + forward, writing, file size
 DEFAULT_SHARDS = 64  # --shard-size default: about 1/64 of the images ...
 MAX_SHARD_BATCHES = 64  # ... but at most 64 batches (4096 images at --batch-size 64)
 EXTRA = "pip install 'fusion-cache[ray]'"
@@ -134,7 +136,11 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             start = time.perf_counter()
             processed = 0
             pool = (min(workers, len(todo)), cpus, threads)
-            for split, lo, hi in _run(ray, cfg, meta, sources, folder, todo, pool) if todo else ():
+            stats = {"workers": pool[0], "shards_done": len(todo), "per_worker": {}}
+            for split, lo, hi, row in _run(ray, cfg, meta, sources, folder, todo, pool) if todo else ():
+                w = stats["per_worker"].setdefault(str(row["worker"]), dict.fromkeys(("rows", *STAT_KEYS), 0.0))
+                for k in w:
+                    w[k] += float(row[k])
                 got = _read(folder, meta, split, lo, hi, subsets, sources)
                 if not isinstance(got, cache_mod.Shard):
                     raise FusionCacheError(f"a Ray worker wrote {folder / cache_mod.shard_name(split, lo, hi)}, "
@@ -155,7 +161,7 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
         if started:
             ray.shutdown()
     seconds = time.perf_counter() - start
-    return ExtractResult(out, False, rows, dims, seconds, processed / max(seconds, 1e-9), resumed, skipped)
+    return ExtractResult(out, False, rows, dims, seconds, processed / max(seconds, 1e-9), resumed, skipped, stats)
 
 
 def _read(folder: Path, meta, split: str, lo: int, hi: int, subsets, sources):
@@ -271,7 +277,7 @@ def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path
             if row["error"]:
                 raise FusionCacheError(str(row["error"]))
             bar.update(int(row["stop"]) - int(row["start"]))
-            yield str(row["split"]), int(row["start"]), int(row["stop"])
+            yield str(row["split"]), int(row["start"]), int(row["stop"]), row
     finally:
         bar.close()
 
@@ -287,10 +293,15 @@ def _rows(results):
             return
         except FusionCacheError:
             raise
-        except Exception as e:  # a Ray system error: name it in one line
-            text = " ".join(str(e).split())
-            raise FusionCacheError(f"the Ray job failed ({type(e).__name__}: {text[:200]}); see the Ray logs, then "
-                                   "run the same command again to resume") from None
+        except Exception as e:  # a worker's unexpected exception or a Ray system error: name it in one line
+            cause = e
+            while getattr(cause, "cause", None) is not None and cause.cause is not cause:  # RayTaskError's
+                cause = cause.cause
+            if isinstance(cause, FusionCacheError):
+                raise cause from None
+            text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(cause).split()))
+            raise FusionCacheError(f"the Ray job failed ({type(cause).__name__}: {text[:200]}); see the Ray logs, "
+                                   "then run the same command again to resume") from None
         yield row
 
 
@@ -400,25 +411,30 @@ class _ShardWorker:
             self.error = str(e)
 
     def __call__(self, batch: dict) -> dict:
-        out = {"split": [], "start": [], "stop": [], "rows": [], "error": []}
+        out = {k: [] for k in ("split", "start", "stop", "rows", "error", "worker", *STAT_KEYS)}
         for split, lo, hi in zip(batch["split"], batch["start"], batch["stop"]):
             split, lo, hi = str(split), int(lo), int(hi)
-            error, rows = self.error, 0
+            error, stats = self.error, dict.fromkeys(("rows", *STAT_KEYS), 0.0)
             if not error:
                 try:
-                    rows = self._shard(split, lo, hi)
+                    stats = self._shard(split, lo, hi)
                 except FusionCacheError as e:
                     error = str(e)
-            for k, v in zip(out, (split, lo, hi, rows, error)):
+            for k, v in (("split", split), ("start", lo), ("stop", hi), ("error", error),
+                         ("worker", f"{socket.gethostname()}:{os.getpid()}"), *stats.items()):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _shard(self, split: str, lo: int, hi: int) -> int:
+    def _shard(self, split: str, lo: int, hi: int) -> dict:
+        t0 = time.perf_counter()
         parts = list(self.core.batches(split, lo, hi))
         taps = list(self.meta.taps)
         feats = {t: np.concatenate([b.features[t] for b in parts]) for t in taps}
         labels = np.concatenate([b.labels for b in parts])
         indices = np.concatenate([b.indices for b in parts])
         skipped = [f for b in parts for f in b.skipped]
-        cache_mod.write_shard(self.folder, self.meta, split, lo, hi, labels, indices, feats, skipped)
-        return len(labels)
+        t1 = time.perf_counter()
+        shard = cache_mod.write_shard(self.folder, self.meta, split, lo, hi, labels, indices, feats, skipped)
+        t2 = time.perf_counter()
+        return {"rows": float(len(labels)), "extract_s": t1 - t0, "write_s": t2 - t1,
+                "bytes": float(os.path.getsize(shard.path))}

@@ -70,6 +70,7 @@ class ExtractResult:
     images_per_second: float = 0.0
     resumed_from: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # the ray engine's: workers, per-worker rows and seconds
 
     def summary(self) -> str:
         counts = ", ".join(f"{s} {n}" for s, n in self.counts.items())

@@ -14,6 +14,12 @@ Keys of bench.json (each with the two measurements it divides):
                                  (--backbone-train-size / --backbone-test-size); --only-backbones measures just these
   extract_vs_folded_backbone_ratio  the same against the backbone extract itself runs (BatchNorm folded into
                                  the convolutions): the cost of loading, preprocessing and writing alone
+  ray_vs_local_ratio             `extract --engine ray` with 2 single-threaded Ray workers vs the local engine,
+                                 both from nothing on the paper subset, in this run; ray.init and Ray Data's first
+                                 job (its per-cluster actors) timed apart (ray_init_s, ray_data_first_job_s);
+                                 with the cluster projection's inputs (ray_worker_img_per_s, shard write MB/s,
+                                 bytes per image, dispatch shards/s, jpeg_decode_img_per_s_per_core);
+                                 --only-ray measures just these
   imagefolder_vs_backbone_ratio  the same with the subset written out as a folder of JPEGs
   ablation_speedup               a paper-style pipeline (per-image PIL transforms in a DataLoader, torchvision's
                                  MobileNetV2 as it comes, rerun every epoch for every view) vs one extract + the
@@ -116,13 +122,24 @@ def backbone_ratios(a, sources: dict, tmp: Path) -> dict:
     return out
 
 
-def ray_ratio(common: dict, tmp: Path, workers: int = 2) -> dict:
+class _NoOp:
+    """A Ray Data worker that does nothing: what the driver and Ray Data cost per shard."""
+
+    def __call__(self, batch):
+        return batch
+
+
+def ray_ratio(common: dict, tmp: Path, workers: int = 2, dispatch_shards: int = 200) -> dict:
     """ray_vs_local_ratio: the ray engine with `workers` single-threaded workers vs the local engine, both
     building the same cache from nothing in this run. The cluster's start-up is timed apart: `ray.init`, and a
     first tiny Ray Data job that starts Ray Data's per-cluster service actors (a standing cluster has them). The
     ray time counts everything of the job itself: starting the workers (imports, data, model), the shards and
-    the virtual cache. The local engine runs alone with the process's torch threads, the ray job with 1
-    thread per worker; their features are compared bit for bit."""
+    the virtual cache. The local engine runs with the process's torch threads, the ray workers with 1 thread
+    each; their features are compared (relative difference).
+
+    Also the inputs of the README's cluster projection: each worker's steady rate (its images over its seconds
+    of reading + forward), the shard-write rate (bytes over seconds of writing), the cache's bytes per image,
+    and the driver's dispatch rate (shards/s through Ray Data with workers that do nothing)."""
     import logging
 
     import numpy as np
@@ -133,22 +150,67 @@ def ray_ratio(common: dict, tmp: Path, workers: int = 2) -> dict:
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     init_s = time.perf_counter() - start
     ray.data.DataContext.get_current().enable_progress_bars = False
-    start = time.perf_counter()
-    ray.data.range(2, override_num_blocks=2).map_batches(lambda b: b, num_cpus=0.5).materialize()
-    warm_s = time.perf_counter() - start
     try:
+        start = time.perf_counter()
+        ray.data.range(2, override_num_blocks=2).map_batches(lambda b: b, num_cpus=0.5).materialize()
+        warm_s = time.perf_counter() - start
         local_ips, local_s = timed_extract(ExtractConfig(out=tmp / "local.h5", **common))
-        ray_ips, ray_s = timed_extract(ExtractConfig(out=tmp / "ray.h5", **common, engine="ray",
-                                                     num_workers=workers, cpus_per_worker=1.0))
+        start = time.perf_counter()
+        r = extract(ExtractConfig(out=tmp / "ray.h5", **common, engine="ray", num_workers=workers,
+                                  cpus_per_worker=1.0))
+        ray_s = time.perf_counter() - start
+        ray_ips = sum(r.counts.values()) / ray_s
+        items = [{"i": i} for i in range(dispatch_shards)]
+        start = time.perf_counter()
+        ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _NoOp, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=0.5).materialize()
+        dispatch_s = time.perf_counter() - start
     finally:
         ray.shutdown()
     a, b = open_cache(tmp / "local.h5"), open_cache(tmp / "ray.h5")
     diff = max(float(np.max(np.abs(a.features(t, s) - b.features(t, s)) / (np.abs(a.features(t, s)).max() or 1)))
                for t in a.taps for s in ("train", "test"))
+    per = r.stats["per_worker"].values()
+    rows = sum(w["rows"] for w in per)
     return {"ray_init_s": init_s, "ray_data_first_job_s": warm_s, "ray_workers": workers,
             "ray_extract_s": ray_s, "ray_img_per_s": ray_ips, "local_extract_s": local_s, "local_img_per_s": local_ips,
             "ray_vs_local_ratio": ray_ips / local_ips, "ray_vs_local_max_rel_diff": diff,
-            "ray_shards": b.meta.shards}
+            "ray_shards": b.meta.shards,
+            "ray_worker_img_per_s": [w["rows"] / w["extract_s"] for w in per],
+            "ray_worker_busy_s": [w["extract_s"] + w["write_s"] for w in per],
+            "ray_shard_write_mb_per_s": sum(w["bytes"] for w in per) / sum(w["write_s"] for w in per) / 1e6,
+            "ray_shard_bytes_per_image": sum(w["bytes"] for w in per) / rows,
+            "ray_dispatch_shards_per_s": dispatch_shards / dispatch_s}
+
+
+def decode_rate(folder: Path, image_size: int, n: int = 500) -> float:
+    """JPEG decode + resize images/s on one thread: what one CPU core feeds a worker from files."""
+    from fusion_cache.data import read_image
+
+    files = sorted(folder.rglob("*.jpg"))[:n]
+    pre = Preprocess(image_size)
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for f in files:
+            pre.resize(read_image(f))
+        return len(files) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def ray_part(a, tmp: Path) -> dict:
+    """ray_ratio on the paper subset, and the JPEG decode rate for the cluster projection."""
+    common = dict(data_root=a.data_root, weights=a.weights, image_size=a.image_size, batch_size=a.batch_size,
+                  download=False, skip_integrity_check=a.skip_integrity_check, progress=False, device="cpu",
+                  train_size=a.train_size, test_size=a.test_size)
+    out = ray_ratio(common, tmp)
+    sources = {s: load_source("cifar10", a.data_root, s, False, a.skip_integrity_check) for s in ("train", "test")}
+    subsets = {s: stratified_subset(sources[s].labels, min(len(sources[s]), 300 if s == "train" else 60), 0, s)
+               for s in ("train", "test")}
+    out["jpeg_decode_img_per_s_per_core"] = decode_rate(write_jpeg_folder(tmp / "decode", sources, subsets),
+                                                        a.image_size)
+    return out
 
 
 def write_jpeg_folder(root: Path, sources: dict, subsets: dict) -> Path:
@@ -219,6 +281,8 @@ def main() -> int:
     ap.add_argument("--backbone-test-size", type=int, default=300, help="test images of the resnet50/vit_small ratios")
     ap.add_argument("--only-backbones", action="store_true",
                     help="measure only the resnet50 and vit_small extract ratios and merge them into --out")
+    ap.add_argument("--only-ray", action="store_true",
+                    help="measure only ray_vs_local_ratio (and the cluster projection's inputs), merge into --out")
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
     a = ap.parse_args()
@@ -233,6 +297,16 @@ def main() -> int:
             ap.error("--only-heads needs --full-cache")
         res = json.loads(a.out.read_text()) if a.out.exists() else {}
         res.update(tuned_heads(a.full_cache, threads=a.threads))
+        tmp_out = a.out.with_name(a.out.name + ".tmp")
+        tmp_out.write_text(json.dumps(res, indent=2))
+        os.replace(tmp_out, a.out)
+        print(table(res))
+        return 0
+
+    if a.only_ray:
+        res = json.loads(a.out.read_text()) if a.out.exists() else {}
+        with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+            res.update(ray_part(a, Path(tmp)))
         tmp_out = a.out.with_name(a.out.name + ".tmp")
         tmp_out.write_text(json.dumps(res, indent=2))
         os.replace(tmp_out, a.out)
@@ -280,6 +354,9 @@ def main() -> int:
         res["extract_vs_folded_backbone_ratio"] = extract_ips / folded_ips  # loading + writing overhead only
         log("[1b/7] the same for resnet50 and vit_small, random weights")
         res.update(backbone_ratios(a, sources, tmp))
+
+        log("[1c/7] the ray engine (2 single-threaded workers) vs the local engine")
+        res.update(ray_part(a, tmp))
 
         log("[2/7] image folder of JPEGs")
         folder = write_jpeg_folder(tmp / "jpeg", sources, subsets)
@@ -448,6 +525,7 @@ ROWS = [
     ("extract_vs_backbone_ratio_resnet50", ">= 0.95", "{:.2f}"),
     ("extract_vs_backbone_ratio_vit_small", ">= 0.95", "{:.2f}"),
     ("extract_vs_folded_backbone_ratio", "(overhead)", "{:.2f}"),
+    ("ray_vs_local_ratio", ">= 0.8", "{:.2f}"),
     ("imagefolder_vs_backbone_ratio", ">= 0.8", "{:.2f}"),
     ("ablation_speedup", ">= 15", "{:.1f}"),
     ("ablation_speedup_same_backbone", "(cache alone)", "{:.1f}"),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 KEYS = ("extract_vs_backbone_ratio", "extract_vs_backbone_ratio_resnet50", "extract_vs_backbone_ratio_vit_small",
-        "extract_vs_folded_backbone_ratio", "imagefolder_vs_backbone_ratio",
+        "extract_vs_folded_backbone_ratio", "ray_vs_local_ratio", "imagefolder_vs_backbone_ratio",
         "ablation_speedup", "ablation_speedup_same_backbone", "head_vs_logreg_time_ratio",
         "head_vs_logreg_acc_delta", "rss_ratio", "bf16_speedup", "bf16_acc_delta", "float16_cache_size_ratio",
         "float16_cache_acc_delta", "tuned_grid_vs_one_fit", "tuned_vs_sklearn_grid", "tuned_vs_sklearn_acc_delta",
@@ -34,3 +34,4 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
     assert res["float16_cache_bytes"]["float16"] < res["float16_cache_bytes"]["float32"]
     assert res["versions"]["torch"] and res["machine"]["cpus"]
     assert not list(tmp_path.glob("*.tmp"))
+    assert res["ray_vs_local_max_rel_diff"] < 1e-5 and res["ray_shards"] >= 1  # the same features, sharded
