@@ -33,6 +33,12 @@ class _Group(click.Group):
                 ctx.exit(130)
             except MemoryError:
                 raise click.ClickException("out of memory; use a smaller --batch-size, view or subset") from None
+            except BrokenPipeError:  # `fusion-cache info x.h5 | head`: the reader left; nothing is wrong
+                try:  # Python's recipe: stdout to devnull, so the flush at exit does not fail again
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                except (OSError, ValueError, AttributeError):
+                    pass
+                ctx.exit(0)
             except OSError as e:
                 if os.environ.get("FUSION_CACHE_DEBUG"):
                     raise
