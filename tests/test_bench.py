@@ -22,7 +22,7 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
     r = subprocess.run([sys.executable, str(script), "--data-root", str(cifar_root), "--weights", str(weights_file),
                         "--skip-integrity-check", "--train-size", "30", "--test-size", "20", "--image-size", "32",
                         "--batch-size", "8", "--views", "early,fused", "--seeds", "0", "--rss-images", "120",
-                        "--backbone-train-size", "10", "--backbone-test-size", "10",
+                        "--backbone-train-size", "10", "--backbone-test-size", "10", "--backbone-repeats", "1",
                         "--workers", "0", "--full-cache", str(tiny_cache), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
