@@ -4,7 +4,8 @@ tap + late pair search, and the refit on all of train. The test split is read on
 - linear: the whole weight-decay grid of every seed trains as one stacked model (grid.py: one wide matrix
   product per pass, each head on its own seed's fit rows and converging to its own optimum), on features
   standardized once per view with train-split statistics and rotated once into their eigenbasis (where
-  the preconditioner is diagonal); each chosen head is refit on all of train, warm-started from its grid fit.
+  the preconditioner is diagonal); each chosen strength is refit once on all of train (seeds that chose the
+  same one share it: the optimum is unique), warm-started from its grid fit.
 - logreg: LogisticRegression's C grid is the same problem (weight decay 1 / (rows x C)), so it trains in the
   same stacked model; the paper protocol's logreg (C = 0.1) stays scikit-learn's own fit.
 - knn: one top-k search at the largest k scores every k of the grid on validation.
@@ -252,12 +253,16 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
             scores[h, seed] = val
             chosen.append((h, seed, gs[int(np.argmax(val))]))  # first of the best: grids are strongest first
     final_wds = [weight_decay(h, grids[h][members[g][2]], n) for h, seed, g in chosen]
-    idx = [g for _, _, g in chosen]
-    final = fit_l2_grid(Xtr, y, k, final_wds, init=(fit.coef[idx], fit.intercept[idx]), **opts)
+    # The refit on all of train has one optimum per weight decay (the loss is strictly convex), whichever seed
+    # chose it: each distinct strength is refit once, warm-started from the first grid head that chose it.
+    distinct = list(dict.fromkeys(final_wds))
+    first = [next(g for (_, _, g), wd in zip(chosen, final_wds) if wd == w) for w in distinct]
+    final = fit_l2_grid(Xtr, y, k, distinct, init=(fit.coef[first], fit.intercept[first]), **opts)
     out = {}
-    for j, (head, seed, g) in enumerate(chosen):
+    for (head, seed, g), wd in zip(chosen, final_wds):
+        j = distinct.index(wd)
         coef = final.coef[j] if basis is None else basis.unrotate(torch.from_numpy(final.coef[j])).numpy()
-        est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=final_wds[j], max_iter=max_iter,
+        est = _TunedLinear(solver="lbfgs", standardize=True, weight_decay=wd, max_iter=max_iter,
                            random_state=seed)
         est.classes_ = np.arange(k)
         est.n_features_in_ = data.dim

@@ -204,6 +204,19 @@ def test_heads_tuned_together_equal_heads_tuned_alone(encoded_cache):
             np.testing.assert_allclose(run.estimator.coef_, alone.estimator.coef_, atol=1e-4, rtol=0)
 
 
+def test_seeds_that_choose_the_same_strength_share_one_refit(encoded_cache):
+    """The refit on all of train has one optimum per strength: seeds whose validation splits chose the same
+    weight decay get the same refit (fitted once, warm-started from the first seed's grid head), equal to that
+    seed's refit alone."""
+    cache = open_cache(encoded_cache)
+    runs = tune_heads(ViewStore(cache), "fused", ["linear"], [0, 1, 2], 0.2, max_iter=300, grids={"linear": (3e-3,)})
+    assert {r.value for r in runs} == {3e-3}
+    for r in runs[1:]:
+        assert np.array_equal(r.estimator.coef_, runs[0].estimator.coef_) and r.test_acc == runs[0].test_acc
+    alone = tune(ViewStore(cache), "fused", "linear", 0, 0.2, max_iter=300, grid=(3e-3,))  # same warm start
+    np.testing.assert_allclose(runs[0].estimator.coef_, alone.estimator.coef_, atol=1e-4, rtol=0)
+
+
 def test_the_tuned_logreg_is_scikit_learns_logistic_regression(encoded_cache):
     """The C grid trains as the stacked model (weight decay 1 / (rows x C)); its refit must be the optimum
     scikit-learn's LogisticRegression finds at the chosen C on the same standardized features."""
