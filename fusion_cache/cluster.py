@@ -134,7 +134,7 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             start = time.perf_counter()
             processed = 0
             pool = (min(workers, len(todo)), cpus, threads)
-            for split, lo, hi in _run(ray, cfg, meta, sources, folder, todo, pool) if todo else ():
+            for split, lo, hi in _run(ray, cfg, meta, sources, weights, folder, todo, pool) if todo else ():
                 got = _read(folder, meta, split, lo, hi, subsets, sources)
                 if not isinstance(got, cache_mod.Shard):
                     raise FusionCacheError(f"a Ray worker wrote {folder / cache_mod.shard_name(split, lo, hi)}, "
@@ -207,7 +207,7 @@ def _shard_folder(out: Path, meta, force: bool) -> Path:
     except OSError as e:
         raise FusionCacheError(f"cannot read shard folder {folder} ({e.strerror}); fix its permissions or move it "
                                "away") from None
-    foreign = [n for n in names if not cache_mod.is_shard_file_name(n)]
+    foreign = cache_mod.foreign_entries(folder, names)
     if foreign:
         raise FusionCacheError(f"{folder} holds {foreign[0]!r}, which is not a shard fusion-cache wrote; move it "
                                "away or choose another --out")
@@ -244,8 +244,9 @@ def _remove_tmp(folder: Path) -> None:
             (folder / n).unlink(missing_ok=True)
 
 
-def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path, todo, pool):
-    """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written."""
+def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], weights, folder: Path, todo, pool):
+    """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written.
+    Workers get absolute paths: a joined cluster's workers do not run in the driver's folder."""
     import ray.data
 
     workers, cpus, threads = pool
@@ -253,7 +254,9 @@ def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    worker_cfg = replace(cfg, download=False, skip_integrity_check=True, engine="local", progress=False,
+    worker_cfg = replace(cfg, data_root=Path(cfg.data_root).resolve(),
+                         weights=str(weights.file) if weights.file else cfg.weights,
+                         download=False, skip_integrity_check=True, engine="local", progress=False,
                          force=False, workers=cfg.workers or 0, device="cuda" if cfg.gpus_per_worker else "cpu",
                          **RAY_OPTIONS)
     listings = {s: listing_digest(sources[s]) for s in SPLITS}
