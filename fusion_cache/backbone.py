@@ -64,6 +64,7 @@ class LoadedWeights:
     sha256: str  # of the weights file actually loaded; for `random` and timm tags, of the state_dict
     state_dict: dict
     backbone: str = DEFAULT_BACKBONE  # the `backbones` name the state_dict belongs to
+    file: Path | None = None  # the absolute path of a --weights PATH file (None: named or random weights)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -118,7 +119,7 @@ def load_weights(spec: str | None, seed: int = 0, backbone: str | Backbone | Non
             "save the weights with torch.save(model.state_dict(), path)"
         )
     check_state_dict(sd, str(path), bb)
-    return LoadedWeights(str(spec), sha256_file(path), sd, bb.name)
+    return LoadedWeights(str(spec), sha256_file(path), sd, bb.name, path.resolve())
 
 
 def _named_weights(bb: Backbone, key: str) -> LoadedWeights:

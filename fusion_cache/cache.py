@@ -800,6 +800,7 @@ def _layout_ok(f: h5py.File, sizes: dict[str, int], channels: dict[str, int]) ->
 
 _SHARD_NAME = re.compile(r"^(train|test)-(\d{10})-(\d{10})\.h5$")
 _SHARD_TMP = re.compile(r"^(train|test)-(\d{10})-(\d{10})\.h5\.tmp-[0-9a-f]+$")
+_SHARD_SOURCE = re.compile(r"^[^/]+\.shards/(train|test)-(\d{10})-(\d{10})\.h5$")  # as a virtual dataset names it
 
 
 def shard_name(split: str, start: int, stop: int) -> str:
@@ -813,6 +814,11 @@ def is_shard_file_name(name: str) -> bool:
 
 def is_shard_tmp_name(name: str) -> bool:
     return bool(_SHARD_TMP.match(name))
+
+
+def foreign_entries(folder: Path, names: list[str]) -> list[str]:
+    """The entries `names` of a shard folder that fusion-cache did not make: misnamed, or folders."""
+    return [n for n in names if not is_shard_file_name(n) or stat.S_ISDIR(os.lstat(Path(folder) / n).st_mode)]
 
 
 @dataclass
@@ -856,28 +862,13 @@ def read_shard(path: Path, meta: CacheMeta, split: str, start: int, stop: int, e
     [start, stop) (`expected`: their source indices) in order, minus those it lists as skipped, with their
     true labels; otherwise the reason it is not (it is then redone, never read)."""
     try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or not is_hdf5_file(path):
+        if not _is_regular_hdf5(path):
             return "not an HDF5 file"
         with h5py.File(path, "r") as f:
-            a = f.attrs
-            if _as_int(a.get("shard_schema", -1)) != SHARD_SCHEMA or not _as_bool(a.get("complete", False)):
-                return "incomplete"
-            if _as_str(a.get("fingerprint", "")) != meta.fingerprint:
-                return "written with other settings"
-            if (_as_str(a["split"]), _as_int(a["start"]), _as_int(a["stop"])) != (split, start, stop):
-                return "of another range"
-            rows = _as_int(a["rows"])
-            skipped = json.loads(_as_str(a["skipped"]))
-            if not isinstance(skipped, list) or not all(isinstance(x, str) for x in skipped):
-                return "has a bad skipped list"
-            for name, width in [("labels", None), ("indices", None)] + [(f"features/{t}", meta.width(t))
-                                                                        for t in meta.taps]:
-                ds = f.get(name)
-                want = (rows,) if width is None else (rows, width)
-                dtype = np.dtype(np.int64) if width is None else np.dtype(meta.dtype)
-                if not isinstance(ds, h5py.Dataset) or ds.shape != want or ds.dtype != dtype or ds.is_virtual:
-                    return f"has a bad dataset {name}"
+            head = _shard_header(f, meta, split, start, stop)
+            if isinstance(head, str):
+                return head
+            rows, skipped = head
             indices, labels = f["indices"][()], f["labels"][()]
             keep = np.isin(expected, indices)
             if len(indices) != int(keep.sum()) or not np.array_equal(expected[keep], indices) or \
@@ -890,9 +881,39 @@ def read_shard(path: Path, meta: CacheMeta, split: str, start: int, stop: int, e
     return Shard(Path(path), split, start, stop, rows, skipped)
 
 
+def _is_regular_hdf5(path: Path) -> bool:
+    """A regular file (not a link, a folder or a FIFO, so reading cannot block) that starts as HDF5 does."""
+    return stat.S_ISREG(os.lstat(path).st_mode) and is_hdf5_file(path)
+
+
+def _shard_header(f: h5py.File, meta: CacheMeta, split: str, start: int, stop: int) -> tuple[int, list[str]] | str:
+    """(rows, skipped) of an open shard file that is complete, of these settings and of [start, stop) of `split`,
+    whose datasets have the shapes and dtypes of `rows` rows (none virtual); otherwise the reason it is not."""
+    a = f.attrs
+    if _as_int(a.get("shard_schema", -1)) != SHARD_SCHEMA or not _as_bool(a.get("complete", False)):
+        return "incomplete"
+    if _as_str(a.get("fingerprint", "")) != meta.fingerprint:
+        return "written with other settings"
+    if (_as_str(a["split"]), _as_int(a["start"]), _as_int(a["stop"])) != (split, start, stop):
+        return "of another range"
+    rows = _as_int(a["rows"])
+    skipped = json.loads(_as_str(a["skipped"]))
+    if not isinstance(skipped, list) or not all(isinstance(x, str) for x in skipped):
+        return "has a bad skipped list"
+    for name, width in [("labels", None), ("indices", None)] + [(f"features/{t}", meta.width(t))
+                                                                for t in meta.taps]:
+        ds = f.get(name)
+        want = (rows,) if width is None else (rows, width)
+        dtype = np.dtype(np.int64) if width is None else np.dtype(meta.dtype)
+        if not isinstance(ds, h5py.Dataset) or ds.shape != want or ds.dtype != dtype or ds.is_virtual:
+            return f"has a bad dataset {name}"
+    return rows, skipped
+
+
 def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard]]) -> CacheMeta:
     """Write the cache `out` (its writer holds the lock) with the given final metadata, its datasets virtual
-    over `shards` (in position order per split), under `<out>.partial`, renamed when complete."""
+    over `shards` (in `<out>.shards/`, in position order per split), under `<out>.partial`, renamed when
+    complete. Sources are named relative to the cache's folder, as `_check_virtual_sources` requires."""
     out = Path(out)
     partial = partial_path(out)
     widths = {t: meta.width(t) for t in meta.taps}
@@ -914,7 +935,7 @@ def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard
                     pos = 0
                     for sh in shards[s]:
                         if sh.rows:
-                            rel = os.path.relpath(sh.path, out.resolve().parent)
+                            rel = f"{shard_folder(out).name}/{sh.path.name}"  # beside the cache, wherever it is
                             src_shape = (sh.rows,) if width is None else (sh.rows, width)
                             layout[pos : pos + sh.rows] = h5py.VirtualSource(rel, name, shape=src_shape)
                             pos += sh.rows
@@ -928,40 +949,46 @@ def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard
 
 
 def _check_virtual_sources(f: h5py.File, meta: CacheMeta, path: Path) -> None:
-    """Every shard file a virtual dataset reads exists beside the cache, is complete, carries the cache's
-    fingerprint and holds the rows mapped from it. (HDF5 reads a missing source as zeros, silently.)"""
-    uses: dict[str, list[tuple[str, int]]] = {}  # shard file -> [(dataset, rows mapped from it)]
+    """Every file a virtual dataset reads is a shard file in a shard folder beside the cache (`<name>.shards/`,
+    by a relative name), a regular file, complete, of the cache's fingerprint and of the range its name says,
+    and it is mapped whole into the same dataset of its own split. (HDF5 reads a missing source as zeros,
+    silently; a shard renamed, linked or copied over another would hand out another range's rows.)"""
+    uses: dict[str, list[tuple[str, str, int]]] = {}  # file -> [(virtual dataset, its dataset, rows mapped)]
 
     def visit(name, obj):
         if isinstance(obj, h5py.Dataset) and obj.is_virtual:
             for m in obj.virtual_sources():
                 first, last = m.vspace.get_select_bounds()  # the whole source dataset maps onto these rows
-                uses.setdefault(m.file_name, []).append((m.dset_name, last[0] - first[0] + 1))
+                uses.setdefault(m.file_name, []).append((name, m.dset_name, last[0] - first[0] + 1))
 
     f.visititems(visit)
-    if not uses:
-        if meta.shards:
-            raise FusionCacheError(f"{path}: attribute 'shards' says {meta.shards} but no dataset reads a shard; "
-                                   f"{_REBUILD}")
-        return
     for name, reads in uses.items():
-        src = Path(name) if os.path.isabs(name) else path.parent / name
+        where = _SHARD_SOURCE.match(name)
+        if where is None:
+            raise FusionCacheError(f"{path} reads its features from {name!r}, which is not a shard file in a "
+                                   f"shard folder beside it; {_REBUILD}")
+        src = path.parent / name
         fix = (f"keep the shard folder {src.parent} where it was written, beside the cache, or rebuild the cache "
                "with the same extract command and --force")
-        if name == "." or not os.path.isfile(src) or not is_hdf5_file(src):
-            raise FusionCacheError(f"{path} reads its features from shard {src}, which is missing or not an HDF5 "
-                                   f"file; {fix}")
+        split, start, stop = where[1], int(where[2]), int(where[3])
         try:
+            if not os.path.lexists(src) or not _is_regular_hdf5(src):
+                raise FusionCacheError(f"{path} reads its features from shard {src}, which is missing or not a "
+                                       f"regular HDF5 file; {fix}")
             with h5py.File(src, "r") as g:
-                ok = _as_bool(g.attrs.get("complete", False)) and \
-                    _as_str(g.attrs.get("fingerprint", "")) == meta.fingerprint
-                short = [d for d, rows in reads if not isinstance(g.get(d), h5py.Dataset) or len(g[d]) != rows]
+                head = _shard_header(g, meta, split, start, stop)
         except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
             raise FusionCacheError(f"{path} reads shard {src}, which is damaged ({str(e)[:80]}); {fix}") from None
-        if not ok:
-            raise FusionCacheError(f"{path} reads shard {src}, which is incomplete or from other settings; {fix}")
-        if short:
-            raise FusionCacheError(f"{path} reads shard {src}, whose {short[0]} does not hold the rows mapped; {fix}")
+        if isinstance(head, str):
+            raise FusionCacheError(f"{path} reads shard {src}, which is incomplete or from other settings ({head}); "
+                                   f"{fix}")
+        wrong = [v for v, d, rows in reads if v != f"{split}/{d}" or rows != head[0]]
+        if wrong:
+            raise FusionCacheError(f"{path}: dataset {wrong[0]} maps shard {src} onto rows it does not hold; "
+                                   f"{_REBUILD}")
+    if len(uses) > meta.shards or meta.shards and not uses:  # (a shard of skipped images only is not read)
+        raise FusionCacheError(f"{path}: attribute 'shards' says {meta.shards} but its datasets read {len(uses)} "
+                               f"shard files; {_REBUILD}")
 
 
 def remove_shards(out: Path) -> int:
@@ -971,7 +998,7 @@ def remove_shards(out: Path) -> int:
     if not folder.is_dir() or folder.is_symlink():
         return 0
     names = os.listdir(folder)
-    if not all(is_shard_file_name(n) for n in names):
+    if foreign_entries(folder, names):
         return 0
     for n in names:
         (folder / n).unlink(missing_ok=True)
@@ -993,12 +1020,12 @@ def consolidate(path: str | Path, out: str | Path, force: bool = False, block: i
     if not out.resolve().parent.is_dir():
         raise FusionCacheError(f"cannot write {out}: folder {out.resolve().parent} does not exist; create it or "
                                "choose another --out")
-    if os.path.lexists(out):
-        folder = shard_folder(src.path).resolve()
-        if out.resolve() == src.path.resolve() or out.resolve().parent == folder:
-            raise FusionCacheError(f"--out {out} is {path} itself or one of its shards; choose another --out")
-        if not force:
-            raise FusionCacheError(f"{out} exists; pass --force to replace it, or choose another --out")
+    folder = shard_folder(src.path).resolve()
+    if out.resolve() == src.path.resolve() or out.resolve().parent == folder:
+        raise FusionCacheError(f"--out {out} is {path} itself or one of its shards, or lies in its shard folder; "
+                               "choose another --out")
+    if os.path.lexists(out) and not force:
+        raise FusionCacheError(f"{out} exists; pass --force to replace it, or choose another --out")
     meta = dataclasses.replace(src.meta, shards=0, complete=False)
     with CacheWriter(out, meta, force=force) as w, h5py.File(src.path, "r") as f:
         for s in SPLITS:

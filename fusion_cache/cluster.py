@@ -137,7 +137,7 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             processed = 0
             pool = (min(workers, len(todo)), cpus, threads)
             stats = {"workers": pool[0], "shards_done": len(todo), "per_worker": {}}
-            for split, lo, hi, row in _run(ray, cfg, meta, sources, folder, todo, pool) if todo else ():
+            for split, lo, hi, row in _run(ray, cfg, meta, sources, weights, folder, todo, pool) if todo else ():
                 w = stats["per_worker"].setdefault(str(row["worker"]), dict.fromkeys(("rows", *STAT_KEYS), 0.0))
                 for k in w:
                     w[k] += float(row[k])
@@ -213,7 +213,7 @@ def _shard_folder(out: Path, meta, force: bool) -> Path:
     except OSError as e:
         raise FusionCacheError(f"cannot read shard folder {folder} ({e.strerror}); fix its permissions or move it "
                                "away") from None
-    foreign = [n for n in names if not cache_mod.is_shard_file_name(n)]
+    foreign = cache_mod.foreign_entries(folder, names)
     if foreign:
         raise FusionCacheError(f"{folder} holds {foreign[0]!r}, which is not a shard fusion-cache wrote; move it "
                                "away or choose another --out")
@@ -250,8 +250,9 @@ def _remove_tmp(folder: Path) -> None:
             (folder / n).unlink(missing_ok=True)
 
 
-def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path, todo, pool):
-    """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written."""
+def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], weights, folder: Path, todo, pool):
+    """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written.
+    Workers get absolute paths: a joined cluster's workers do not run in the driver's folder."""
     import ray.data
 
     workers, cpus, threads = pool
@@ -259,7 +260,9 @@ def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], folder: Path
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    worker_cfg = replace(cfg, download=False, skip_integrity_check=True, engine="local", progress=False,
+    worker_cfg = replace(cfg, data_root=Path(cfg.data_root).resolve(),
+                         weights=str(weights.file) if weights.file else cfg.weights,
+                         download=False, skip_integrity_check=True, engine="local", progress=False,
                          force=False, workers=cfg.workers or 0, device="cuda" if cfg.gpus_per_worker else "cpu",
                          **RAY_OPTIONS)
     listings = {s: listing_digest(sources[s]) for s in SPLITS}

@@ -263,8 +263,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         writer.finish(skipped=all_skipped, train_size=counts["train"], test_size=counts["test"],
                       device=str(core.device))
         resumed = dict(writer.resumed_from)
-    if cfg.force:
-        cache_mod.remove_shards(out)  # a ray extraction's shards that OUT no longer points to
+        if cfg.force:  # under the lock: a ray run on OUT may start the moment it is released
+            cache_mod.remove_shards(out)  # a ray extraction's shards that OUT no longer points to
     seconds = time.perf_counter() - start
     return ExtractResult(out, False, counts, dims, seconds, processed / max(seconds, 1e-9), resumed, all_skipped)
 

@@ -329,3 +329,166 @@ def test_missing_ray_extra_names_it(data, weights_file, tmp_path, monkeypatch):
     r = run(*_args(tmp_path / "x.h5", data, weights_file, "--engine", "ray"))
     assert clean_failure(r, "pip install 'fusion-cache[ray]'") is None, r.output
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- hostile
+
+
+def _copy_ray_cache(ray_cache: Path, where: Path) -> tuple[Path, Path]:
+    """A copy of the ray cache and of its shard folder in `where`, the cache reading the copied shards."""
+    copy = where / ray_cache.name
+    shutil.copy(ray_cache, copy)
+    shutil.copytree(shard_folder(ray_cache), shard_folder(copy))
+    return copy, shard_folder(copy)
+
+
+def _remap(cache: Path, dataset: str, source: str) -> None:
+    """Point the virtual dataset `dataset` (one shard's rows: test, 0 to 16) at the file named `source`."""
+    with h5py.File(cache, "r+") as f:
+        ds = f[dataset]
+        shape, dtype, fill = ds.shape, ds.dtype, [m for m in ds.virtual_sources()]
+        layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+        for m in fill:
+            first, last = m.vspace.get_select_bounds()
+            name = source if m.file_name.endswith(shard_name("test", 0, 16)) else m.file_name
+            n = last[0] - first[0] + 1
+            layout[first[0]:last[0] + 1] = h5py.VirtualSource(name, m.dset_name, shape=(n, *shape[1:]))
+        del f[dataset]
+        f.create_virtual_dataset(dataset, layout)
+
+
+def _link_test_shard_to_train(folder: Path) -> None:
+    (folder / shard_name("test", 0, 16)).unlink()
+    os.symlink(shard_name("train", 0, 16), folder / shard_name("test", 0, 16))
+
+
+def _copy_train_shard_over_test(folder: Path) -> None:
+    shutil.copy(folder / shard_name("train", 16, 32), folder / shard_name("test", 16, 32))
+
+
+def _swap_train_shards(folder: Path) -> None:
+    a, b = folder / shard_name("train", 16, 32), folder / shard_name("train", 32, 48)
+    a.rename(folder / "x")
+    b.rename(a)
+    (folder / "x").rename(b)
+
+
+def _float64_shard(folder: Path) -> None:
+    with h5py.File(folder / shard_name("test", 0, 16), "r+") as f:
+        for t in list(f["features"]):
+            values = f["features"][t][()].astype(np.float64)
+            del f["features"][t]
+            f["features"].create_dataset(t, data=values)
+
+
+@pytest.mark.parametrize("tamper, fragment", [
+    (lambda c, d: _link_test_shard_to_train(d), "not a regular HDF5 file"),
+    (lambda c, d: _copy_train_shard_over_test(d), "incomplete or from other settings (of another range)"),
+    (lambda c, d: _swap_train_shards(d), "incomplete or from other settings (of another range)"),
+    (lambda c, d: _float64_shard(d), "has a bad dataset features/"),
+    (lambda c, d: _remap(c, "test/labels", str((d / shard_name("test", 0, 16)).resolve())),
+     "which is not a shard file in a shard folder beside it"),
+    (lambda c, d: _remap(c, "test/labels", f"../{c.parent.name}/{d.name}/{shard_name('test', 0, 16)}"),
+     "which is not a shard file in a shard folder beside it"),
+    (lambda c, d: _remap(c, "test/labels", "."), "which is not a shard file in a shard folder beside it"),
+    (lambda c, d: _remap(c, "test/labels", f"{d.name}/{shard_name('train', 0, 16)}"), "maps shard"),
+    (lambda c, d: _remap_dataset(c, "test/labels", "indices"), "maps shard"),
+    (lambda c, d: _set_shards_attr(c, 3), "attribute 'shards' says 3"),
+], ids=["linked", "copied-over", "swapped", "float64", "absolute-source", "source-outside", "self-source",
+        "other-split-source", "labels-from-indices", "shards-attr"])
+def test_a_shard_under_another_name_or_a_foreign_source_is_refused_on_open(ray_cache, tmp_path, tamper, fragment):
+    """Each shard a cache reads is checked against its name and the dataset it feeds: a shard linked, copied or
+    renamed over another, of another dtype, or a virtual dataset reading any other file, is refused with one
+    line, never read (before, each of these handed out wrong rows silently)."""
+    copy, folder = _copy_ray_cache(ray_cache, tmp_path)
+    tamper(copy, folder)
+    for command in (("info", copy), ("fit", copy, "--head", "logreg", "--out", tmp_path / "head")):
+        r = run(*command)
+        assert clean_failure(r, fragment) is None, r.output
+
+
+def _remap_dataset(cache: Path, dataset: str, source_dataset: str) -> None:
+    """Make `dataset` read `source_dataset` of the same shards (test/labels from the shards' indices)."""
+    with h5py.File(cache, "r+") as f:
+        ds = f[dataset]
+        layout = h5py.VirtualLayout(shape=ds.shape, dtype=ds.dtype)
+        for m in ds.virtual_sources():
+            first, last = m.vspace.get_select_bounds()
+            layout[first[0]:last[0] + 1] = h5py.VirtualSource(m.file_name, source_dataset,
+                                                              shape=(last[0] - first[0] + 1,))
+        del f[dataset]
+        f.create_virtual_dataset(dataset, layout)
+
+
+def _set_shards_attr(cache: Path, n: int) -> None:
+    with h5py.File(cache, "r+") as f:
+        f.attrs["shards"] = n
+
+
+def test_a_cache_written_through_a_linked_folder_reads_its_shards_by_their_plain_name(ray_cache, data,
+                                                                                         weights_file, cluster,
+                                                                                         tmp_path):
+    """The virtual sources are `<out>.shards/<shard>`, not a path computed through the resolved folder (which,
+    with a link in --out's path, named the link and broke when the folder moved)."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    out = tmp_path / "link" / "l.h5"
+    shutil.copytree(shard_folder(ray_cache), shard_folder(out))  # all done: only the cache is written
+    extract(_cfg(out, data, weights_file, engine="ray", num_workers=2, shard_size=4 * BATCH))
+    moved = tmp_path / "moved"
+    (tmp_path / "real").rename(moved)  # the link now dangles; the cache and its folder moved together
+    assert_same_features(moved / "l.h5", ray_cache)
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_folder_named_like_a_shard_is_refused_not_a_half_done_removal(engine, ray_cache, data, weights_file,
+                                                                          cluster, tmp_path):
+    """A folder in the shard folder is not a shard fusion-cache wrote: the ray engine refuses it up front; the
+    local engine's --force leaves the shard folder alone (it used to die on it halfway through removing the
+    shards, after replacing OUT, with exit 1)."""
+    out, folder = _copy_ray_cache(ray_cache, tmp_path)
+    (folder / shard_name("train", 0, 16)).unlink()
+    (folder / shard_name("train", 0, 16)).mkdir()
+    args = _args(out, data, weights_file, "--force", "--pool", "avgmax")
+    if engine == "ray":
+        before = snapshot(tmp_path)
+        r = run(*args, "--engine", "ray", "--shard-size", 4 * BATCH)
+        assert clean_failure(r, f"holds '{shard_name('train', 0, 16)}', which is not a shard") is None, r.output
+        assert snapshot(tmp_path) == before
+    else:
+        names = sorted(os.listdir(folder))
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert open_cache(out).meta.pool == "avgmax" and sorted(os.listdir(folder)) == names
+
+
+def test_workers_get_absolute_paths(ray_cache, data, weights_file, cluster, tmp_path, monkeypatch):
+    """Relative --data-root and --weights name the driver's folder; a cluster's workers run elsewhere (here: in
+    the folder the cluster was started from), so they used to miss the weights or read another data root."""
+    shutil.copy(weights_file, tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    r = run(*_args("rel.h5", os.path.relpath(data, tmp_path), "w.pth", "--engine", "ray", "--num-workers", 2,
+                   "--shard-size", 4 * BATCH))
+    assert r.exit_code == 0, r.output
+    assert_same_features(tmp_path / "rel.h5", ray_cache)
+
+
+def test_consolidate_refuses_a_new_file_in_the_shard_folder(ray_cache, tmp_path):
+    before = snapshot(ray_cache.parent)
+    r = run("consolidate", ray_cache, "--out", shard_folder(ray_cache) / "one.h5")
+    assert clean_failure(r, "lies in its shard folder") is None, r.output
+    assert snapshot(ray_cache.parent) == before
+
+
+def test_local_force_removes_the_shards_under_the_lock(ray_cache, data, weights_file, tmp_path, monkeypatch):
+    """A ray run on OUT may start the moment the lock is released: the shards go while it is held."""
+    import fusion_cache.cache as cache_mod
+
+    out, folder = _copy_ray_cache(ray_cache, tmp_path)
+    held = []
+    real = cache_mod.remove_shards
+    monkeypatch.setattr(cache_mod, "remove_shards", lambda o: (held.append(cache_mod.lock_path(o).exists()),
+                                                               real(o))[1])
+    r = run(*_args(out, data, weights_file, "--force"))
+    assert r.exit_code == 0, r.output
+    assert held == [True] and not folder.exists()
