@@ -122,6 +122,8 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
         workers, cpus, threads = _pool(ray, cfg)
         with cache_mod.CacheLock(out):
             _clear_partial(out, cfg.force)
+            if cfg.force and os.path.lexists(out):  # --force on a finished cache rebuilds it, shards included
+                cache_mod.remove_shards(out)
             folder = _shard_folder(out, meta, cfg.force)
             done, todo = {}, []
             for split, lo, hi in plan_shards(counts, shard_size(cfg, sum(counts.values()))):

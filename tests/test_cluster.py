@@ -122,6 +122,19 @@ def test_same_command_again_reuses_the_ray_cache(ray_cache, data, weights_file, 
     assert extract(_cfg(ray_cache, data, weights_file)).reused
 
 
+def test_force_on_a_finished_ray_cache_rebuilds_its_shards(ray_cache, data, weights_file, cluster, tmp_path):
+    """As with the local engine, --force on a complete cache recomputes it (an interrupted run resumes)."""
+    out = tmp_path / ray_cache.name
+    shutil.copy(ray_cache, out)
+    shutil.copytree(shard_folder(ray_cache), shard_folder(out))
+    before = {p.name: p.stat().st_mtime_ns for p in shard_folder(out).iterdir()}  # copytree keeps mtimes
+    r = extract(_cfg(out, data, weights_file, engine="ray", num_workers=2, shard_size=4 * BATCH, force=True))
+    assert not r.reused and r.resumed_from == {"train": 0, "test": 0}
+    after = {p.name: p.stat().st_mtime_ns for p in shard_folder(out).iterdir()}
+    assert after.keys() == before.keys() and not any(after[n] == before[n] for n in after)
+    assert_same_features(out, ray_cache)
+
+
 def test_consolidate_copies_the_shards_into_one_file(ray_cache, local_1thread, tmp_path):
     one = tmp_path / "one.h5"
     r = run("consolidate", ray_cache, "--out", one)
