@@ -139,7 +139,8 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             processed = 0
             pool = (min(workers, len(todo)), cpus, threads)
             stats = {"workers": pool[0], "shards_done": len(todo), "per_worker": {}}
-            for split, lo, hi, row in _run(ray, cfg, meta, sources, weights, folder, todo, pool) if todo else ():
+            for split, lo, hi, row in _discarding(out, _run(ray, cfg, meta, sources, weights, folder, todo, pool)
+                                                  if todo else ()):
                 w = stats["per_worker"].setdefault(str(row["worker"]), dict.fromkeys(("rows", *STAT_KEYS), 0.0))
                 for k in w:
                     w[k] += float(row[k])
@@ -164,6 +165,17 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             ray.shutdown()
     seconds = time.perf_counter() - start
     return ExtractResult(out, False, rows, dims, seconds, processed / max(seconds, 1e-9), resumed, skipped, stats)
+
+
+def _discarding(out: Path, rows):
+    """Pass the rows on; on a worker's error that a rerun would meet again, remove the shards, as the local
+    engine removes its partial file: after the fix (the data changes) the same command starts clean."""
+    try:
+        yield from rows
+    except FusionCacheError as e:
+        if not e.resumable:
+            cache_mod.remove_shards(out)
+        raise
 
 
 def _read(folder: Path, meta, split: str, lo: int, hi: int, subsets, sources):
@@ -279,7 +291,7 @@ def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], weights, fol
                disable=_no_bar(cfg.progress), dynamic_ncols=True)
     try:
         for row in _rows(results):
-            if row["error"]:
+            if row["error"]:  # what a rerun would meet again (a bad image, a NaN, other data on a node)
                 raise FusionCacheError(str(row["error"]))
             bar.update(int(row["stop"]) - int(row["start"]))
             yield str(row["split"]), int(row["start"]), int(row["stop"]), row
@@ -305,8 +317,10 @@ def _rows(results):
             if isinstance(cause, FusionCacheError):
                 raise cause from None
             text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(cause).split()))
-            raise FusionCacheError(f"the Ray job failed ({type(cause).__name__}: {text[:200]}); see the Ray logs, "
-                                   "then run the same command again to resume") from None
+            err = FusionCacheError(f"the Ray job failed ({type(cause).__name__}: {text[:200]}); see the Ray logs, "
+                                   "then run the same command again to resume")
+            err.resumable = True  # the shards written so far are kept
+            raise err from None
         yield row
 
 

@@ -505,3 +505,40 @@ def test_local_force_removes_the_shards_under_the_lock(ray_cache, data, weights_
     r = run(*_args(out, data, weights_file, "--force"))
     assert r.exit_code == 0, r.output
     assert held == [True] and not folder.exists()
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def test_a_manifest_under_the_ray_engine(folder_root, weights_file, cluster, tmp_path):
+    """`--dataset manifest` works with both engines: the same rows and bytes, the same unreadable image skipped;
+    with --on-bad-image fail the worker's error comes back as one line and nothing is left (the shards written
+    before it are removed, as the local engine removes its partial file)."""
+    from fusion_cache.data import load_image_folder
+
+    images = Path(shutil.copytree(folder_root, tmp_path / "images"))
+    (images / "train" / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows = ["path,label,split"]
+    for split in ("train", "test"):
+        src = load_image_folder(images, split)
+        rows += [f"{split}/{f},{src.classes[label]},{split}" for f, label in zip(src.files, src.labels)]
+    manifest = images / "list.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    args = ["extract", "--dataset", "manifest", "--data-root", manifest, "--weights", weights_file,
+            "--train-size", "all", "--test-size", "all", "--image-size", 32, "--batch-size", BATCH, "--workers", 0,
+            "--no-progress"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = run(*args, "--out", tmp_path / "local.h5", "--on-bad-image", "skip")
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
+    ray_args = [*args, "--engine", "ray", "--num-workers", 2, "--shard-size", 2 * BATCH]
+    r = run(*ray_args, "--out", tmp_path / "ray.h5", "--on-bad-image", "skip")
+    assert r.exit_code == 0, r.output
+    assert_same_features(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert open_cache(tmp_path / "ray.h5").meta.skipped == {"train": ["train/cats/broken.png"]}
+    r = run(*ray_args, "--out", tmp_path / "fail.h5")
+    assert clean_failure(r, "cannot read image train/cats/broken.png") is None, r.output
+    assert not (tmp_path / "fail.h5").exists() and not shard_folder(tmp_path / "fail.h5").exists()

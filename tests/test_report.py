@@ -214,7 +214,9 @@ def test_seeds_that_choose_the_same_strength_share_one_refit(encoded_cache):
     for r in runs[1:]:
         assert np.array_equal(r.estimator.coef_, runs[0].estimator.coef_) and r.test_acc == runs[0].test_acc
     alone = tune(ViewStore(cache), "fused", "linear", 0, 0.2, max_iter=300, grid=(3e-3,))  # same warm start
-    np.testing.assert_allclose(runs[0].estimator.coef_, alone.estimator.coef_, atol=1e-4, rtol=0)
+    # The stacked grid head it starts from is converged to the solver's tolerance, not bit for bit the one fitted
+    # alone, so the two refits agree to 1e-4 relative (coefficients reach 2.4 at this weak decay).
+    np.testing.assert_allclose(runs[0].estimator.coef_, alone.estimator.coef_, atol=1e-4, rtol=1e-4)
 
 
 def test_the_tuned_logreg_is_scikit_learns_logistic_regression(encoded_cache):
