@@ -15,7 +15,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from fusion_cache.cache import open_cache
 from fusion_cache.cli import main
 from fusion_cache.fit import HeadParams, fit_head
-from fusion_cache.heads import LinearHead
+from fusion_cache.heads import LinearHead, OneThreadLogisticRegression, make_logreg
 
 from .conftest import write_synthetic_cache
 
@@ -113,9 +113,36 @@ def test_linear_head_works_inside_sklearn_tools(encoded_cache):
     assert scores.mean() > 0.85
 
 
-@parametrize_with_checks([LinearHead(epochs=30, lr=1e-2), LinearHead(solver="lbfgs", weight_decay=1e-3)])
+@parametrize_with_checks([LinearHead(epochs=30, lr=1e-2), LinearHead(solver="lbfgs", weight_decay=1e-3),
+                          OneThreadLogisticRegression()])
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
+
+
+def test_the_logreg_baseline_fits_with_one_blas_thread_and_the_same_optimum(monkeypatch):
+    """The baseline is scikit-learn's LogisticRegression, run with one BLAS thread during its fit (thin products
+    that threads slow down): the threads it sees inside fit are 1, and it reaches scikit-learn's own optimum."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen, fit = [], LogisticRegression.fit
+
+    def spy(self, X, y, sample_weight=None):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return fit(self, X, y, sample_weight=sample_weight)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 40)).astype(np.float32)
+    y = (X[:, :3] @ rng.normal(size=(3, 4))).argmax(1)
+    with threadpool_limits(limits=2, user_api="blas"):
+        ours = make_logreg(C=0.5).fit(X, y)
+        assert seen == [{1}]
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=1000, random_state=0)).fit(X, y)
+    np.testing.assert_allclose(ours[-1].coef_, ref[-1].coef_, atol=1e-4, rtol=1e-4)
+    assert np.array_equal(ours.predict(X), ref.predict(X))
 
 
 # ---------------------------------------------------------------------------------------------- errors
