@@ -16,7 +16,7 @@ from torch.ao.quantization import fuse_modules
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
-from .backbones import DEFAULT_BACKBONE, Backbone, resolve
+from .backbones import DEFAULT_BACKBONE, Backbone, conv_bn_pairs, resolve
 from .errors import FusionCacheError
 from .taps import MOBILENET_V2, TapTable
 
@@ -201,10 +201,12 @@ def check_state_dict(sd: dict, where: str, backbone: str | Backbone | None = Non
 
 
 def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
-    """The backbone with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that follows a
-    convolution inside a Sequential is folded into it (torch.ao's `fuse_modules`): the same function to about
-    1e-6, about a third faster on a CPU. The module names, and so the taps, are unchanged. Networks with no
-    such pair (ViTs, ConvNeXts, timm's fused BatchNormAct) are left as they are."""
+    """The backbone with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that takes a
+    convolution's output, and that output alone, is folded into it (torch.ao's `fuse_modules`): the pairs
+    inside a Sequential (all of MobileNetV2's) and those the traced graph shows (a ResNet's bottlenecks and
+    stem, `backbones.conv_bn_pairs`). The same function to about 1e-6, faster on a CPU. The module names, and
+    so the taps, are unchanged. Networks with no such pair (ViTs, ConvNeXts, timm's fused BatchNormAct) are
+    left as they are."""
     bb = resolve(weights.backbone)
     # a file saved in float16 or bfloat16 (common for safetensors) runs in float32, as every other input does
     sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
@@ -222,6 +224,7 @@ def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
     model = model.eval().requires_grad_(False)
     if fold_bn:
         pairs = _conv_bn_pairs(model)
+        pairs += [p for p in conv_bn_pairs(bb.name) if p not in pairs]
         if pairs:
             model = fuse_modules(model, pairs, inplace=True)
     return model

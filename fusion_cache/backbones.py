@@ -252,6 +252,31 @@ def _traced(name: str):
     return model, graph, tracer.node_to_qualname
 
 
+def conv_bn_pairs(name: str) -> list[list[str]]:
+    """[conv, bn] module names wherever the traced graph feeds a plain Conv2d's output to a plain BatchNorm2d
+    and to nothing else, each module called once: the pairs that fold into one convolution with the same
+    function (a ResNet's bottlenecks and stem as well as MobileNetV2's Sequentials). A model that does not
+    trace gives none."""
+    try:
+        model, graph, _ = _traced(name)
+    except FusionCacheError:
+        return []
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    pairs = []
+    for n in graph.nodes:
+        if n.op != "call_module" or type(modules.get(n.target)) is not nn.BatchNorm2d or len(n.args) != 1:
+            continue
+        conv = n.args[0]
+        if (getattr(conv, "op", None) == "call_module" and type(modules.get(conv.target)) is nn.Conv2d
+                and len(conv.users) == 1 and calls[conv.target] == 1 and calls[n.target] == 1):
+            pairs.append([conv.target, n.target])
+    return pairs
+
+
 def _shapes(name: str, size: int) -> dict:
     """node -> output shape at an input of `size` px (meta tensors: no compute)."""
     from torch.fx.passes.shape_prop import ShapeProp
