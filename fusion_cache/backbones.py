@@ -255,10 +255,12 @@ def _traced(name: str):
 def conv_bn_pairs(name: str) -> list[list[str]]:
     """[conv, bn] module names wherever the traced graph feeds a plain Conv2d's output to a plain BatchNorm2d
     and to nothing else, each module called once: the pairs that fold into one convolution with the same
-    function (a ResNet's bottlenecks and stem as well as MobileNetV2's Sequentials). A model that does not
-    trace gives none."""
+    function (a ResNet's bottlenecks and stem as well as MobileNetV2's Sequentials). A convolution whose
+    output is itself a tap is left alone (folding would change the tap). A model that does not trace gives
+    none."""
     try:
         model, graph, _ = _traced(name)
+        taps = set(tap_table(name).names)
     except FusionCacheError:
         return []
     modules = dict(model.named_modules())
@@ -272,7 +274,8 @@ def conv_bn_pairs(name: str) -> list[list[str]]:
             continue
         conv = n.args[0]
         if (getattr(conv, "op", None) == "call_module" and type(modules.get(conv.target)) is nn.Conv2d
-                and len(conv.users) == 1 and calls[conv.target] == 1 and calls[n.target] == 1):
+                and len(conv.users) == 1 and calls[conv.target] == 1 and calls[n.target] == 1
+                and conv.target not in taps):
             pairs.append([conv.target, n.target])
     return pairs
 
