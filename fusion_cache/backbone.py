@@ -201,12 +201,11 @@ def check_state_dict(sd: dict, where: str, backbone: str | Backbone | None = Non
 
 
 def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
-    """The backbone with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that takes a
-    convolution's output, and that output alone, is folded into it (torch.ao's `fuse_modules`): the pairs
-    inside a Sequential (all of MobileNetV2's) and those the traced graph shows (a ResNet's bottlenecks and
-    stem, `backbones.conv_bn_pairs`). The same function to about 1e-6, faster on a CPU. The module names, and
-    so the taps, are unchanged. Networks with no such pair (ViTs, ConvNeXts, timm's fused BatchNormAct) are
-    left as they are."""
+    """The backbone with the weights, frozen, in eval mode. With `fold_bn` every BatchNorm that the traced
+    graph shows taking a convolution's output, and that output alone, is folded into it (torch.ao's
+    `fuse_modules` on `backbones.conv_bn_pairs`: all of MobileNetV2's, a ResNet's bottlenecks and stem). The
+    same function to about 1e-6, faster on a CPU. The module names, and so the taps, are unchanged. Networks
+    with no such pair (ViTs, ConvNeXts, timm's fused BatchNormAct) are left as they are."""
     bb = resolve(weights.backbone)
     # a file saved in float16 or bfloat16 (common for safetensors) runs in float32, as every other input does
     sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
@@ -223,24 +222,10 @@ def build_model(weights: LoadedWeights, fold_bn: bool = True) -> nn.Module:
                                f"({' '.join(str(e).split())[:120]}); pass other --weights") from None
     model = model.eval().requires_grad_(False)
     if fold_bn:
-        pairs = _conv_bn_pairs(model)
-        pairs += [p for p in conv_bn_pairs(bb.name) if p not in pairs]
+        pairs = conv_bn_pairs(bb.name)
         if pairs:
             model = fuse_modules(model, pairs, inplace=True)
     return model
-
-
-def _conv_bn_pairs(model: nn.Module) -> list[list[str]]:
-    """[conv, bn] module names for every Conv2d directly followed by a plain BatchNorm2d inside a Sequential."""
-    pairs = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (a, first), (b, second) in zip(children, children[1:]):
-                if type(first) is nn.Conv2d and type(second) is nn.BatchNorm2d:
-                    prefix = f"{name}." if name else ""
-                    pairs.append([prefix + a, prefix + b])
-    return pairs
 
 
 class PooledExtractor(nn.Module):

@@ -327,11 +327,13 @@ def test_avgmax_pooling_stores_average_then_max(tmp_path, cifar_root, weights_fi
     assert open_cache(tmp_path / "a.h5").fingerprint != cache.fingerprint
 
 
-@pytest.mark.parametrize("backbone, folded_bns", [("mobilenet_v2", 52), ("resnet18", 20), ("timm:resnet50", 53)])
-def test_folding_batchnorm_keeps_the_function_and_the_tap_names(backbone, folded_bns):
+@pytest.mark.parametrize("backbone, folded_bns, scaled", [("mobilenet_v2", 52, False), ("resnet18", 20, False),
+                                                         ("timm:resnet50", 53, True)])
+def test_folding_batchnorm_keeps_the_function_and_the_tap_names(backbone, folded_bns, scaled):
     """Every BatchNorm that takes a convolution's output alone is folded into it: MobileNetV2's (all inside
     Sequentials) and a ResNet's (in its bottlenecks and stem, found in the traced graph). Every tap's pooled
-    features stay the same to float rounding."""
+    features stay the same to float rounding: 1e-5 absolute, and for the deep random-init ResNet-50, whose
+    pooled features reach 1e3, 1e-5 of each tap's largest value."""
     from fusion_cache.backbone import LoadedWeights, PooledExtractor, build_model
     from fusion_cache.backbones import resolve
 
@@ -347,18 +349,17 @@ def test_folding_batchnorm_keeps_the_function_and_the_tap_names(backbone, folded
             v.uniform_(0.5, 1.5)
     w = LoadedWeights("test", "0" * 64, sd, backbone=bb.name)
     plain, folded = build_model(w, fold_bn=False), build_model(w)
-    bns = [n for n, m in plain.named_modules() if type(m) is torch.nn.BatchNorm2d]
-    assert len(bns) == folded_bns
-    assert not any(type(m) is torch.nn.BatchNorm2d for m in folded.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) == folded_bns
     table = bb.tap_table()
     taps = list(table.names)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(4, 3, 64, 64)
     with torch.inference_mode():
         a = PooledExtractor(plain, taps, None, table)(x)
         b = PooledExtractor(folded, taps, None, table)(x)
     for t in taps:
-        scale = float(a[t].abs().max())
-        np.testing.assert_allclose(b[t].numpy(), a[t].numpy(), rtol=1e-4, atol=1e-5 * scale, err_msg=t)
+        atol = 1e-5 * (float(a[t].abs().max()) if scaled else 1.0)
+        np.testing.assert_allclose(b[t].numpy(), a[t].numpy(), rtol=1e-4, atol=atol, err_msg=t)
 
 
 def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, cifar_root, weights_file):
