@@ -6,8 +6,11 @@ For every weight decay ``wd_g`` of the grid, head ``g`` minimizes exactly the ob
     f_g(W_g, b_g) = mean_i cross_entropy(x_i @ W_g.T + b_g, y_i) + 0.5 * wd_g * ||W_g||^2     (b not penalized)
 
 All G weight matrices sit side by side, so one pass over ``X`` is one product ``X @ W_all.T`` with ``W_all``
-of shape (G*k, d), and the gradient is one product ``R.T @ X``. With n >> d the passes are memory-bound (X is
-read twice per evaluation), so six heads cost little more than one per pass.
+of shape (G*k, d), and the gradient is one product ``R.T @ X``. On CPU an evaluation walks X in blocks of
+rows (about 64 MB each): the logits, the softmax and the gradient's product of a block are done while the
+block is still in cache, so X streams from memory once per evaluation, not twice, and the softmax runs on
+cache-sized pieces. Narrow products are memory-bound and wide ones compute-bound, so six heads cost about three times one
+per pass, not six.
 
 Why a vectorized per-head L-BFGS and not one L-BFGS on the summed loss
 ----------------------------------------------------------------------
@@ -30,7 +33,8 @@ on every class row of W_g and 1 / c_g on the intercepts, with c_g the mean softm
 p(1 - p) k / (k - 1) at the start (1/k from zeros). At W = 0 this is the exact inverse Hessian up to the
 rank-one centering of the classes; it is the L-BFGS initial matrix gamma_g P_g, one elementwise product per
 use. With `refresh=r` it is replaced every r iterations by the inverse of the Hessian's diagonal at the
-current heads (averaged over the classes), one extra pass over X, which tracks the curvature as the softmax
+current heads (averaged over the classes), one product of the rows' softmax curvature (kept from the
+evaluation that accepted the heads) with X * X, which tracks the curvature as the softmax
 saturates. The rotation is orthogonal, so the penalty and the optimum (rotated back) are unchanged; a
 caller that fits many grids on one view rotates it once (`rotated=True`). It changes the path, never the
 optimum. `precondition=False` gives plain L-BFGS.
@@ -149,13 +153,18 @@ class _Dense:
     def __init__(self, X: torch.Tensor):
         self.X = X
 
+    def rows(self, lo: int, hi: int) -> "_Dense":
+        """The same design on rows lo:hi (a view, no copy)."""
+        return _Dense(self.X[lo:hi])
+
     def logits(self, W: torch.Tensor, b: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         B, k, d = W.shape
         return torch.addmm(b.reshape(B * k), self.X, W.reshape(B * k, d).T).view(len(self.X), B, k)
 
-    def grad_W(self, R: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    def add_grad_W(self, out: torch.Tensor, R: torch.Tensor, heads: torch.Tensor) -> None:
+        """out (B, k, d) += R.T @ X, R (n, B, k)."""
         n, B, k = R.shape
-        return (R.view(n, B * k).T @ self.X).view(B, k, -1)
+        out.view(B * k, -1).addmm_(R.view(n, B * k).T, self.X)
 
 
 class _Masked:
@@ -163,13 +172,20 @@ class _Masked:
     head's own columns a narrow product of their own (the pair search: features.18 for all, one tap each).
     Copies X's columns once, into the shared and the per-head blocks."""
 
-    def __init__(self, X: torch.Tensor, masks: torch.Tensor):
+    def __init__(self, X: torch.Tensor | None, masks: torch.Tensor | None, _parts=None):
+        if _parts is not None:
+            self.d, self.shared, self.Xs, self.own, self.Xo = _parts
+            return
         shared = masks.all(0)
         self.d = X.shape[1]
         self.shared = shared.nonzero().squeeze(1)
         self.Xs = X[:, self.shared].contiguous()
         self.own = [(m & ~shared).nonzero().squeeze(1) for m in masks]
         self.Xo = [X[:, idx].contiguous() for idx in self.own]
+
+    def rows(self, lo: int, hi: int) -> "_Masked":
+        """The same design on rows lo:hi (views, no copy)."""
+        return _Masked(None, None, (self.d, self.shared, self.Xs[lo:hi], self.own, [x[lo:hi] for x in self.Xo]))
 
     def logits(self, W: torch.Tensor, b: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         B, k, _ = W.shape
@@ -180,45 +196,74 @@ class _Masked:
                 Z[:, j] += self.Xo[g] @ W[j][:, self.own[g]].T
         return Z
 
-    def grad_W(self, R: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    def add_grad_W(self, out: torch.Tensor, R: torch.Tensor, heads: torch.Tensor) -> None:
         n, B, k = R.shape
-        out = torch.zeros(B, k, self.d, device=R.device)
-        out[:, :, self.shared] = (R.reshape(n, B * k).T @ self.Xs).view(B, k, -1)
+        out[:, :, self.shared] += (R.reshape(n, B * k).T @ self.Xs).view(B, k, -1)
         for j, g in enumerate(heads.tolist()):
             if len(self.own[g]):
-                out[j][:, self.own[g]] = R[:, j].T @ self.Xo[g]
-        return out
+                out[j][:, self.own[g]] += R[:, j].T @ self.Xo[g]
+
+
+def _row_block(X: torch.Tensor) -> int:
+    """Rows per block of one evaluation: on CPU a block of X (about 64 MB) is still in cache when the
+    gradient product reads it again, so each evaluation streams X from memory once, not twice; on a GPU,
+    every row at once."""
+    if X.device.type != "cpu":
+        return max(1, len(X))
+    return max(1024, (64 << 20) // max(1, 4 * X.shape[1]))
 
 
 def _objective(design, y: torch.Tensor, onehot: torch.Tensor, theta: torch.Tensor, wd: torch.Tensor,
-               heads: torch.Tensor, weights: torch.Tensor | None = None):
-    """Loss (B,) float64 and gradient (B, p) of B heads; theta (B, p) = (B, k, d+1), last column the intercept.
-    Two passes over X: Z = X @ W_all.T + b (n, B*k) and R.T @ X, R = softmax(Z) - onehot(y). weights: None
-    (every head's data term is the mean over all rows) or (n, B), each column summing to 1 (head b's data
-    term is the weighted mean; a row of weight 0 is not part of its problem)."""
+               heads: torch.Tensor, weights: torch.Tensor | None = None, block: int | None = None,
+               curvature: bool = False):
+    """Loss (B,) float64, gradient (B, p) and curvature of B heads; theta (B, p) = (B, k, d+1), last column the
+    intercept. One pass over X in blocks of `block` rows (None: all at once): for each block the logits
+    Z = X_b @ W_all.T + b (n_b, B*k), then R = softmax(Z) - onehot(y) and the gradient's R.T @ X_b while X_b
+    is still in cache. weights: None (every head's data term is the mean over all rows) or (n, B), each
+    column summing to 1 (head b's data term is the weighted mean; a row of weight 0 is not part of its
+    problem). curvature: also return the softmax curvature of every row, sum_c p_c (1 - p_c) / k (n, B), which
+    the Jacobi preconditioner needs; else None. Returns (loss, None, None) when a loss is not finite."""
     n, k = onehot.shape
     B = theta.shape[0]
     th = theta.view(B, k, -1)
     d = th.shape[2] - 1
-    W = th[:, :, :d]
-    Z = design.logits(W, th[:, :, d], heads)
-    logp = torch.log_softmax(Z, dim=2)
-    del Z
-    nll = logp.gather(2, y.view(n, 1, 1).expand(n, B, 1)).squeeze(2)
-    penalty = W.pow(2).sum((1, 2), dtype=torch.float64)
-    data = -nll.sum(0, dtype=torch.float64) / n if weights is None else -(nll * weights).sum(0, dtype=torch.float64)
-    loss = data + 0.5 * wd.double() * penalty
-    if not bool(torch.isfinite(loss).all()):
-        return loss, None
-    R = logp.exp_().sub_(onehot.unsqueeze(1))  # softmax - onehot, in place, (n, B, k)
+    W, b = th[:, :, :d], th[:, :, d]
+    grad = torch.zeros_like(th)
+    gW = grad[:, :, :d]
+    gb = grad[:, :, d]
+    data = torch.zeros(B, dtype=torch.float64, device=theta.device)
+    curv = torch.empty(n, B, device=theta.device) if curvature else None
+    block = block or n
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        part = design if (lo, hi) == (0, n) else design.rows(lo, hi)
+        Z = part.logits(W, b, heads)  # (n_b, B, k); softmax by hand: torch's log_softmax over 10 classes is 4x slower
+        Z.sub_(Z.amax(2, keepdim=True))
+        zy = Z.gather(2, y[lo:hi].view(-1, 1, 1).expand(hi - lo, B, 1)).squeeze(2)
+        E = Z.exp_()
+        total = E.sum(2, keepdim=True)
+        nll = total.squeeze(2).log().sub_(zy)  # -log softmax(Z)_y, (n_b, B)
+        R = E.div_(total)  # softmax, in place
+        if curvature:
+            curv[lo:hi] = (R - R * R).sum(2).div_(k)
+        R.sub_(onehot[lo:hi].unsqueeze(1))  # softmax - onehot
+        if weights is None:
+            data += nll.sum(0, dtype=torch.float64)
+            R.div_(n)
+        else:
+            w = weights[lo:hi]
+            data += (nll * w).sum(0, dtype=torch.float64)
+            R.mul_(w.unsqueeze(2))
+        del nll, zy, total
+        part.add_grad_W(gW, R, heads)
+        gb += R.sum(0)
     if weights is None:
-        R.div_(n)
-    else:
-        R.mul_(weights.unsqueeze(2))
-    grad = torch.empty_like(th)
-    grad[:, :, :d] = design.grad_W(R, heads).add_(wd.view(B, 1, 1) * W)
-    grad[:, :, d] = R.sum(0)
-    return loss, grad.view(B, -1)
+        data /= n
+    loss = data + 0.5 * wd.double() * W.pow(2).sum((1, 2), dtype=torch.float64)
+    if not bool(torch.isfinite(loss).all()):
+        return loss, None, None
+    gW.add_(wd.view(B, 1, 1) * W)
+    return loss, grad.view(B, -1), curv
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -298,7 +343,8 @@ class _DiagonalPreconditioner:
     eigenbasis of the features (lam their variances there), with c_g the mean softmax curvature
     p(1 - p) k / (k - 1) at the start (1/k at zero): the exact inverse Hessian of head g at W = 0 up to the
     rank-one centering of the classes. `jacobi` replaces it by the inverse of the Hessian's exact diagonal
-    at the current heads, one extra pass over X."""
+    at the current heads: one product with X * X, from the rows' curvature that the evaluation of those
+    heads kept (or one more pass over X to compute it)."""
 
     def __init__(self, lam: torch.Tensor, c: torch.Tensor, wd: torch.Tensor, k: int):
         d = lam.shape[0]
@@ -315,18 +361,21 @@ class _DiagonalPreconditioner:
         """(a, k (d + 1)): the diagonal of heads idx, per parameter."""
         return self.D[idx].unsqueeze(1).expand(len(idx), self.k, self.d + 1).reshape(len(idx), -1).contiguous()
 
-    def jacobi(self, design, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor, weights=None) -> torch.Tensor:
+    def jacobi(self, design, X: torch.Tensor, theta: torch.Tensor, idx: torch.Tensor, weights=None,
+               curv: torch.Tensor | None = None) -> torch.Tensor:
         """(a, k (d + 1)): 1 / the Hessian's diagonal of heads idx at theta, averaged over the classes:
         mean_ic p_ic (1 - p_ic) x_ij^2 + wd for column j (the mean over each head's rows: weights (n, a) as in
         _objective). One value for every class keeps the steps off the loss's flat direction (the same
-        shift of every class's intercepts)."""
+        shift of every class's intercepts). curv: the rows' curvature at theta from the evaluation that
+        accepted it (n, a), as _objective returns it; None: one more pass over X computes it."""
         if self._X2 is None:
             self._X2 = X * X
         n, d, k, a = X.shape[0], self.d, self.k, len(idx)
-        th = theta.view(a, k, d + 1)
-        P = torch.softmax(design.logits(th[:, :, :d], th[:, :, d], idx), dim=2)
-        curv = (P * (1 - P)).sum(2).div_(k)  # (n, a): averaged over the classes
-        curv = curv.div_(n) if weights is None else curv.mul_(weights)
+        if curv is None:
+            th = theta.view(a, k, d + 1)
+            P = torch.softmax(design.logits(th[:, :, :d], th[:, :, d], idx), dim=2)
+            curv = (P * (1 - P)).sum(2).div_(k)  # (n, a): averaged over the classes
+        curv = curv / n if weights is None else curv * weights
         H = torch.empty(a, d + 1, device=X.device)
         H[:, :d] = curv.T @ self._X2
         H[:, d] = curv.sum(0)
@@ -432,21 +481,22 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     onehot[torch.arange(n, device=dev), y] = 1.0
 
     full, small = (torch.get_num_threads(), 1) if dev.type == "cpu" else (None, None)
+    block = _row_block(X)
 
-    def evaluate(heads: torch.Tensor, th: torch.Tensor):
+    def evaluate(heads: torch.Tensor, th: torch.Tensor, curvature: bool = False):
         with _threads(full):
-            loss, grad = _objective(design, y, onehot, th, wd_all[heads], heads,
-                                    None if row_weights is None else row_weights[:, heads])
+            loss, grad, curv = _objective(design, y, onehot, th, wd_all[heads], heads,
+                                          None if row_weights is None else row_weights[:, heads], block, curvature)
         if grad is None:
             bad = int(heads[~torch.isfinite(loss)][0])
             raise FitDivergedError(f"the L-BFGS fit with weight decay {wds[bad]:g} diverged (its loss became NaN "
                                    "or inf); check the features are standardized, or use a larger weight decay")
-        return loss, grad
+        return loss, grad, curv
 
     # the state of the active heads, compacted: row j is head ids[j]; rows leave when their head stops
     ids = torch.arange(G, device=dev)
     theta = theta.view(G, p)
-    f, g = evaluate(ids, theta)
+    f, g, _ = evaluate(ids, theta)
     precond = None
     if basis is not None:
         sub = X if precondition_rows is None or n <= precondition_rows else \
@@ -476,6 +526,7 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     done = gmax <= tol
 
     it = 0
+    curv = None  # (n, active heads): the rows' softmax curvature at the current heads, when a refresh is next
     with _threads(small):
         while True:
             if bool(done.any()):  # write out the heads that stopped, keep the others
@@ -487,6 +538,8 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
                 S, Yh, rho, gamma, has_history = S[keep], Yh[keep], rho[keep], gamma[keep], has_history[keep]
                 if D is not None:
                     D = D[keep]
+                if curv is not None:
+                    curv = curv[:, keep]
             if len(ids) == 0:
                 break
             a = len(ids)
@@ -494,9 +547,12 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             if refresh and precond is not None and it > 0 and it % refresh == 0:
                 with _threads(full):
                     D = precond.jacobi(design, X, theta, ids,
-                                       None if row_weights is None else row_weights[:, ids])
+                                       None if row_weights is None else row_weights[:, ids], curv)
                 gamma[:] = 1
             it += 1
+            # the next refresh needs the rows' curvature at the points this line search accepts: keep it
+            want = bool(refresh) and precond is not None and it % refresh == 0
+            curv = torch.empty(n, a, device=dev) if want else None
             dA = _direction(g, D, S, Yh, rho, gamma, order)
             dphi0 = _dot(g, dA)
             bad = ~(dphi0 < 0)  # not a descent direction (rounding): restart from (preconditioned) steepest descent
@@ -513,13 +569,15 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             pending = torch.arange(a, device=dev)
             for _ in range(_MAX_LS):
                 th = theta[pending] + t[pending].to(torch.float32).unsqueeze(1) * dA[pending]
-                fT, gT = evaluate(ids[pending], th)
+                fT, gT, cT = evaluate(ids[pending], th, want)
                 n_evals[ids[pending].cpu().numpy()] += 1
                 dphiT = _dot(gT, dA[pending])
                 ok = (fT <= f[pending] + _C1 * t[pending] * dphi0[pending]) | (dphiT <= 0)
                 acc = pending[ok]
                 accepted[acc] = True
                 new_f[acc], new_g[acc], new_theta[acc] = fT[ok], gT[ok], th[ok]
+                if want:
+                    curv[:, acc] = cT[:, ok]
                 if bool(ok.all()):
                     break
                 rest = ~ok
@@ -533,6 +591,8 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
             stop = failed & ~has_history
             retry = failed & has_history
             rho[retry], gamma[retry], has_history[retry] = 0, 1, False
+            if not bool(accepted.all()):
+                curv = None  # a head kept its old point: the refresh computes every head's curvature itself
             # the new pair goes to slot ptr for every head that has one; the others leave it empty
             rho[:, ptr] = 0
             if bool(accepted.any()):

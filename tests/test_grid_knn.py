@@ -410,3 +410,116 @@ def test_heads_on_row_subsets_equal_heads_fitted_on_those_rows(precondition):
     rows[1] = False
     with pytest.raises(ValueError, match="head 1 has no rows"):
         fit_l2_grid(X, y, 3, wds, rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------- one pass, in blocks
+
+
+def _reference_pass(X, y, k, theta, wd, weights=None):
+    """Loss, gradient and row curvature of every head in float64 numpy, from the definitions."""
+    X = X.astype(np.float64)
+    n, d = X.shape
+    out = []
+    for h in range(theta.shape[0]):
+        th = theta[h].reshape(k, d + 1).astype(np.float64)
+        W, b = th[:, :d], th[:, d]
+        Z = X @ W.T + b
+        P = np.exp(Z - logsumexp(Z, axis=1)[:, None])
+        w = np.full(n, 1.0 / n) if weights is None else weights[:, h].astype(np.float64)
+        nll = -np.log(P[np.arange(n), y])
+        R = P.copy()
+        R[np.arange(n), y] -= 1
+        R *= w[:, None]
+        grad = np.concatenate([R.T @ X + wd[h] * W, R.sum(0)[:, None]], axis=1)
+        out.append(((w * nll).sum() + 0.5 * wd[h] * (W**2).sum(), grad.ravel(), (P * (1 - P)).sum(1) / k))
+    return out
+
+
+@pytest.mark.parametrize("design", ["dense", "masked"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_pass_in_row_blocks_equals_the_definition(design, weighted):
+    from fusion_cache.grid import _Dense, _Masked, _objective
+
+    X, y = blobs(n=203, d=6, k=3, seed=12)
+    rng = np.random.default_rng(3)
+    B, k, d = 3, 3, 6
+    theta = rng.normal(size=(B, k * (d + 1))).astype(np.float32)
+    wd = np.array([1e-2, 1e-3, 0.0])
+    masks = np.ones((B, d), dtype=bool)
+    if design == "masked":
+        masks[0, :2] = masks[1, 2:4] = False
+        theta.reshape(B, k, d + 1)[:, :, :d] *= masks[:, None, :]
+    weights = None
+    if weighted:
+        rows = rng.random((B, len(y))) < 0.7
+        weights = (rows / rows.sum(1, keepdims=True)).T.astype(np.float32)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y).long()
+    onehot = torch.nn.functional.one_hot(yt, k).float()
+    des = _Dense(Xt) if design == "dense" else _Masked(Xt, torch.from_numpy(masks))
+    ref = _reference_pass(X, y, k, theta, wd, weights)
+    for block in (None, 37, 1):
+        loss, grad, curv = _objective(des, yt, onehot, torch.from_numpy(theta), torch.tensor(wd, dtype=torch.float32),
+                                      torch.arange(B), None if weights is None else torch.from_numpy(weights), block,
+                                      curvature=True)
+        for h, (l_ref, g_ref, c_ref) in enumerate(ref):
+            np.testing.assert_allclose(float(loss[h]), l_ref, rtol=1e-6, err_msg=f"block {block} head {h}")
+            got = grad[h].numpy().reshape(k, d + 1)
+            want = g_ref.reshape(k, d + 1)
+            cols = np.append(masks[h], True)  # a masked head's gradient outside its columns is not used
+            np.testing.assert_allclose(got[:, cols], want[:, cols], atol=1e-6, rtol=1e-5)
+            np.testing.assert_allclose(curv[:, h].numpy(), c_ref, atol=1e-6, rtol=1e-5)
+    loss, grad, curv = _objective(des, yt, onehot, torch.from_numpy(theta), torch.tensor(wd, dtype=torch.float32),
+                                  torch.arange(B), None, 37)
+    assert curv is None
+
+
+def test_a_fit_in_row_blocks_equals_the_fit_in_one_pass(monkeypatch):
+    # on CPU each evaluation runs over X in blocks that stay in cache; tiny data fit in one block, so force
+    # blocks that do not divide the rows, with the Jacobi refresh (which reuses the blocks' curvature)
+    from fusion_cache import grid
+
+    X, y = blobs(n=500, d=6, k=4, noise=1.5, seed=13)
+    one = fit_l2_grid(X, y, 4, GRID, tol=1e-6, refresh=5)
+    monkeypatch.setattr(grid, "_row_block", lambda X: 61)
+    blocked = fit_l2_grid(X, y, 4, GRID, tol=1e-6, refresh=5)
+    assert one.converged.all() and blocked.converged.all()
+    np.testing.assert_allclose(blocked.coef, one.coef, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(blocked.intercept, one.intercept, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(blocked.loss, one.loss, rtol=1e-6)
+
+
+def test_the_refresh_from_an_evaluations_curvature_equals_a_fresh_pass():
+    from fusion_cache.grid import _Dense, _DiagonalPreconditioner, _objective
+
+    X, y = blobs(n=150, d=5, k=3, seed=14)
+    rng = np.random.default_rng(4)
+    theta = torch.from_numpy(rng.normal(size=(2, 3 * 6)).astype(np.float32))
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y).long()
+    wd = torch.tensor([1e-2, 1e-3])
+    basis = Eigenbasis.of(Xt)
+    pre = _DiagonalPreconditioner(basis.lam, torch.tensor([0.2, 0.2]), wd, 3)
+    des, ids = _Dense(Xt), torch.arange(2)
+    _, _, curv = _objective(des, yt, torch.nn.functional.one_hot(yt, 3).float(), theta, wd, ids, None, 40,
+                            curvature=True)
+    np.testing.assert_allclose(pre.jacobi(des, Xt, theta, ids, curv=curv).numpy(),
+                               pre.jacobi(des, Xt, theta, ids).numpy(), rtol=1e-5)
+
+
+def test_the_fit_refreshes_with_the_curvature_of_its_current_heads(monkeypatch):
+    # the loop hands the refresh the curvature its line search kept: it must be that of the heads it refreshes at
+    from fusion_cache.grid import _DiagonalPreconditioner
+
+    real = _DiagonalPreconditioner.jacobi
+    reused = []
+
+    def spy(self, design, X, theta, idx, weights=None, curv=None):
+        if curv is not None:
+            np.testing.assert_allclose(real(self, design, X, theta, idx, weights, curv).numpy(),
+                                       real(self, design, X, theta, idx, weights).numpy(), rtol=1e-4)
+            reused.append(len(idx))
+        return real(self, design, X, theta, idx, weights, curv)
+
+    monkeypatch.setattr(_DiagonalPreconditioner, "jacobi", spy)
+    X, y = blobs(n=500, d=6, k=4, noise=1.5, seed=13)
+    fit = fit_l2_grid(X, y, 4, GRID, tol=1e-6, refresh=3)
+    assert fit.converged.all() and reused  # refreshes happened, from kept curvature
