@@ -9,8 +9,8 @@ All G weight matrices sit side by side, so one pass over ``X`` is one product ``
 of shape (G*k, d), and the gradient is one product ``R.T @ X``. On CPU an evaluation walks X in blocks of
 rows (about 64 MB each): the logits, the softmax and the gradient's product of a block are done while the
 block is still in cache, so X streams from memory once per evaluation, not twice, and the softmax runs on
-cache-sized pieces. Narrow products are memory-bound and wide ones compute-bound, so six heads cost about three times one
-per pass, not six.
+cache-sized pieces. Narrow products are memory-bound and wide ones compute-bound, so six heads cost about
+three times one per pass, not six.
 
 Why a vectorized per-head L-BFGS and not one L-BFGS on the summed loss
 ----------------------------------------------------------------------
