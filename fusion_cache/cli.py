@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -423,8 +424,12 @@ def _head_specs():
 
 
 def _command_line() -> str:
-    return "fusion-cache " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("fusion-cache") else \
-        "fusion-cache " + " ".join(click.get_current_context().command_path.split()[1:])
+    """The command as typed, for a result's provenance: through the console script or `python -m
+    fusion_cache`, with its arguments; under another caller (a test's CliRunner) only the command's path."""
+    argv0 = Path(sys.argv[0]) if sys.argv else Path()
+    if str(argv0).endswith("fusion-cache") or (argv0.name == "__main__.py" and argv0.parent.name == "fusion_cache"):
+        return "fusion-cache " + shlex.join(sys.argv[1:])
+    return "fusion-cache " + " ".join(click.get_current_context().command_path.split()[1:])
 
 
 @main.command(short_help="Train one head on a view of a cache.")

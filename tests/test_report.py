@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -235,3 +236,12 @@ def test_the_tuned_logreg_is_scikit_learns_logistic_regression(encoded_cache):
     np.testing.assert_allclose(ours, lr.predict_proba(Xte), atol=2e-3)
     np.testing.assert_allclose(run.estimator.coef_, lr.coef_, atol=5e-3)
     assert run.test_acc == lr.score(Xte, data.y_test)
+
+
+@pytest.mark.parametrize("argv0", ["/venv/bin/fusion-cache", "/src/fusion_cache/__main__.py"])
+def test_the_recorded_command_keeps_its_arguments(monkeypatch, argv0):
+    # `python -m fusion_cache report ...` recorded "fusion-cache -m fusion_cache report", without its arguments
+    from fusion_cache import cli
+
+    monkeypatch.setattr(sys, "argv", [argv0, "report", "my cache.h5", "--out", "runs"])
+    assert cli._command_line() == "fusion-cache report 'my cache.h5' --out runs"
