@@ -75,6 +75,7 @@ eigenbasis for both); ``Eigenbasis.of`` builds the preconditioner's basis once f
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -172,10 +173,7 @@ class _Masked:
     head's own columns a narrow product of their own (the pair search: features.18 for all, one tap each).
     Copies X's columns once, into the shared and the per-head blocks."""
 
-    def __init__(self, X: torch.Tensor | None, masks: torch.Tensor | None, _parts=None):
-        if _parts is not None:
-            self.d, self.shared, self.Xs, self.own, self.Xo = _parts
-            return
+    def __init__(self, X: torch.Tensor, masks: torch.Tensor):
         shared = masks.all(0)
         self.d = X.shape[1]
         self.shared = shared.nonzero().squeeze(1)
@@ -185,7 +183,9 @@ class _Masked:
 
     def rows(self, lo: int, hi: int) -> "_Masked":
         """The same design on rows lo:hi (views, no copy)."""
-        return _Masked(None, None, (self.d, self.shared, self.Xs[lo:hi], self.own, [x[lo:hi] for x in self.Xo]))
+        part = copy.copy(self)
+        part.Xs, part.Xo = self.Xs[lo:hi], [x[lo:hi] for x in self.Xo]
+        return part
 
     def logits(self, W: torch.Tensor, b: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         B, k, _ = W.shape
@@ -202,6 +202,12 @@ class _Masked:
         for j, g in enumerate(heads.tolist()):
             if len(self.own[g]):
                 out[j][:, self.own[g]] += R[:, j].T @ self.Xo[g]
+
+
+def _row_curvature(P: torch.Tensor) -> torch.Tensor:
+    """sum_c p_c (1 - p_c) / k of softmax probabilities P (n, B, k): each row's softmax curvature averaged
+    over the classes, (n, B)."""
+    return (P - P * P).sum(2).div_(P.shape[2])
 
 
 def _row_block(X: torch.Tensor) -> int:
@@ -245,7 +251,7 @@ def _objective(design, y: torch.Tensor, onehot: torch.Tensor, theta: torch.Tenso
         nll = total.squeeze(2).log().sub_(zy)  # -log softmax(Z)_y, (n_b, B)
         R = E.div_(total)  # softmax, in place
         if curvature:
-            curv[lo:hi] = (R - R * R).sum(2).div_(k)
+            curv[lo:hi] = _row_curvature(R)
         R.sub_(onehot[lo:hi].unsqueeze(1))  # softmax - onehot
         if weights is None:
             data += nll.sum(0, dtype=torch.float64)
@@ -373,8 +379,7 @@ class _DiagonalPreconditioner:
         n, d, k, a = X.shape[0], self.d, self.k, len(idx)
         if curv is None:
             th = theta.view(a, k, d + 1)
-            P = torch.softmax(design.logits(th[:, :, :d], th[:, :, d], idx), dim=2)
-            curv = (P * (1 - P)).sum(2).div_(k)  # (n, a): averaged over the classes
+            curv = _row_curvature(torch.softmax(design.logits(th[:, :, :d], th[:, :, d], idx), dim=2))
         curv = curv / n if weights is None else curv * weights
         H = torch.empty(a, d + 1, device=X.device)
         H[:, :d] = curv.T @ self._X2
@@ -525,6 +530,9 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
     gmax = g.abs().amax(1).double()
     done = gmax <= tol
 
+    def refresh_due(i: int) -> bool:  # the Jacobi preconditioner is refreshed at the start of iteration i + 1
+        return bool(refresh) and precond is not None and i > 0 and i % refresh == 0
+
     it = 0
     curv = None  # (n, active heads): the rows' softmax curvature at the current heads, when a refresh is next
     with _threads(small):
@@ -544,14 +552,14 @@ def fit_l2_grid(X, y, n_classes: int, weight_decays: Sequence[float], *, max_ite
                 break
             a = len(ids)
             order = [(ptr - 1 - i) % history for i in range(history)]
-            if refresh and precond is not None and it > 0 and it % refresh == 0:
+            if refresh_due(it):
                 with _threads(full):
                     D = precond.jacobi(design, X, theta, ids,
                                        None if row_weights is None else row_weights[:, ids], curv)
                 gamma[:] = 1
             it += 1
             # the next refresh needs the rows' curvature at the points this line search accepts: keep it
-            want = bool(refresh) and precond is not None and it % refresh == 0
+            want = refresh_due(it)
             curv = torch.empty(n, a, device=dev) if want else None
             dA = _direction(g, D, S, Yh, rho, gamma, order)
             dphi0 = _dot(g, dA)

@@ -37,20 +37,30 @@ def linear_head_alone(X, y, wd):
     return h.fit(X, y)
 
 
+def reference_objective(X, y, W, b, wd, w=None):
+    """The grid's objective in float64 from its definition: (loss, gradient of W (k, d), of b (k,), softmax
+    (n, k)); w: the rows' weights, summing to 1 (None: the mean over all rows)."""
+    X = X.astype(np.float64)
+    n = len(X)
+    w = np.full(n, 1.0 / n) if w is None else np.asarray(w, np.float64)
+    Z = X @ W.T + b
+    lse = logsumexp(Z, axis=1)
+    P = np.exp(Z - lse[:, None])
+    R = P.copy()
+    R[np.arange(n), y] -= 1
+    R *= w[:, None]
+    loss = (w * (lse - Z[np.arange(n), y])).sum() + 0.5 * wd * (W**2).sum()
+    return loss, R.T @ X + wd * W, R.sum(0), P
+
+
 def reference_fit(X, y, k, wd):
     """The objective minimized in float64 by scipy, to 1e-12 on the gradient."""
     X = X.astype(np.float64)
-    n, d = X.shape
+    d = X.shape[1]
 
     def fun(theta):
-        W, b = theta[: k * d].reshape(k, d), theta[k * d :]
-        Z = X @ W.T + b
-        lse = logsumexp(Z, axis=1)
-        P = np.exp(Z - lse[:, None])
-        P[np.arange(n), y] -= 1
-        P /= n
-        loss = (lse - Z[np.arange(n), y]).mean() + 0.5 * wd * (W**2).sum()
-        return loss, np.concatenate([(P.T @ X + wd * W).ravel(), P.sum(0)])
+        loss, gW, gb, _ = reference_objective(X, y, theta[: k * d].reshape(k, d), theta[k * d :], wd)
+        return loss, np.concatenate([gW.ravel(), gb])
 
     r = minimize(fun, np.zeros(k * d + k), jac=True, method="L-BFGS-B",
                  options={"gtol": 1e-12, "ftol": 1e-16, "maxiter": 20_000, "maxcor": 30})
@@ -417,21 +427,13 @@ def test_heads_on_row_subsets_equal_heads_fitted_on_those_rows(precondition):
 
 def _reference_pass(X, y, k, theta, wd, weights=None):
     """Loss, gradient and row curvature of every head in float64 numpy, from the definitions."""
-    X = X.astype(np.float64)
-    n, d = X.shape
+    d = X.shape[1]
     out = []
     for h in range(theta.shape[0]):
         th = theta[h].reshape(k, d + 1).astype(np.float64)
-        W, b = th[:, :d], th[:, d]
-        Z = X @ W.T + b
-        P = np.exp(Z - logsumexp(Z, axis=1)[:, None])
-        w = np.full(n, 1.0 / n) if weights is None else weights[:, h].astype(np.float64)
-        nll = -np.log(P[np.arange(n), y])
-        R = P.copy()
-        R[np.arange(n), y] -= 1
-        R *= w[:, None]
-        grad = np.concatenate([R.T @ X + wd[h] * W, R.sum(0)[:, None]], axis=1)
-        out.append(((w * nll).sum() + 0.5 * wd[h] * (W**2).sum(), grad.ravel(), (P * (1 - P)).sum(1) / k))
+        loss, gW, gb, P = reference_objective(X, y, th[:, :d], th[:, d], wd[h],
+                                              None if weights is None else weights[:, h])
+        out.append((loss, np.concatenate([gW, gb[:, None]], axis=1).ravel(), (P * (1 - P)).sum(1) / k))
     return out
 
 
