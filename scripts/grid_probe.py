@@ -17,11 +17,13 @@ L-BFGS iterations per head and validation accuracies; nothing is written. Parts:
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 from fusion_cache.cache import open_cache
+from fusion_cache.errors import FusionCacheError
 from fusion_cache.grid import fit_l2_grid, grid_accuracy
 from fusion_cache.heads import HEAD_SPECS
 from fusion_cache.selection import JACOBI_REFRESH, ROTATED_TOL, ViewStore, validation_split
@@ -29,12 +31,19 @@ from fusion_cache.selection import JACOBI_REFRESH, ROTATED_TOL, ViewStore, valid
 PARTS = ("stacked", "alone", "path", "quarter", "history", "tol")
 
 
+def thread_count(text: str) -> int:
+    n, cpus = int(text), os.cpu_count() or 1
+    if not 1 <= n <= cpus:
+        raise argparse.ArgumentTypeError(f"must be between 1 and this machine's {cpus} CPUs, got {text}")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cache")
     ap.add_argument("--view", default="all")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every CPU)")
+    ap.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: every CPU)")
     a = ap.parse_args()
     parts = [p for p in a.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -42,16 +51,23 @@ def main() -> None:
         ap.error(f"unknown part {unknown[0]!r}; use some of {', '.join(PARTS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    store = ViewStore(open_cache(a.cache))
-    data = store.data(a.view)
+    try:
+        probe(a.cache, a.view, parts)
+    except FusionCacheError as e:
+        ap.exit(1, f"Error: {e}\n")
+
+
+def probe(path: str, view: str, parts: list[str]) -> None:
+    store = ViewStore(open_cache(path))
+    data = store.data(view)
     y = torch.from_numpy(data.y_train)
-    Xr, basis = store.rotated(a.view)
+    Xr, basis = store.rotated(view)
     fit_rows, val_rows = (torch.from_numpy(r) for r in validation_split(data.y_train, 0.1, 0))
     X, yf, Xv, yv = Xr[fit_rows], y[fit_rows], Xr[val_rows], y[val_rows]
     k = int(data.y_train.max()) + 1
     grid = HEAD_SPECS["linear"].grid
     opts = dict(precondition=basis, rotated=True, tol=ROTATED_TOL, refresh=JACOBI_REFRESH, max_iter=1000)
-    print(f"view {a.view}: {len(X)} fit rows x {X.shape[1]}, grid {grid}, {torch.get_num_threads()} threads")
+    print(f"view {view}: {len(X)} fit rows x {X.shape[1]}, grid {grid}, {torch.get_num_threads()} threads")
 
     def timed(label, *args, **kw):
         t = time.perf_counter()
