@@ -8,7 +8,7 @@ EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
 OUT ?= data/runs
 
-.PHONY: install test demo reference reproduce reproduce-full bench killtest clean
+.PHONY: install test demo reference reproduce reproduce-full bench killtest mutants clean
 
 install: $(BIN)/fusion-cache
 
@@ -60,6 +60,10 @@ bench: install
 # Issue 6's goal: 20 SIGKILLs at random moments, each resumed and compared bit for bit.
 killtest: install
 	$(BIN)/python scripts/killtest.py --kills 20
+
+# Issue 26: every deliberate bug in scripts/mutants.py, applied alone to a scratch copy, must fail its tests.
+mutants: install
+	$(BIN)/python scripts/mutants.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

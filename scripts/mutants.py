@@ -1,0 +1,194 @@
+"""Mutation check: each deliberate bug below, applied alone to a scratch copy of the project, must fail at least
+one of the tests named beside it. `make mutants` runs the whole list; it prints one row per mutant and exits 1
+if any mutant survives (its tests pass), is stale (its text is no longer in the file), or its tests do not run.
+
+A mutant is one exact-text replacement in one package file: `old` must occur exactly once (tests/test_mutants.py
+keeps the list in step with the code). Each runs only the tests that should see it, in a copy of the tree under
+a temporary folder, imported first through PYTHONPATH; the working tree is never touched.
+
+    python scripts/mutants.py              # every mutant
+    python scripts/mutants.py --only fp-precision,tap-deep-zero
+    python scripts/mutants.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("fusion_cache", "tests", "pyproject.toml", "README.md", "scripts")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    rule: str  # the rule the mutant breaks, in a few words
+    file: str  # relative to the project root
+    old: str  # exact text, present exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- pooling, preprocessing, taps and views
+    Mutant("pool-avgmax-order", "avgmax stores the average, then the max", "fusion_cache/backbone.py",
+           "torch.cat([avg, f.amax(dim=(2, 3))], dim=1)", "torch.cat([f.amax(dim=(2, 3)), avg], dim=1)",
+           ("tests/test_extract.py::test_avgmax_pooling_stores_average_then_max",)),
+    Mutant("pool-avg-is-max", "avg pooling is the spatial mean", "fusion_cache/backbone.py",
+           "avg = f.mean(dim=(2, 3))", "avg = f.amax(dim=(2, 3))",
+           ("tests/test_extract.py::test_cached_features_equal_direct_forward",)),
+    Mutant("preprocess-mean-std", "normalization uses the weights' mean and std", "fusion_cache/backbone.py",
+           "TF.normalize(x, list(self.mean), list(self.std))", "TF.normalize(x, list(self.std), list(self.mean))",
+           ("tests/test_extract.py::test_cached_features_equal_direct_forward",)),
+    Mutant("preprocess-no-antialias", "resizing is antialiased, as torchvision's Resize",
+           "fusion_cache/backbone.py", "interpolation=INTERPOLATIONS[self.interpolation], antialias=True)",
+           "interpolation=INTERPOLATIONS[self.interpolation], antialias=False)",
+           ("tests/test_extract.py::test_image_folder_of_awkward_images",)),
+    Mutant("view-tap-order", "a view concatenates its taps in tap order", "fusion_cache/cache.py",
+           "for t in taps], axis=1)", "for t in reversed(taps)], axis=1)",
+           ("tests/test_extract.py::test_view_api_concatenates_taps_in_order",)),
+    # -- the subset and the validation split
+    Mutant("subset-seed-ignored", "the subset draw follows --seed", "fusion_cache/data.py",
+           "np.random.default_rng([seed, SPLITS", "np.random.default_rng([0, SPLITS",
+           ("tests/test_extract.py::test_stratified_subset_is_seeded_proportional_and_unique",)),
+    Mutant("val-split-overlaps", "validation rows are not fit rows", "fusion_cache/selection.py",
+           "return np.sort(fit_rows), np.sort(val_rows)", "return np.sort(rows), np.sort(val_rows)",
+           ("tests/test_report.py::test_validation_split_is_disjoint_stratified_and_seeded",)),
+    # -- the heads' losses
+    Mutant("grid-wd-gradient", "the grid's penalty gradient is wd * W", "fusion_cache/grid.py",
+           "gW.add_(wd.view(B, 1, 1) * W)", "gW.add_(0.5 * wd.view(B, 1, 1) * W)",
+           ("tests/test_grid_knn.py::test_each_stacked_head_reaches_its_own_optimum",)),
+    Mutant("linear-head-wd", "LinearHead's L-BFGS loss adds wd / 2 ||W||^2", "fusion_cache/heads.py",
+           "loss_fn(layer(Xt), yt) + 0.5 * self.weight_decay", "loss_fn(layer(Xt), yt) + 0.05 * self.weight_decay",
+           ("tests/test_grid_knn.py::test_each_stacked_head_equals_linearhead_alone",)),
+    Mutant("knn-temperature", "kNN votes weigh exp(sim / T)", "fusion_cache/heads.py",
+           "torch.exp(sims / self.temperature)", "torch.exp(sims * self.temperature)",
+           ("tests/test_grid_knn.py::test_knn_weighted_vote_by_hand",)),
+    Mutant("logreg-C-as-wd", "logreg's C is the weight decay 1 / (n C)", "fusion_cache/selection.py",
+           "return 1.0 / (rows * value) if", "return 1.0 / value if",
+           ("tests/test_report.py::test_the_tuned_logreg_is_scikit_learns_logistic_regression",)),
+    # -- atomic writes
+    Mutant("atomic-write-in-place", "a file is written beside its name, then renamed", "fusion_cache/io.py",
+           'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")',
+           "tmp = str(path); fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)",
+           ("tests/test_io.py",)),
+    Mutant("staged-folder-leftover", "a failed result folder leaves nothing behind", "fusion_cache/io.py",
+           "        shutil.rmtree(tmp, ignore_errors=True)\n        if isinstance(e, OSError):\n"
+           "            raise write_error(out, e)",
+           "        if isinstance(e, OSError):\n            raise write_error(out, e)",
+           ("tests/test_hostile.py::test_a_failed_run_leaves_the_old_results",)),
+    Mutant("cache-written-in-place", "a cache is written under .partial, renamed when complete",
+           "fusion_cache/cache.py", "return Path(str(path) + PARTIAL_SUFFIX)", "return Path(str(path))",
+           ("tests/test_reliability.py::test_disk_full_keeps_a_resumable_partial",)),
+)
+
+
+def check_list(root: Path = ROOT) -> list[str]:
+    """Problems with the list itself: duplicate ids, texts that are not found exactly once, no-op mutants,
+    test files that do not exist."""
+    problems, seen = [], set()
+    for m in MUTANTS:
+        if m.id in seen:
+            problems.append(f"{m.id}: duplicate id")
+        seen.add(m.id)
+        text = (root / m.file).read_text()
+        count = text.count(m.old)
+        if count != 1:
+            problems.append(f"{m.id}: its text occurs {count} times in {m.file} (must be exactly once)")
+        if m.old == m.new:
+            problems.append(f"{m.id}: old and new are the same")
+        if not m.tests:
+            problems.append(f"{m.id}: no tests named")
+        for t in m.tests:
+            if not (root / t.split("::")[0]).is_file():
+                problems.append(f"{m.id}: no test file {t.split('::')[0]}")
+    return problems
+
+
+def _pytest(scratch: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(scratch), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("FUSION_CACHE_REAL_DATA", None)  # the real-data tests are not part of any mutant's selection
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header", "-W",
+           "ignore::pytest.PytestUnraisableExceptionWarning", *tests]
+    try:
+        p = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, "timed out"
+    lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+    return p.returncode, lines[-1] if lines else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated mutant ids (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
+    args = ap.parse_args(argv)
+    problems = check_list()
+    if problems:
+        print("the mutant list is out of step with the code:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    chosen = list(MUTANTS)
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {m.id for m in MUTANTS})
+        if unknown:
+            print(f"unknown mutant id(s): {', '.join(unknown)}; see --list", file=sys.stderr)
+            return 2
+        chosen = [m for m in MUTANTS if m.id in wanted]
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:<26} {m.file:<26} {m.rule}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="fc-mutants-") as tmp:
+        scratch = Path(tmp) / "tree"
+        scratch.mkdir()
+        for name in COPIED:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, scratch / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif src.exists():
+                shutil.copy2(src, scratch / name)
+        # the unmutated tree must pass every selected test, or a "killed" mutant means nothing
+        selected = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        start = time.perf_counter()
+        rc, last = _pytest(scratch, selected, args.timeout * 2)
+        print(f"baseline: {len(selected)} test selections, exit {rc} in {time.perf_counter() - start:.0f} s ({last})")
+        if rc != 0:
+            print("the unmutated tree fails its own tests; fix that first", file=sys.stderr)
+            return 2
+        rows, bad = [], 0
+        print(f"{'mutant':<26} {'result':<9} {'s':>5}  rule")
+        for m in chosen:
+            path = scratch / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new, 1))
+            start = time.perf_counter()
+            try:
+                rc, last = _pytest(scratch, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            seconds = time.perf_counter() - start
+            # pytest: 1 = tests failed (the mutant is killed); 0 = all passed (it survived); other codes mean the
+            # tests did not run as meant (collection error, no tests, timeout) and count as failures of the check
+            result = {0: "SURVIVED", 1: "killed"}.get(rc, f"error {rc}")
+            bad += result != "killed"
+            rows.append((m, result, seconds, last))
+            print(f"{m.id:<26} {result:<9} {seconds:5.0f}  {m.rule}", flush=True)
+            if result != "killed":
+                print(f"    {last}")
+    killed = sum(r[1] == "killed" for r in rows)
+    print(f"{killed} of {len(rows)} mutants killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
