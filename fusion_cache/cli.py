@@ -176,7 +176,8 @@ def main():
                    "imagefolder: DATA_ROOT/{train,test}/<class>/<image>. "
                    "manifest: --data-root is a CSV with the header path,label,split, one row per image (path "
                    "absolute or relative to the CSV's folder, label a class name, split train or test).")
-@click.option("--data-root", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+# readable=False: an unreadable --data-root gets fusion-cache's own one-line error with its fix, not click's usage error
+@click.option("--data-root", type=click.Path(path_type=Path, readable=False), default=Path("data"), show_default=True,
               help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py/ or cifar-10-python.tar.gz; "
                    "imagefolder: train/ and test/), or the CSV file for --dataset manifest.")
 @click.option("--train-size", type=SizeType(), default="5000", show_default=True,
@@ -567,7 +568,7 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
 @click.option("--pair-search/--no-pair-search", default=True, show_default=True,
               help="Tuned protocol: also find the tap that best complements the late view (features.18 for "
                    "mobilenet_v2), on validation, and tune that pair.")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+@click.option("--data-root", type=click.Path(path_type=Path, readable=False), default=None,
               help="Where the cache's images are, for the figures: a folder, or the CSV of a manifest cache "
                    "[default: the one recorded in the cache].")
 @click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from fusion_cache.cli import main
@@ -15,6 +17,51 @@ from fusion_cache.cli import main
 def run(*args, input=None):
     """Invoke the CLI in-process; stderr is mixed into output (Click 8.2+ keeps both)."""
     return CliRunner().invoke(main, [a if isinstance(a, bytes) else str(a) for a in args], input=input)
+
+
+# ---------------------------------------------------------------------------------------------- permissions
+
+_DENIED: set[str] = set()  # absolute paths `deny` could not close to this process by chmod (root)
+
+
+def deny(path: Path) -> Path:
+    """chmod 0 `path`. Where that does not stop this process (root, or CAP_DAC_OVERRIDE), the `denials` fixture
+    then fails the calls that would read it (os.open, os.scandir, os.listdir) with the PermissionError (EACCES)
+    a user meets, so that the same code path runs and the same message is checked, as root too."""
+    path = Path(path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        if not getattr(os.open, "denials", False):
+            raise RuntimeError("deny() as root needs the test to use the `denials` fixture")
+        _DENIED.add(os.path.abspath(path))
+    return path
+
+
+def _denied(path) -> bool:
+    if not _DENIED or not isinstance(path, (str, bytes, os.PathLike)):
+        return False  # (an open file descriptor, os.scandir(fd), is not a path)
+    return os.path.abspath(os.fsdecode(path)) in _DENIED
+
+
+@pytest.fixture
+def denials(monkeypatch):
+    """Makes `deny` work as root: os.open, os.scandir and os.listdir raise PermissionError for a denied path
+    (os.walk, which calls os.scandir, then skips it as it skips an unreadable folder)."""
+    def guard(real):
+        def call(path=".", *args, **kwargs):
+            if _denied(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+            return real(path, *args, **kwargs)
+        call.denials = True
+        return call
+
+    for name in ("open", "scandir", "listdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    yield
+    _DENIED.clear()
+
+
+# ---------------------------------------------------------------------------------------------- checks
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -28,8 +75,11 @@ def snapshot(*roots: Path) -> dict[str, str]:
                 if stat.S_ISLNK(st.st_mode):
                     out[p] = "link:" + os.readlink(p)
                 elif stat.S_ISREG(st.st_mode):
-                    with open(p, "rb") as f:
-                        out[p] = hashlib.sha256(f.read()).hexdigest()
+                    try:
+                        with open(p, "rb") as f:
+                            out[p] = hashlib.sha256(f.read()).hexdigest()
+                    except PermissionError:  # a file a test made unreadable (`deny`)
+                        out[p] = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
                 elif not stat.S_ISDIR(st.st_mode):
                     out[p] = f"special:{stat.S_IFMT(st.st_mode)}"
     return out

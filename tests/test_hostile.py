@@ -294,19 +294,25 @@ def test_tampered_head(small_head, folder_root, tmp_path, name, tamper, fragment
     _check(run("export", d, "--out", tmp_path / "m.pt2"), fragment, [tmp_path], before)
 
 
-def test_unreadable_head_files(small_head, tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned > pwned.txt",))
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
 
-    cases = []
-    for name, write in [
+
+def _head_file_cases(small_head: Path):
+    """(name, write(path)): head files that are no head at all."""
+    return [
         ("empty", lambda p: p.write_bytes(b"")),
         ("truncated", lambda p: p.write_bytes((small_head / HEAD_FILE).read_bytes()[:500])),
         ("text", lambda p: p.write_text("hello")),
         ("a list", lambda p: torch.save([1, 2], p)),
-        ("a pickle that runs code", lambda p: torch.save({"format": Evil()}, p)),
-    ]:
+        ("a pickle that runs code", lambda p: torch.save({"format": _Evil()}, p)),
+    ]
+
+
+def test_unreadable_head_files(small_head, tmp_path):
+    cases = []
+    for name, write in _head_file_cases(small_head):
         d = tmp_path / name
         d.mkdir()
         write(d / HEAD_FILE)
@@ -321,21 +327,10 @@ def test_unreadable_head_files(small_head, tmp_path):
 # ---------------------------------------------------------------------------------------------- outputs
 
 
-def test_outputs_never_destroy_what_was_there(small_cache, small_head, tmp_path):
-    precious = tmp_path / "precious.txt"
-    precious.write_text("my thesis")
-    head = tmp_path / "head"
-    shutil.copytree(small_head, head)
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "results.json").write_text("{}")
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    (mixed / "report.md").write_text("old")
-    (mixed / "notes.txt").write_text("mine")
-    cache = tmp_path / "c.h5"
-    shutil.copy(small_cache, cache)
-    cases = [
+def _output_cases(tmp_path: Path):
+    """(args, fragment): outputs aimed at what `test_outputs_never_destroy_what_was_there` puts in tmp_path."""
+    precious, head, results, mixed, cache = (tmp_path / n for n in ("precious.txt", "head", "results", "mixed", "c.h5"))
+    return [
         (["export", head, "--out", precious], "already exists; pass --force"),
         (["export", head, "--out", head / HEAD_FILE, "--force"], "is this command's own input"),
         (["export", head, "--out", cache, "--force"], "is an HDF5 file (a cache?) and is never overwritten"),
@@ -349,6 +344,20 @@ def test_outputs_never_destroy_what_was_there(small_cache, small_head, tmp_path)
         (["report", cache, "--out", mixed], "holds files fusion-cache did not write"),
         (["report", cache, "--out", results, "--force"], "holds files fusion-cache did not write"),
     ]
+
+
+def test_outputs_never_destroy_what_was_there(small_cache, small_head, tmp_path):
+    (tmp_path / "precious.txt").write_text("my thesis")
+    shutil.copytree(small_head, tmp_path / "head")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "results.json").write_text("{}")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "report.md").write_text("old")
+    (mixed / "notes.txt").write_text("mine")
+    shutil.copy(small_cache, tmp_path / "c.h5")
+    cases = _output_cases(tmp_path)
     before = snapshot(tmp_path)
     for args, fragment in cases:
         _check(run(*args), fragment, [tmp_path], before)
@@ -396,9 +405,9 @@ def _extract_args(cifar_root, weights_file, out):
             "--no-progress"]
 
 
-def test_foreign_partial_and_lock_files_are_refused(cifar_root, weights_file, tmp_path):
-    cases = []
-    for i, (suffix, make, fragment) in enumerate([
+def _foreign_cases(cifar_root: Path, tmp_path: Path):
+    """(suffix, make(path), fragment): what may lie at OUT.partial or OUT.lock that fusion-cache did not put there."""
+    return [
         (".partial", lambda p: p.mkdir(), "is a folder and is not a partial cache"),
         (".partial", lambda p: p.write_text("my notes"), "is a file and is not a partial cache"),
         (".partial", lambda p: os.symlink(cifar_root, p), "is a link"),
@@ -407,7 +416,12 @@ def test_foreign_partial_and_lock_files_are_refused(cifar_root, weights_file, tm
         (".lock", lambda p: p.mkdir(), "is a folder and is not an empty lock file"),
         (".lock", lambda p: p.write_text("pid 42"), "is a file and is not an empty lock file"),
         (".lock", lambda p: os.symlink(tmp_path / "elsewhere", p), "is a link"),
-    ]):
+    ]
+
+
+def test_foreign_partial_and_lock_files_are_refused(cifar_root, weights_file, tmp_path):
+    cases = []
+    for i, (suffix, make, fragment) in enumerate(_foreign_cases(cifar_root, tmp_path)):
         out = tmp_path / f"c{i}.h5"
         make(Path(str(out) + suffix))
         cases.append((out, fragment))
@@ -415,6 +429,7 @@ def test_foreign_partial_and_lock_files_are_refused(cifar_root, weights_file, tm
     for out, fragment in cases:
         _check(run(*_extract_args(cifar_root, weights_file, out)), fragment, [tmp_path], before)
         assert not out.exists()
+    assert len(cases) == 8
 
 
 def test_a_partial_from_other_settings_needs_force(cifar_root, weights_file, tmp_path, small_cache):
@@ -495,8 +510,10 @@ def lost_class_cache(tmp_path_factory) -> Path:
     return write_synthetic_cache(tmp_path_factory.mktemp("lost") / "lost.h5", feats, y, ["a", "b", "c"])
 
 
-@pytest.mark.parametrize("args", [["fit", "--head", "linear"], ["fit", "--head", "logreg"],
-                                  ["ablate", "--seeds", "0"]])
+NO_TRAINING_ROWS = [["fit", "--head", "linear"], ["fit", "--head", "logreg"], ["ablate", "--seeds", "0"]]
+
+
+@pytest.mark.parametrize("args", NO_TRAINING_ROWS)
 def test_a_class_without_training_rows_is_an_error_for_every_head(lost_class_cache, args):
     r = run(args[0], lost_class_cache, *args[1:])
     assert clean_failure(r, "class 'c' has no training rows") is None, r.output
@@ -508,11 +525,65 @@ def test_a_diverged_fit_is_an_error_not_a_number(small_cache):
     assert "NaN" not in r.output and "Infinity" not in r.output
 
 
-def test_corpus_size():
-    """The README states the corpus size; this keeps the two honest."""
-    per_case = len(CACHE_CASES) + len(HEAD_CASES)
-    bundled = 12 + 5 + 12 + 8 + 1 + 26 + 3 + 1
-    assert per_case + bundled >= 80
+def _test_items(module, leave_out: tuple[str, ...] = ()) -> int:
+    """How many tests pytest collects from the test functions of `module` (parametrizations multiplied)."""
+    n = 0
+    for name, fn in vars(module).items():
+        if name.startswith("test_") and callable(fn) and name not in leave_out:
+            k = 1
+            for mark in getattr(fn, "pytestmark", []):
+                if mark.name == "parametrize":
+                    k *= len(mark.args[1])
+            n += k
+    return n
+
+
+def _corpus_counts(tmp_path: Path) -> dict[str, list[int]]:
+    """Each README bullet's case counts, in its order, counted from the corpus itself."""
+    from . import test_hostile_folders as folders
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "small.h5").write_bytes(b"\0" * 64)  # `_file_cases` only slices the cache's bytes
+    file_cases = _file_cases(fake / "small.h5", fake)
+    outputs = len(_output_cases(fake)) + len(_foreign_cases(fake, fake)) + \
+        len([test_a_partial_from_other_settings_needs_force])
+    return {
+        "caches": [len(CACHE_CASES), len(file_cases)],
+        "heads": [len(HEAD_CASES), len(_head_file_cases(fake))],
+        "outputs": [outputs],
+        "image folders": [len(folders.CASES), _test_items(folders, leave_out=("test_hostile_folder",))],
+        "options": [len(_option_cases(fake, fake, fake, fake, fake)), len(NO_TRAINING_ROWS),
+                    len([test_a_diverged_fit_is_an_error_not_a_number])],
+    }
+
+
+# How the README says each group of cases runs: what the tests above run (a tampered cache goes through one
+# command, info or fit; an unreadable cache file through all three).
+RUNS = {"caches": ["each through `info` or `fit`", "each through `info`, `fit` and `ablate`"],
+        "heads": ["each through `predict` and `export`", "each through `export`"]}
+
+
+def test_corpus_size(tmp_path):
+    """The README's hostile-corpus counts are the corpus's: every bullet's numbers and their total."""
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    head = re.search(r"The corpus is generated and runs with the suite \(([^)]*)\), (\d+) cases:\n", text)
+    assert head, "README: no sentence 'The corpus is generated and runs with the suite (...), N cases:'"
+    body = text[head.end():text.index("\n\n", head.end())]
+    bullets = re.split(r"\n  - ", "\n" + body)[1:]
+    stated = {}
+    for bullet in bullets:
+        name, rest = bullet.split(":", 1)
+        flat = " ".join(rest.split())
+        stated[name] = [int(n) for n in re.findall(r"\((\d+) cases?\b", flat)]
+        for n, words in zip(stated[name], RUNS.get(name, [])):
+            assert f"({n} cases, {words})" in flat, f"README, {name}: the {n} cases are not said to run {words}"
+    counted = _corpus_counts(tmp_path)
+    assert stated == counted, f"README says {stated}, the corpus has {counted}"
+    assert int(head[2]) == sum(sum(v) for v in counted.values()), "the README's total is not the sum of its cases"
+    assert " ".join(head[1].split()) == "`tests/test_hostile.py`, `tests/test_hostile_folders.py`"
 
 
 def test_a_library_warning_is_one_line(small_cache, monkeypatch):

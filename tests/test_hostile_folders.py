@@ -28,11 +28,10 @@ from fusion_cache.data import BadImage, list_image_files, load_image_folder, rea
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.synthetic import write_image_folder
 
-from .hostile import clean_failure, run, snapshot
+from .hostile import clean_failure, denials, deny, run, snapshot  # noqa: F401 (denials: a fixture)
 
 DEADLINE_S = 120  # generous on a shared 2-core machine; a case takes a few seconds
 TRAIN = 9  # write_image_folder(n_train=2, n_test=1): 3 classes x (2 images + one 16-bit image)
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 class Hung(BaseException):
@@ -261,21 +260,16 @@ def tall_strip(tmp, root):
 
 
 def unreadable_file(tmp, root):
-    if IS_ROOT:
-        pytest.skip("running as root: chmod 000 does not stop reading")
-    p = _image(_cats(root) / "locked.png")
-    p.chmod(0)
+    deny(_image(_cats(root) / "locked.png"))  # as root, opening it is made to fail
     return "bad", "cats/locked.png"
 
 
 def unreadable_folder(tmp, root):
-    if IS_ROOT:
-        pytest.skip("running as root: chmod 000 does not stop reading")
     d = _cats(root) / "locked"
     d.mkdir()
     _image(d / "x.png")
-    d.chmod(0)
-    return "error", "cannot read folder"
+    deny(d)  # as root, listing it is made to fail
+    return "error", f"cannot read folder {d} (permission denied); fix its permissions or remove it"
 
 
 def class_link_to_other_class(tmp, root):
@@ -306,7 +300,7 @@ def _nothing_written(out: Path, before: dict, tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_hostile_folder(work, weights_file, case):
+def test_hostile_folder(work, weights_file, denials, case):
     tmp, root = work
     kind, expect = case(tmp, root)
     out = tmp / "c.h5"

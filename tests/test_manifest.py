@@ -25,9 +25,8 @@ from fusion_cache.data import load_image_folder, load_manifest
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.report import figure_sources
 
-from .hostile import clean_failure, run, snapshot
+from .hostile import clean_failure, denials, deny, run, snapshot  # noqa: F401 (denials: a fixture)
 
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 HEADER = "path,label,split\n"
 
 
@@ -247,10 +246,7 @@ def csv_is_a_device(tmp):
 
 
 def csv_unreadable(tmp):
-    if IS_ROOT:
-        pytest.skip("root reads any file")
-    p = _csv_text(tmp, HEADER + GOOD)
-    p.chmod(0)
+    p = deny(_csv_text(tmp, HEADER + GOOD))  # as root, opening it is made to fail
     return p, f"cannot read manifest {p} (permission denied); fix its permissions"
 
 
@@ -412,7 +408,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_manifest_is_one_line_and_writes_nothing(tmp_path, weights_file, monkeypatch, case):
+def test_bad_manifest_is_one_line_and_writes_nothing(tmp_path, weights_file, monkeypatch, denials, case):
     monkeypatch.chdir(tmp_path)  # stray files would show in the snapshot
     for name in "abc":
         _image(tmp_path / "imgs" / f"{name}.png")
