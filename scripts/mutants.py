@@ -88,6 +88,29 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("cache-written-in-place", "a cache is written under .partial, renamed when complete",
            "fusion_cache/cache.py", "return Path(str(path) + PARTIAL_SUFFIX)", "return Path(str(path))",
            ("tests/test_reliability.py::test_disk_full_keeps_a_resumable_partial",)),
+    # -- the fingerprint and the golden files
+    Mutant("fp-serialization", "the fingerprint's JSON never changes (every cache on disk stays valid)",
+           "fusion_cache/cache.py", "json.dumps(spec, sort_keys=True)",
+           'json.dumps(spec, sort_keys=True, separators=(",", ":"))',
+           ("tests/test_golden.py::test_the_fixed_record_has_its_golden_fingerprint",)),
+    Mutant("fp-precision", "the autocast precision is in the fingerprint", "fusion_cache/cache.py",
+           'precision: str = _attr("str", fp=True)', 'precision: str = _attr("str")',
+           ("tests/test_golden.py::test_feature_determining_fields_include_the_floor",)),
+    Mutant("fp-dtype", "the storage dtype is in the fingerprint", "fusion_cache/cache.py",
+           'dtype: str = _attr("str", fp=True)', 'dtype: str = _attr("str")',
+           ("tests/test_golden.py::test_feature_determining_fields_include_the_floor",)),
+    Mutant("headfile-intercept", "a saved head keeps its intercept", "fusion_cache/headfile.py",
+           'get("intercept", "tensor"), get("mean", "tensor")', '0 * get("intercept", "tensor"), get("mean", "tensor")',
+           ("tests/test_golden.py::test_golden_head_predicts_the_recorded_labels",)),
+    Mutant("headfile-classes", "a saved head keeps its class order", "fusion_cache/headfile.py",
+           'get("classes", "strs")', 'get("classes", "strs")[::-1]',
+           ("tests/test_golden.py::test_golden_head_predicts_the_recorded_labels",)),
+    Mutant("unreadable-folder-silent", "an unreadable class folder is an error, not an empty class",
+           "fusion_cache/data.py", "        except OSError as e:\n            raise FusionCacheError(\n"
+           "                f\"cannot read folder {display_path(folder)}",
+           "        except FileNotFoundError as e:\n            raise FusionCacheError(\n"
+           "                f\"cannot read folder {display_path(folder)}",
+           ("tests/test_hostile_folders.py::test_hostile_folder[unreadable_folder]",)),
 )
 
 
