@@ -808,10 +808,10 @@ def stratified_subset(labels: np.ndarray, size: int | None, seed: int, split: st
             f"--{split}-size {size} is larger than the {split} split ({n} images); pass at most {n}, or 'all'"
         )
     classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * size / n
-    take = np.floor(exact).astype(np.int64)
+    take = counts * size // n
+    remainder = counts * size % n  # in exact integers: equal shares tie exactly (5.6 - 5 < 1.6 - 1 in floats)
     short = size - int(take.sum())
-    order = np.lexsort((np.arange(len(classes)), -(exact - take)))  # largest remainder first, stable
+    order = np.lexsort((np.arange(len(classes)), -remainder))  # largest remainder first, ties to class order
     take[order[:short]] += 1
     rng = np.random.default_rng([seed, SPLITS.index(split) if split in SPLITS else 2])
     chosen = []

@@ -67,9 +67,9 @@ API
 ---
 ``fit_l2_grid(X, y, n_classes, weight_decays, ...) -> GridFit`` fits the grid; ``refit_l2(X, y, n_classes,
 weight_decay, init=...)`` fits one head warm-started from a chosen one (the refit on all of train);
-``grid_accuracy(fit, X, y)`` scores every head with one product; ``tune_l2`` runs the whole protocol
-(grid on the fit rows, choice on validation, ties to the strongest, warm refit on all rows; one feature
-eigenbasis for both); ``Eigenbasis.of`` builds the preconditioner's basis once for reuse.
+``grid_accuracy(fit, X, y)`` scores every head with one product; ``Eigenbasis.of`` builds the
+preconditioner's basis once for reuse. The tuned protocol itself (choice on validation, refit on all of train)
+lives in selection.py.
 ``X`` is float32, already standardized; torch tensors or numpy arrays; any torch device.
 """
 
@@ -677,27 +677,3 @@ def grid_accuracy(fit: GridFit, X, y, device=None) -> np.ndarray:
     z = grid_logits(fit, X, device)
     y = torch.as_tensor(y, device=z.device).view(-1, 1)
     return (z.argmax(2) == y).double().mean(0).cpu().numpy()
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    weight_decay: float  # the chosen strength
-    index: int  # its position in the grid
-    val_scores: np.ndarray  # (G,) validation accuracy of each grid head
-    grid: GridFit  # the heads fitted on the fit rows
-    final: GridFit  # the chosen head refit on all rows (one row)
-
-
-def tune_l2(X_fit, y_fit, X_val, y_val, X_all, y_all, n_classes: int, weight_decays: Sequence[float],
-            **kwargs) -> TuneResult:
-    """The tuned protocol: the grid on the fit rows, the choice on validation (first of the best, so with
-    the grid strongest first ties go to the strongest), then the chosen head refit on all rows warm-started
-    from its grid fit. All X standardized the same way; keywords go to fit_l2_grid."""
-    if kwargs.get("precondition", True) is True:  # one eigenbasis for the grid and the refit
-        kwargs["precondition"] = Eigenbasis.of(X_fit, kwargs.get("precondition_rows", 16384),
-                                               device=kwargs.get("device"))
-    grid = fit_l2_grid(X_fit, y_fit, n_classes, weight_decays, **kwargs)
-    scores = grid_accuracy(grid, X_val, y_val, device=kwargs.get("device"))
-    best = int(np.argmax(scores))
-    final = refit_l2(X_all, y_all, n_classes, grid.weight_decays[best], init=grid.head(best), **kwargs)
-    return TuneResult(grid.weight_decays[best], best, scores, grid, final)

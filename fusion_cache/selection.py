@@ -215,8 +215,9 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
     logreg's grid holds C values; LogisticRegression minimizes C * sum(cross-entropy) + ||W||^2 / 2, which is
     n C times the linear head's mean cross-entropy + wd / 2 ||W||^2 with wd = 1 / (n C): the same optimum. So
     the C grid trains in the same stacked model as the linear head's weight decays, with wd = 1 / (n_fit C) on
-    the fit rows and wd = 1 / (n_train C) for the refit on all of train. Every grid head fits only its seed's
-    fit rows (grid.fit_l2_grid's `rows`), so all seeds share each pass over the view."""
+    the fit rows and wd = 1 / (n_train C) for the refit on all of train (twice that on two classes, where
+    scikit-learn fits one binary row). Every grid head fits only its seed's fit rows (grid.fit_l2_grid's
+    `rows`), so all seeds share each pass over the view."""
     Xtr, _, mean, scale = store.standardized(view)
     n = len(data.y_train)
     y = torch.from_numpy(data.y_train)
@@ -229,8 +230,12 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
         Xtr, basis = store.rotated(view)
         opts.update(precondition=basis, rotated=True, tol=ROTATED_TOL, refresh=JACOBI_REFRESH)
 
+    # On 2 classes scikit-learn fits one row w, the softmax here two, W = (-w/2, w/2) at the optimum, whose
+    # penalty wd/2 ||W||^2 is wd/4 ||w||^2: the same problem needs twice the weight decay.
+    binary = 2.0 if k == 2 else 1.0
+
     def weight_decay(head, value, rows):  # logreg's C on `rows` rows as the linear head's weight decay
-        return 1.0 / (rows * value) if HEAD_SPECS[head].tuned == "C" else float(value)
+        return binary / (rows * value) if HEAD_SPECS[head].tuned == "C" else float(value)
 
     # grid head g: (head, seed, position in the head's grid)
     members = [(h, seed, i) for seed in splits for h in grids for i in range(len(grids[h]))]

@@ -11,6 +11,9 @@ import pytest
 from PIL import Image
 
 from fusion_cache.backbones import tap_table
+from fusion_cache.cache import open_cache
+from fusion_cache.compare import layer_curve
+from fusion_cache.heads import LinearHead
 
 from .hostile import clean_failure, run, snapshot
 
@@ -68,7 +71,13 @@ def test_report_draws_the_layer_curve_of_each_backbone(caches, tmp_path):
         rows = [x for x in curve if x["backbone"] == name]
         assert [x["tap"] for x in rows] == list(tap_table(name).names)
         assert [x["depth"] for x in rows] == sorted(x["depth"] for x in rows) and rows[-1]["depth"] == 1.0
-        assert all(0 <= x["test_acc_mean"] <= 1 for x in rows)
+        # each point is a head fitted here on that tap's features alone, read from the cache
+        cache = open_cache(next(c for c in caches if c.stem == name))
+        for x in rows:
+            accs = [single_tap_accuracy(cache, x["tap"], seed) for seed in (0, 1)]
+            assert x["dim"] == cache.features(x["tap"]).shape[1]
+            assert x["test_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-6), x["tap"]
+            assert x["test_acc_std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-6), x["tap"]
     assert "| backbone | view | head |" in (out / "report.md").read_text()
     with Image.open(out / "layer_curve.png") as im:
         assert im.size == (900, 500)
@@ -76,6 +85,29 @@ def test_report_draws_the_layer_curve_of_each_backbone(caches, tmp_path):
     r = run("report", caches[1], "--layer-curve", "--out", one, "--views", "late", "--heads", "linear", "--seeds", 0)
     assert r.exit_code == 0, r.output
     assert {x["backbone"] for x in json.loads((one / "report.json").read_text())["layer_curve"]["rows"]} == {"resnet18"}
+
+
+def single_tap_accuracy(cache, tap: str, seed: int) -> float:
+    """The layer curve's head (compare.CURVE_PARAMS: linear, standardized, Adam 1e-3, batch 32, 10 epochs) on
+    one tap's features alone, scored on the test split here. (The curve's accuracies are float32: compared to
+    1e-6, far below one test image.)"""
+    head = LinearHead(epochs=10, lr=1e-3, batch_size=32, standardize=True, random_state=seed)
+    head.fit(cache.features(tap, "train"), cache.labels("train"))
+    return float(np.mean(head.predict(cache.features(tap, "test")) == cache.labels("test")))
+
+
+def test_each_point_of_the_layer_curve_is_its_tap_alone(encoded_cache):
+    """On a cache whose label is encoded in features.13 only, that tap's point stands out; every point equals a
+    head fitted here on its tap alone."""
+    cache = open_cache(encoded_cache)
+    rows = layer_curve(cache, [0, 1])
+    assert [r["tap"] for r in rows] == list(cache.taps) == ["features.3", "features.13", "features.18"]
+    for r in rows:
+        accs = [single_tap_accuracy(cache, r["tap"], seed) for seed in (0, 1)]
+        assert r["dim"] == cache.features(r["tap"]).shape[1]
+        assert r["test_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-6), r["tap"]
+    acc = {r["tap"]: r["test_acc_mean"] for r in rows}
+    assert acc["features.13"] > 0.8 and acc["features.3"] < 0.45 and acc["features.18"] < 0.45, acc
 
 
 def test_caches_of_other_images_are_not_compared(caches, tmp_path):

@@ -77,10 +77,52 @@ def test_saved_head_reproduces_predictions(tiny_cache, tmp_path):
     cache = open_cache(tiny_cache)
     assert state["taps"] == ["features.13", "features.18"] and state["fingerprint"] == cache.fingerprint
     assert state["classes"] == cache.classes
+    # the saved statistics are the train split's, computed here (never the test split the fit was scored on)
+    mean, scale = train_stats(cache.view("fused", "train")[0])
+    assert_close_per_column(state["mean"].numpy(), mean, mean, scale)
+    assert_close_per_column(state["scale"].numpy(), scale, mean, scale)
     X, y = cache.view("fused", "test")
-    logits = ((torch.from_numpy(X) - state["mean"]) / state["scale"]) @ state["coef"].T + state["intercept"]
-    acc = (logits.argmax(1).numpy() == y).mean()
+    logits = ((X - mean) / scale) @ state["coef"].numpy().T.astype(np.float64) + state["intercept"].numpy()
+    acc = (logits.argmax(1) == y).mean()
     assert acc == pytest.approx(metrics["test_acc"])
+
+
+def train_stats(X) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and population std per column; a constant column keeps scale 1."""
+    X = np.asarray(X, np.float64)
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return mean, scale
+
+
+def assert_close_per_column(got, want, mean, scale, rtol=1e-5):
+    """|got - want| within rtol of each column's own magnitude, |mean| + scale (float32 statistics against
+    float64 ones)."""
+    unit = np.abs(mean) + scale
+    err = np.abs(np.asarray(got, np.float64) - want) / unit
+    assert np.isfinite(got).all() and (err <= rtol).all(), f"largest error {err.max():.2g} x (|mean| + scale)"
+
+
+def test_linear_head_standardizes_with_its_training_rows_only():
+    """mean_ and scale_ are X_train.mean(0) and X_train.std(0) (numpy, float64, here), whatever the eval set;
+    the eval set changes nothing about the fit."""
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(90, 6)) * [1e-3, 0.1, 1, 10, 1e3, 1] + [0.05, -2, 0, 100, -1e4, 7]).astype(np.float32)
+    X[:, 5] = 7.0  # a constant column keeps scale 1
+    y = rng.integers(0, 3, 90)
+    mean, scale = train_stats(X)
+    assert scale[5] == 1.0
+    heads = []
+    for eval_set in (None, (X[:10], y[:10]), ((X[:30] * 50 - 1e3).astype(np.float32), y[:30])):
+        for solver in ("adam", "lbfgs"):
+            head = LinearHead(solver=solver, standardize=True, epochs=2, random_state=0).fit(X, y, eval_set=eval_set)
+            assert_close_per_column(head.mean_, mean, mean, scale)
+            assert_close_per_column(head.scale_, scale, mean, scale)
+            heads.append(head)
+    for head in heads[2:]:
+        same = heads[0] if head.solver == "adam" else heads[1]
+        assert np.array_equal(head.mean_, same.mean_) and np.array_equal(head.scale_, same.scale_)
+        assert np.array_equal(head.coef_, same.coef_) and np.array_equal(head.intercept_, same.intercept_)
 
 
 def test_ablate_writes_every_run(tiny_cache, tmp_path):

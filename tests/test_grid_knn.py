@@ -13,7 +13,7 @@ from scipy.special import logsumexp
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from fusion_cache.errors import FusionCacheError
-from fusion_cache.grid import Eigenbasis, FitDivergedError, feature_covariance, fit_l2_grid, grid_accuracy, refit_l2, tune_l2
+from fusion_cache.grid import Eigenbasis, FitDivergedError, feature_covariance, fit_l2_grid, grid_accuracy, refit_l2
 from fusion_cache.heads import HEAD_SPECS, HEADS, KNNHead, LinearHead, linear_form
 
 GRID = HEAD_SPECS["linear"].grid  # 1e-1 ... 1e-4, strongest first
@@ -136,19 +136,6 @@ def test_warm_refit_equals_cold_fit():
     # started at its own optimum, a head has nothing left to do
     again = refit_l2(X, y, 3, GRID[g], init=cold.head(0), tol=1e-4)
     assert again.n_iter[0] <= 1
-
-
-def test_tune_chooses_on_validation_and_refits():
-    X, y = blobs(n=400, seed=5)
-    rows = np.arange(400)
-    fit_rows, val_rows = rows[:320], rows[320:]
-    r = tune_l2(X[fit_rows], y[fit_rows], X[val_rows], y[val_rows], X, y, 3, GRID, tol=1e-6)
-    scores = grid_accuracy(r.grid, X[val_rows], y[val_rows])
-    np.testing.assert_array_equal(r.val_scores, scores)
-    assert r.index == int(np.flatnonzero(scores == scores.max())[0])  # ties go to the strongest (first)
-    assert r.weight_decay == GRID[r.index]
-    cold = refit_l2(X, y, 3, r.weight_decay, tol=1e-6)
-    np.testing.assert_allclose(r.final.coef, cold.coef, atol=2e-5, rtol=0)
 
 
 def test_a_shared_covariance_gives_the_same_heads():

@@ -285,8 +285,9 @@ def test_bad_input_corpus(tmp_path, cifar_root, weights_file, tiny_cache):
     for name, args, fragment in cases:
         r = _run(*args)
         err_lines = [l for l in r.output.splitlines() if l.startswith("Error")]
-        ok = (r.exit_code in (1, 2) and "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit))
-        ok = ok and r.exit_code in (1, 2) and len(err_lines) == 1 and fragment in r.output
+        ok = (r.exit_code in (1, 2) and "Traceback" not in r.output
+              and (r.exception is None or isinstance(r.exception, SystemExit))
+              and len(err_lines) == 1 and fragment in r.output)
         if not ok:
             failures.append(f"{name}: exit {r.exit_code}, {r.output!r}, {r.exception!r}")
     assert not failures, "\n".join(failures)
@@ -319,9 +320,50 @@ def test_stratified_sampler_properties(counts, frac, seed):
     assert len(a) == n and len(np.unique(a)) == n  # exact size, no duplicates
     assert np.array_equal(a, stratified_subset(labels, n, seed))  # stable for a seed
     got = np.bincount(labels[a], minlength=len(counts))
-    expected = np.asarray(counts) * n / len(labels)
-    assert np.all(np.abs(got - expected) < 1.0 + 1e-9)  # each class within one of its proportional share
-    assert np.all(got <= np.asarray(counts))
+    assert got.tolist() == largest_remainder(counts, n)
+
+
+def largest_remainder(counts: list[int], size: int) -> list[int]:
+    """Each class's share of `size` in proportion to its count, in exact integer arithmetic: the floor of
+    count x size / total, then one more row for each of the largest remainders; equal remainders go to the
+    earlier class."""
+    total = sum(counts)
+    take = [c * size // total for c in counts]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(counts[i] * size % total), i))
+    for i in by_remainder[: size - sum(take)]:
+        take[i] += 1
+    return take
+
+
+@pytest.mark.parametrize("counts, size, expected", [
+    # shares 2.5, 1.5, 1.0: floors 2, 1, 1; one row left; remainders .5, .5, 0: the tie goes to class 0
+    pytest.param([5, 3, 2], 5, [3, 1, 1], id="5-of-5,3,2"),
+    # shares 1.2, 1.2, 0.6: floors 1, 1, 0; the one row left goes to the largest remainder, class 2's .6
+    pytest.param([4, 4, 2], 3, [1, 1, 1], id="3-of-4,4,2"),
+    # shares 3, 1.5, 0.5: remainders 0, .5, .5 tie: class 1, the earlier, gets the row; class 2 none
+    pytest.param([6, 3, 1], 5, [3, 2, 0], id="5-of-6,3,1"),
+    # shares 2/3 each: three equal remainders, two rows: classes 0 and 1
+    pytest.param([1, 1, 1], 2, [1, 1, 0], id="2-of-1,1,1"),
+    # shares 1.5 each: two rows left over four equal remainders: classes 0 and 1
+    pytest.param([3, 3, 3, 3], 6, [2, 2, 1, 1], id="6-of-3,3,3,3"),
+    # shares 10/3, 5/3, 5/3, 1/3: floors 3, 1, 1, 0; two rows left to the remainders 2/3: classes 1 and 2
+    pytest.param([10, 5, 5, 1], 7, [3, 2, 2, 0], id="7-of-10,5,5,1"),
+    # shares 5.6, 1.6, 0.8: floors 5, 1, 0; two rows left: class 2 (.8), then the tie .6 / .6 to class 0.
+    # In floating point 5.6 - 5 < 1.6 - 1: a tie must be decided in exact arithmetic
+    pytest.param([14, 4, 2], 8, [6, 1, 1], id="8-of-14,4,2"),
+    # shares 1.8, 7.2: floors 1, 7; the row left goes to class 0's .8: all of class 0
+    pytest.param([2, 8], 9, [2, 7], id="9-of-2,8"),
+    # the whole split
+    pytest.param([7, 3], 10, [7, 3], id="10-of-7,3"),
+])
+def test_stratified_sampler_counts_by_largest_remainder(counts, size, expected):
+    assert largest_remainder(counts, size) == expected  # the test's own rule agrees with the hand-worked counts
+    classes = 10 * np.arange(len(counts)) + 3  # labels 3, 13, 23, ...: class order is label order
+    labels = np.repeat(classes, counts)
+    np.random.default_rng(0).shuffle(labels)
+    for seed in (0, 1):
+        got = labels[stratified_subset(labels, size, seed)]
+        assert [int((got == c).sum()) for c in classes] == expected
 
 
 @settings(max_examples=100, deadline=None)
