@@ -73,7 +73,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "torch.exp(sims / self.temperature)", "torch.exp(sims * self.temperature)",
            ("tests/test_grid_knn.py::test_knn_weighted_vote_by_hand",)),
     Mutant("logreg-C-as-wd", "logreg's C is the weight decay 1 / (n C)", "fusion_cache/selection.py",
-           "return 1.0 / (rows * value) if", "return 1.0 / value if",
+           "return binary / (rows * value) if", "return binary / value if",
            ("tests/test_report.py::test_the_tuned_logreg_is_scikit_learns_logistic_regression",)),
     # -- atomic writes
     Mutant("atomic-write-in-place", "a file is written beside its name, then renamed", "fusion_cache/io.py",
@@ -111,6 +111,52 @@ MUTANTS: tuple[Mutant, ...] = (
            "        except FileNotFoundError as e:\n            raise FusionCacheError(\n"
            "                f\"cannot read folder {display_path(folder)}",
            ("tests/test_hostile_folders.py::test_hostile_folder[unreadable_folder]",)),
+    # -- standardization and the tuned protocol's selection
+    Mutant("std-with-eval-set", "LinearHead standardizes with its training rows only", "fusion_cache/heads.py",
+           "            self.mean_ = X.mean(axis=0)\n            self.scale_ = X.std(axis=0)\n",
+           "            stats = X if eval_set is None else np.concatenate([X, np.asarray(eval_set[0], np.float32)])\n"
+           "            self.mean_ = stats.mean(axis=0)\n            self.scale_ = stats.std(axis=0)\n",
+           ("tests/test_fit.py::test_linear_head_standardizes_with_its_training_rows_only",)),
+    Mutant("tuned-std-with-test", "the tuned protocol standardizes with train statistics", "fusion_cache/selection.py",
+           "    mean, scale = train_statistics(data.X_train)\n",
+           "    mean, scale = train_statistics(np.concatenate([data.X_train, data.X_test]))\n",
+           ("tests/test_selection.py::test_the_tuned_heads_standardize_with_train_statistics_only",)),
+    Mutant("wd-chosen-on-fit-rows", "the weight decay is chosen on validation rows", "fusion_cache/selection.py",
+           "            val = correct[val_rows][:, gs].mean(0)\n", "            val = correct[fit_rows][:, gs].mean(0)\n",
+           ("tests/test_selection.py::test_validation_decides_where_the_fit_rows_would_choose_otherwise",)),
+    Mutant("k-chosen-on-fit-rows", "kNN's k is chosen on validation rows", "fusion_cache/selection.py",
+           "    by_k = probe.score_ks(data.X_train[val_rows], data.y_train[val_rows], ks)\n",
+           "    by_k = probe.score_ks(data.X_train[fit_rows], data.y_train[fit_rows], ks)\n",
+           ("tests/test_selection.py::test_validation_decides_where_the_fit_rows_would_choose_otherwise",)),
+    Mutant("grid-tie-to-last", "a tie on validation goes to the strongest strength (first)", "fusion_cache/selection.py",
+           "            chosen.append((h, seed, gs[int(np.argmax(val))]))",
+           "            chosen.append((h, seed, gs[len(val) - 1 - int(np.argmax(val[::-1]))]))",
+           ("tests/test_selection.py::test_each_choice_is_the_first_best_validation_accuracy_recomputed_here",)),
+    Mutant("logreg-binary-C", "the tuned logreg's C is scikit-learn's C on two classes", "fusion_cache/selection.py",
+           "binary = 2.0 if k == 2 else 1.0", "binary = 1.0",
+           ("tests/test_selection.py::test_the_tuned_logreg_on_two_classes_is_scikit_learns_at_the_same_C",)),
+    # -- the subset sampler
+    Mutant("sampler-smallest-remainder", "extra rows go to the largest remainders", "fusion_cache/data.py",
+           "np.lexsort((np.arange(len(classes)), -remainder))", "np.lexsort((np.arange(len(classes)), remainder))",
+           ("tests/test_reliability.py::test_stratified_sampler_counts_by_largest_remainder",)),
+    Mutant("sampler-ties-reversed", "equal remainders go to the earlier class", "fusion_cache/data.py",
+           "np.lexsort((np.arange(len(classes)), -remainder))", "np.lexsort((-np.arange(len(classes)), -remainder))",
+           ("tests/test_reliability.py::test_stratified_sampler_counts_by_largest_remainder",)),
+    # -- image conversion
+    Mutant("rgba-on-black", "transparent pixels are composited on white", "fusion_cache/data.py",
+           'background = Image.new("RGBA", im.size, (255, 255, 255, 255))',
+           'background = Image.new("RGBA", im.size, (0, 0, 0, 255))', ("tests/test_images.py",)),
+    Mutant("sixteen-bit-scale", "16-bit gray scales by 255 / 65535", "fusion_cache/data.py",
+           'top = 65535.0 if im.mode.startswith("I;16")', 'top = 65536.0 if im.mode.startswith("I;16")',
+           ("tests/test_images.py",)),
+    Mutant("sixteen-bit-truncated", "16- and 32-bit gray round to the nearest level", "fusion_cache/data.py",
+           "np.clip(arr / top * 255.0 + 0.5, 0, 255)", "np.clip(arr / top * 255.0, 0, 255)", ("tests/test_images.py",)),
+    Mutant("float-image-truncated", "float images round to the nearest level", "fusion_cache/data.py",
+           "np.clip(arr * 255.0 + 0.5, 0, 255)", "np.clip(arr * 255.0, 0, 255)", ("tests/test_images.py",)),
+    # -- the layer curve
+    Mutant("layer-curve-late", "each point of the layer curve is its own tap", "fusion_cache/compare.py",
+           "        data = load_view(cache, tap)\n", '        data = load_view(cache, "late")\n',
+           ("tests/test_compare.py::test_each_point_of_the_layer_curve_is_its_tap_alone",)),
 )
 
 
