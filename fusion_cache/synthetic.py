@@ -68,3 +68,57 @@ def write_image_folder(root: str | Path, n_train: int = 4, n_test: int = 2, seed
                 sixteen = rng.integers(0, 65535, size=(33, 45)).astype(np.uint16)
                 Image.fromarray(sixteen).save(d / "zz_16bit.png")
     return root
+
+
+def calibrate_batchnorm(model, image_size: int, seed: int = 0, batches: int = 1, batch_size: int = 16):
+    """Set every BatchNorm's running statistics of a freshly initialised `model` from a forward pass over
+    seeded random images, and return the model in eval mode.
+
+    A random-init network keeps its BatchNorms at running mean 0, variance 1: in eval mode they do not
+    normalize, and pooled features shrink with depth (MobileNetV2's: 7e-9 at features.17-18 at 48 px; an
+    EfficientNet-B0's: 1e-14) or grow (a ResNet-50's: 30 at 32 px), so that a zeroed tap hides under any
+    absolute tolerance. After calibration each BatchNorm normalizes what it actually receives, as a trained
+    network's do, and the pooled features are of order 1 at every tap (max |f| 0.18 to 10.4 over every tap
+    of every tested backbone on the tests' images).
+
+    Each image is a random flat colour plus uniform noise of a random amplitude (from none to the full
+    range), clipped to [0, 1] and normalized with ImageNet's mean and std as fusion-cache's preprocessing
+    does: low- and high-contrast images alike, so that the synthetic data sets (a class colour plus noise)
+    stay of order 1 too (pure noise calibrates for high contrast only: a timm EfficientNet-B0 then reaches
+    1e4 on low-contrast images). Only the BatchNorms run in train mode (dropout and drop-path stay off),
+    with momentum None (a cumulative average over the `batches` batches); their momentum is restored
+    afterwards. A model without BatchNorm (a ViT, a ConvNeXt) is returned unchanged, in eval mode. One
+    thread (restored afterwards): the pass takes 0.25 s or less for every tested backbone at 32 px, where
+    several OpenMP threads on busy shared cores took 3.5 s.
+    """
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    if not norms:
+        return model
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    momenta = [m.momentum for m in norms]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                base = torch.rand(batch_size, 3, 1, 1, generator=gen)
+                amplitude = torch.rand(batch_size, 1, 1, 1, generator=gen)
+                noise = torch.rand(batch_size, 3, image_size, image_size, generator=gen) - 0.5
+                x = (base + amplitude * noise).clamp(0, 1)
+                model((x - mean) / std)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+        torch.set_num_threads(threads)
+    return model

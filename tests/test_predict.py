@@ -19,6 +19,9 @@ from fusion_cache.data import read_image
 from fusion_cache.extract import ExtractConfig, extract
 from fusion_cache.headfile import load_head
 from fusion_cache.predict import build_deployed, predict
+from fusion_cache.synthetic import calibrate_batchnorm
+
+from .features import FLOAT32, assert_features_close, assert_order_one
 
 
 def _run(*args):
@@ -51,7 +54,9 @@ def test_predict_equals_head_on_cached_features(trained, folder_root, weights_fi
     model = build_deployed(head, str(weights_file))
     got = np.array([r["logits"] for r in predict(model, head, paths, batch_size=4, progress=False)])
     X, _ = cache.view("fused", "test")
-    np.testing.assert_allclose(got, head.logits_from_features(X), atol=1e-4, rtol=1e-4)
+    for tap in ("features.13", "features.18"):  # the head's input is at a real scale
+        assert_order_one(cache.features(tap, "test"), name=tap)
+    assert_features_close(got, head.logits_from_features(X), FLOAT32, name="predict logits")
 
 
 def test_exported_program_runs_without_fusion_cache_and_agrees(trained, folder_root, weights_file, tmp_path):
@@ -89,13 +94,13 @@ print(json.dumps(meta))
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
     exported = torch.load(tmp_path / "logits.pt").numpy()
     X, _ = cache.view("fused", "test")
-    np.testing.assert_allclose(exported, head.logits_from_features(X), atol=1e-4, rtol=1e-4)
+    assert_features_close(exported, head.logits_from_features(X), FLOAT32, name="exported logits")
 
 
 def test_wrong_weights_are_refused(trained, folder_root, tmp_path):
     torch.manual_seed(99)
     other = tmp_path / "other.pth"
-    torch.save(mobilenet_v2(weights=None).state_dict(), other)
+    torch.save(calibrate_batchnorm(mobilenet_v2(weights=None), 32, seed=99).state_dict(), other)
     r = _run("predict", trained / "head", folder_root / "test", "--weights", other)
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "are not the ones this head's features came from" in r.output and "pass --weights" in r.output
