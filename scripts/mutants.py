@@ -157,6 +157,30 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("layer-curve-late", "each point of the layer curve is its own tap", "fusion_cache/compare.py",
            "        data = load_view(cache, tap)\n", '        data = load_view(cache, "late")\n',
            ("tests/test_compare.py::test_each_point_of_the_layer_curve_is_its_tap_alone",)),
+    # -- what the cache holds: every tap, at its scale, at the requested precision
+    Mutant("tap-deep-zero", "every tap is stored, the deep ones too", "fusion_cache/extract.py",
+           "{t: v.astype(self.meta.dtype, copy=False) for t, v in feats.items()}",
+           "{t: (np.zeros_like(v) if t in ('features.14', 'features.15', 'features.16', 'features.17', "
+           "'features.18') else v).astype(self.meta.dtype, copy=False) for t, v in feats.items()}",
+           ("tests/test_extract.py::test_cached_features_equal_direct_forward",)),
+    Mutant("tap-late-zero", "every backbone's late tap is stored", "fusion_cache/extract.py",
+           "{t: v.astype(self.meta.dtype, copy=False) for t, v in feats.items()}",
+           "{t: (np.zeros_like(v) if t == self.meta.table.views['late'][0] else v).astype(self.meta.dtype, "
+           "copy=False) for t, v in feats.items()}",
+           ("tests/test_backbones.py::test_extract_fit_predict_export[resnet18]",
+            "tests/test_backbones.py::test_extract_fit_predict_export[timm:deit_tiny_patch16_224]")),
+    Mutant("tap-vector-x2", "vector taps are stored at their own scale", "fusion_cache/backbone.py",
+           "out[t] = f.flatten(1)", "out[t] = 2 * f.flatten(1)",
+           ("tests/test_backbones.py::test_extract_fit_predict_export[timm:deit_tiny_patch16_224]",)),
+    Mutant("bf16-runs-fp32", "--precision bf16 runs the forward pass in bf16", "fusion_cache/extract.py",
+           "enabled=dtype is not None)", "enabled=False)",
+           ("tests/test_extract.py::test_bf16_and_float16_are_close_to_fp32_and_never_reused_for_each_other",)),
+    Mutant("workers-decode-otherwise", "worker processes decode as the main process does", "fusion_cache/extract.py",
+           "return position, self.pre.resize(self.src.image(self.idx[position])), None",
+           "return position, self.pre.resize(self.src.image(self.idx[position])).flip(-1) if "
+           "torch.utils.data.get_worker_info() is not None else self.pre.resize(self.src.image(self.idx[position])), "
+           "None",
+           ("tests/test_extract.py::test_folder_decoded_in_worker_processes_is_bit_identical",)),
 )
 
 
