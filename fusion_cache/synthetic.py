@@ -1,4 +1,5 @@
-"""Tiny datasets in the real on-disk formats (CIFAR-10 pickles, image folders), for tests and benchmarks."""
+"""Tiny datasets in the real on-disk formats (CIFAR-10 pickles, image folders), and random weights calibrated to
+real scale, for tests and benchmarks."""
 
 from __future__ import annotations
 
