@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
     args = ap.parse_args(argv)
+    if not args.timeout > 0:  # also refuses nan
+        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     problems = check_list()
     if problems:
         print("the mutant list is out of step with the code:\n  " + "\n  ".join(problems), file=sys.stderr)

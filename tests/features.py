@@ -1,4 +1,5 @@
-"""Feature comparisons at each tap's own scale, for every test that checks features against a reference.
+"""Feature comparisons at each tap's own scale, for every test that checks features against a reference, and
+the reference standardization statistics the oracles compute for themselves.
 
 An absolute tolerance cannot see a tap whose values are far below it (a zeroed tap of a random-init network
 passes `atol=1e-5` when its features are 5e-9), and a cosine cannot see a scale (a tap stored x2) nor a zero
@@ -63,3 +64,12 @@ def assert_order_one(features, name: str = "", low: float = 0.05, high: float = 
     scale = float(np.abs(f).max())
     assert low <= scale <= high, f"{where}max|f| = {scale:.3g}, outside [{low:g}, {high:g}]"
     return scale
+
+
+def train_stats(X) -> tuple[np.ndarray, np.ndarray]:
+    """The reference standardization, computed by the tests themselves (never with the package's own):
+    float64 mean and population std per column; a constant column keeps scale 1."""
+    X = np.asarray(X, np.float64)
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    return mean, scale

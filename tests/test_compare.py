@@ -72,12 +72,7 @@ def test_report_draws_the_layer_curve_of_each_backbone(caches, tmp_path):
         assert [x["tap"] for x in rows] == list(tap_table(name).names)
         assert [x["depth"] for x in rows] == sorted(x["depth"] for x in rows) and rows[-1]["depth"] == 1.0
         # each point is a head fitted here on that tap's features alone, read from the cache
-        cache = open_cache(next(c for c in caches if c.stem == name))
-        for x in rows:
-            accs = [single_tap_accuracy(cache, x["tap"], seed) for seed in (0, 1)]
-            assert x["dim"] == cache.features(x["tap"]).shape[1]
-            assert x["test_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-6), x["tap"]
-            assert x["test_acc_std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-6), x["tap"]
+        assert_points_are_single_tap_fits(open_cache(next(c for c in caches if c.stem == name)), rows)
     assert "| backbone | view | head |" in (out / "report.md").read_text()
     with Image.open(out / "layer_curve.png") as im:
         assert im.size == (900, 500)
@@ -85,6 +80,15 @@ def test_report_draws_the_layer_curve_of_each_backbone(caches, tmp_path):
     r = run("report", caches[1], "--layer-curve", "--out", one, "--views", "late", "--heads", "linear", "--seeds", 0)
     assert r.exit_code == 0, r.output
     assert {x["backbone"] for x in json.loads((one / "report.json").read_text())["layer_curve"]["rows"]} == {"resnet18"}
+
+
+def assert_points_are_single_tap_fits(cache, rows) -> None:
+    """Each point of the curve (seeds 0 and 1) is the head fitted here on its tap's features alone."""
+    for x in rows:
+        accs = [single_tap_accuracy(cache, x["tap"], seed) for seed in (0, 1)]
+        assert x["dim"] == cache.features(x["tap"]).shape[1]
+        assert x["test_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-6), x["tap"]
+        assert x["test_acc_std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-6), x["tap"]
 
 
 def single_tap_accuracy(cache, tap: str, seed: int) -> float:
@@ -102,10 +106,7 @@ def test_each_point_of_the_layer_curve_is_its_tap_alone(encoded_cache):
     cache = open_cache(encoded_cache)
     rows = layer_curve(cache, [0, 1])
     assert [r["tap"] for r in rows] == list(cache.taps) == ["features.3", "features.13", "features.18"]
-    for r in rows:
-        accs = [single_tap_accuracy(cache, r["tap"], seed) for seed in (0, 1)]
-        assert r["dim"] == cache.features(r["tap"]).shape[1]
-        assert r["test_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-6), r["tap"]
+    assert_points_are_single_tap_fits(cache, rows)
     acc = {r["tap"]: r["test_acc_mean"] for r in rows}
     assert acc["features.13"] > 0.8 and acc["features.3"] < 0.45 and acc["features.18"] < 0.45, acc
 

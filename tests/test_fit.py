@@ -18,6 +18,7 @@ from fusion_cache.fit import HeadParams, fit_head
 from fusion_cache.heads import LinearHead, OneThreadLogisticRegression, make_logreg
 
 from .conftest import write_synthetic_cache
+from .features import train_stats
 
 
 def _run(*args):
@@ -85,14 +86,6 @@ def test_saved_head_reproduces_predictions(tiny_cache, tmp_path):
     logits = ((X - mean) / scale) @ state["coef"].numpy().T.astype(np.float64) + state["intercept"].numpy()
     acc = (logits.argmax(1) == y).mean()
     assert acc == pytest.approx(metrics["test_acc"])
-
-
-def train_stats(X) -> tuple[np.ndarray, np.ndarray]:
-    """float64 mean and population std per column; a constant column keeps scale 1."""
-    X = np.asarray(X, np.float64)
-    mean, scale = X.mean(axis=0), X.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    return mean, scale
 
 
 def assert_close_per_column(got, want, mean, scale, rtol=1e-5):

@@ -17,6 +17,8 @@ from fusion_cache.fit import load_view
 from fusion_cache.selection import ViewStore, tune, tune_heads, validation_split
 from fusion_cache.synthetic import write_cifar
 
+from .features import train_stats
+
 FIGURES = ("samples.png", "curves.png", "predictions.png", "confusion.png", "per_class.png")
 ARGS = ["--views", "early,late,fused", "--heads", "linear,logreg", "--seeds", "0,1", "--val-fraction", "0.2",
         "--max-iter", "30"]
@@ -228,10 +230,8 @@ def test_the_tuned_logreg_is_scikit_learns_logistic_regression(encoded_cache):
     cache = open_cache(encoded_cache)
     run = tune(ViewStore(cache), "early", "logreg", 0, 0.2, max_iter=500)
     data = load_view(cache, "early")
-    # the reference's own standardization: the train split's mean and population std, in float64
-    train = data.X_train.astype(np.float64)
-    mean, scale = train.mean(axis=0), train.std(axis=0)
-    Xs, Xte = (train - mean) / scale, (data.X_test - mean) / scale
+    mean, scale = train_stats(data.X_train)  # the reference's own standardization, in float64
+    Xs, Xte = (data.X_train - mean) / scale, (data.X_test - mean) / scale
     lr = LogisticRegression(C=run.value, max_iter=5000, tol=1e-10).fit(Xs, data.y_train)
     ours = run.estimator.predict_proba(data.X_test)
     np.testing.assert_allclose(ours, lr.predict_proba(Xte), atol=2e-3)

@@ -17,6 +17,7 @@ from fusion_cache.heads import HEAD_SPECS
 from fusion_cache.selection import ViewStore, tune_heads, validation_split
 
 from .conftest import write_synthetic_cache
+from .features import train_stats
 
 TAP = "features.3"  # 24 columns wide: the views of these tests are this one tap
 VAL = 0.3
@@ -24,14 +25,6 @@ TEMPERATURE = 0.07  # the kNN vote's exp(sim / T), as KNNHead's default
 
 
 # ---------------------------------------------------------------------------------------------- references
-
-
-def train_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 mean and population std per column; a constant column keeps scale 1."""
-    X = np.asarray(X, np.float64)
-    mean, scale = X.mean(axis=0), X.std(axis=0)
-    scale[scale < 1e-12] = 1.0
-    return mean, scale
 
 
 def newton_softmax(X: np.ndarray, y: np.ndarray, k: int, wd: float) -> np.ndarray:
