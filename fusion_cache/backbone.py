@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.v2 import functional as TF
 
 from .backbones import DEFAULT_BACKBONE, Backbone, conv_bn_pairs, resolve
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 from .taps import MOBILENET_V2, TapTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,10 +106,11 @@ def load_weights(spec: str | None, seed: int = 0, backbone: str | Backbone | Non
             sd = bb.create().state_dict()
         return LoadedWeights("random", sha256_state_dict(sd), sd, bb.name)
     path = Path(spec)
-    if not path.is_file():
+    problem = _weights_file_problem(path)
+    if problem:
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise FusionCacheError(
-            f"weights '{spec}' not found; pass {shown + ', ' if shown else ''}random, or the path of a .pth or "
+            f"weights {quote(spec)} {problem}; pass {shown + ', ' if shown else ''}random, or the path of a .pth or "
             f".safetensors state_dict of {bb.name}"
         )
     sd = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pth(path)
@@ -120,6 +123,33 @@ def load_weights(spec: str | None, seed: int = 0, backbone: str | Backbone | Non
         )
     check_state_dict(sd, str(path), bb)
     return LoadedWeights(str(spec), sha256_file(path), sd, bb.name, path.resolve())
+
+
+def _weights_file_problem(path: Path) -> str:
+    """What keeps `path` from being read as a weights file ("not found", "is a folder", "is a character device",
+    "is empty (0 bytes)", "cannot be read (permission denied)", ...), or "" for a readable, non-empty regular file.
+    Nothing is read: a FIFO or a device would block or never end."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            return "is a broken symbolic link" if os.path.lexists(path) else "not found"
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        return f"cannot be reached ({'permission denied' if isinstance(e, PermissionError) else e.strerror or e})"
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+    what = next((name for test, name in kinds if test(st.st_mode)), None)
+    if what is not None or not stat.S_ISREG(st.st_mode):
+        return f"is {what or 'not a regular file'}, not a weights file"
+    if st.st_size == 0:
+        return "is empty (0 bytes), not a weights file"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as e:
+        why = "permission denied" if isinstance(e, PermissionError) else e.strerror or type(e).__name__
+        return f"cannot be read ({why})"
+    return ""
 
 
 def _named_weights(bb: Backbone, key: str) -> LoadedWeights:

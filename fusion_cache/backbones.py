@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 from .taps import MOBILENET_V2, Tap, TapTable
 
 DEFAULT_BACKBONE = "mobilenet_v2"
@@ -201,18 +201,21 @@ def _library(library: str):
 @functools.lru_cache(maxsize=None)
 def resolve(name: str | None) -> Backbone:
     """`mobilenet_v2`, `resnet50`, `timm:vit_small_patch16_224` -> Backbone; unknown names fail with how to list."""
+    if name is not None and not name.strip():  # `--backbone ""` is a slip, not a request for the default
+        raise FusionCacheError("the backbone name is empty; pass --backbone NAME, e.g. mobilenet_v2 or resnet50 "
+                               "(`fusion-cache models` lists the tested ones)")
     name = (name or DEFAULT_BACKBONE).strip()
     if name.startswith("timm:"):
         arch = name[len("timm:"):]
         timm = _library("timm")
         if not arch or not timm.is_model(arch):
-            raise FusionCacheError(f"unknown backbone '{name}': timm has no model '{arch}'; {HOW_TO_LIST}")
+            raise FusionCacheError(f"unknown backbone {quote(name)}: timm has no model {quote(arch)}; {HOW_TO_LIST}")
         return Backbone(name, "timm", arch)
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         hint = f" (timm has one: pass timm:{name})" if _is_timm_model(name) else ""
-        raise FusionCacheError(f"unknown backbone '{name}'{hint}; {HOW_TO_LIST}")
+        raise FusionCacheError(f"unknown backbone {quote(name)}{hint}; {HOW_TO_LIST}")
     return Backbone(name, "torchvision", name)
 
 

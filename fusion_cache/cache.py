@@ -31,7 +31,9 @@ import hashlib
 import json
 import os
 import re
+import socket
 import stat
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 from .io import is_hdf5_file, write_error
 from .taps import MOBILENET_V2, TapTable
 
@@ -398,11 +400,14 @@ def open_cache(path: str | Path) -> Cache:
     path = Path(path)
     if not path.exists():
         part = partial_path(path)
-        hint = (
-            f"; an interrupted extraction left {part}: run the same extract command again to resume it"
-            if part.exists()
-            else "; create it with `fusion-cache extract --out PATH`"
-        )
+        holder = lock_holder(path)
+        if holder:
+            hint = (f" yet: an extraction is in progress ({holder}, writing {part if part.exists() else 'it'}); "
+                    "wait for it to finish, then run this command again")
+        elif part.exists():
+            hint = f"; an interrupted extraction left {part}: run the same extract command again to resume it"
+        else:
+            hint = "; create it with `fusion-cache extract --out PATH`"
         raise FusionCacheError(f"cache {path} does not exist{hint}")
     try:
         mode = path.stat().st_mode
@@ -422,7 +427,7 @@ def open_cache(path: str | Path) -> Cache:
             _check_schema(raw, where)
             meta = CacheMeta.from_attrs(raw, where)
             if not meta.complete:
-                raise FusionCacheError(
+                raise _in_progress(path) or FusionCacheError(
                     f"{path} is an incomplete cache (extraction was interrupted); run the same extract command "
                     "again to resume it"
                 )
@@ -434,9 +439,20 @@ def open_cache(path: str | Path) -> Cache:
             _check_layout(f, meta, where)
     except FusionCacheError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise FusionCacheError(f"{path} is damaged or truncated ({str(e)[:120]}); {_REBUILD}") from None
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # (HDF5 refuses a file being written)
+        raise _in_progress(path) or FusionCacheError(f"{path} is damaged or truncated ({str(e)[:120]}); "
+                                                     f"{_REBUILD}") from None
     return Cache(path, meta)
+
+
+def _in_progress(path: Path) -> FusionCacheError | None:
+    """The error for a cache, or its `.partial` file, that an extraction holding the lock is writing now."""
+    final = Path(str(path)[: -len(PARTIAL_SUFFIX)]) if str(path).endswith(PARTIAL_SUFFIX) else path
+    holder = lock_holder(final)
+    if holder is None:
+        return None
+    return FusionCacheError(f"{path} is being written: an extraction is in progress ({holder}); wait for it to "
+                            f"finish, then use {final}")
 
 
 def _raw_attrs(f: h5py.File, where: str) -> dict:
@@ -702,8 +718,13 @@ def _publish(tmp: Path, path: Path) -> None:
 
 class CacheLock:
     """`<path>.lock`, held (flock) by whoever writes `<path>`: the local engine's CacheWriter or the ray engine's
-    driver, for its whole run. A second writer gets a one-line error; a lock file that is not an empty file
-    fusion-cache made is refused, never deleted."""
+    driver, for its whole run. The holder writes `{"pid": N, "host": "NAME"}` into it, so that a second
+    command can say who is at work (`lock_holder`). A second writer gets a one-line error naming the holder; a
+    lock file that is neither empty nor such a record is refused, never deleted.
+
+    Acquiring also refuses `path` itself where writing it would destroy something: a name ending in .lock or
+    .partial (another cache's lock or partial file), or an existing entry that is not a cache fusion-cache
+    wrote (a text file, a folder, a link): --force replaces caches only."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -718,18 +739,18 @@ class CacheLock:
 
     def acquire(self) -> "CacheLock":
         lock = self.lock
+        check_cache_output(self.path)
         while True:
-            _refuse_foreign(lock, lambda p, st: st.st_size == 0, "is not an empty lock file that fusion-cache made")
+            _refuse_foreign(lock, _is_lock_file, "is not an empty lock file or a lock file that fusion-cache wrote")
             try:
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
                 raise write_error(lock, e) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _flock_soon(fd):
+                holder = _holder_of(fd)
                 os.close(fd)
                 raise FusionCacheError(
-                    f"another extract is already writing {self.path} (lock {lock} is held); "
+                    f"another extract is already writing {self.path} (in progress: {holder} holds {lock}); "
                     "wait for it to finish or choose another --out"
                 ) from None
             try:  # the holder before us may have unlinked the lock file after we opened it
@@ -737,6 +758,12 @@ class CacheLock:
             except FileNotFoundError:
                 same = False
             if same:
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+                except OSError as e:
+                    os.close(fd)
+                    raise write_error(lock, e) from None
                 self._fd = fd
                 return self
             os.close(fd)
@@ -749,6 +776,111 @@ class CacheLock:
                 pass
             os.close(self._fd)
             self._fd = None
+
+
+def _flock_soon(fd: int, tries: int = 5) -> bool:
+    """Take the exclusive lock without waiting on a writer, but through a `lock_holder` that holds a shared
+    lock for an instant: a few tries, 20 ms apart."""
+    for i in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.02)
+    return False
+
+
+_HOLDER_BYTES = 512  # a lock file's record is far shorter
+
+
+def _holder_record(data: bytes) -> dict | None:
+    """{"pid": int, "host": str} from a lock file's bytes, or None when they are not such a record."""
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(d, dict) or set(d) != {"pid", "host"} or not isinstance(d["host"], str) or \
+            isinstance(d["pid"], bool) or not isinstance(d["pid"], int):
+        return None
+    return d
+
+
+def _is_lock_file(path: Path, st) -> bool:
+    """A lock file fusion-cache made: empty (made, not yet written) or holding a holder record."""
+    if st.st_size == 0:
+        return True
+    if st.st_size > _HOLDER_BYTES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return _holder_record(f.read(_HOLDER_BYTES)) is not None
+    except OSError:
+        return False
+
+
+def _holder_of(fd: int) -> str:
+    """"pid N on HOST" from an open lock file, or "another process" while its holder has not written it."""
+    try:
+        d = _holder_record(os.pread(fd, _HOLDER_BYTES, 0))
+    except OSError:
+        d = None
+    return f"pid {d['pid']} on {quote(d['host'], marks=False)}" if d else "another process"
+
+
+def lock_holder(cache_path: Path) -> str | None:
+    """Who is writing `cache_path` right now, for messages that would otherwise guess "interrupted".
+
+    Returns "pid N on HOST" when `<cache_path>.lock` is held by a live process (a `CacheLock`: the local
+    engine's writer or the ray engine's driver, which hold it for their whole run); "another process" when it
+    is held but the holder has not recorded itself yet; None when nobody holds it (no lock file, or one left
+    behind by a killed run), so that what lies there was interrupted. Never blocks and never creates, writes
+    or removes a file: it tries a non-blocking shared lock and lets go of it at once."""
+    lock = lock_path(cache_path)
+    try:
+        if not stat.S_ISREG(os.lstat(lock).st_mode):
+            return None
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_of(fd)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def check_cache_output(out: str | Path) -> None:
+    """Refuse `out` as the name of a cache to write when writing it would destroy something: a name ending in
+    .lock or .partial (fusion-cache's names for another cache's lock and partial files), or an existing entry
+    that is not a cache fusion-cache wrote. --force replaces a cache (complete, or damaged: any HDF5 file with
+    fusion-cache's attributes or that HDF5 cannot open), never a text file, a folder or a link."""
+    out = Path(out)
+    for suffix, what in ((LOCK_SUFFIX, "lock"), (PARTIAL_SUFFIX, "partial")):
+        if out.name.endswith(suffix):
+            raise FusionCacheError(f"--out {quote(out, 200, marks=False)} ends in {suffix}, the name fusion-cache "
+                                   f"gives to a cache's {what} file; choose a name that does not end in .lock or "
+                                   ".partial")
+    _refuse_foreign(out, _is_our_cache_file, "is not a cache that fusion-cache wrote (--force replaces only those)")
+
+
+def _is_our_cache_file(path: Path, st) -> bool:
+    """A regular file that is empty, or HDF5 with a schema_version attribute, or HDF5 too damaged to open."""
+    if st.st_size == 0:
+        return True
+    if not is_hdf5_file(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return "schema_version" in f.attrs
+    except Exception:  # truncated or torn: a cache killed mid-write, or one HDF5 cannot read any more
+        return True
 
 
 def _refuse_foreign(path: Path, ok, why: str) -> bool:
@@ -857,10 +989,10 @@ def write_shard(folder: Path, meta: CacheMeta, split: str, start: int, stop: int
 
 
 def read_shard(path: Path, meta: CacheMeta, split: str, start: int, stop: int, expected: np.ndarray,
-               source_labels: np.ndarray) -> Shard | str:
+               expected_labels: np.ndarray) -> Shard | str:
     """The shard at `path` if it is complete, of these settings, and holds exactly the rows of positions
-    [start, stop) (`expected`: their source indices) in order, minus those it lists as skipped, with their
-    true labels; otherwise the reason it is not (it is then redone, never read)."""
+    [start, stop) (`expected`: their source indices, `expected_labels` their labels) in order, minus those it
+    lists as skipped, with their true labels; otherwise the reason it is not (it is then redone, never read)."""
     try:
         if not _is_regular_hdf5(path):
             return "not an HDF5 file"
@@ -874,7 +1006,7 @@ def read_shard(path: Path, meta: CacheMeta, split: str, start: int, stop: int, e
             if len(indices) != int(keep.sum()) or not np.array_equal(expected[keep], indices) or \
                     len(expected) - rows != len(skipped):
                 return "holds other rows"
-            if not np.array_equal(labels, source_labels[indices]):
+            if not np.array_equal(labels, np.asarray(expected_labels)[keep]):
                 return "holds wrong labels"
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
         return f"unreadable ({str(e)[:60]})"
@@ -991,6 +1123,102 @@ def _check_virtual_sources(f: h5py.File, meta: CacheMeta, path: Path) -> None:
                                f"shard files; {_REBUILD}")
 
 
+def refuse_shard_folder(out: Path, force: bool) -> None:
+    """The local engine does not silently leave a Ray extraction's shards beside the cache it replaces."""
+    shards = shard_folder(out)
+    if not os.path.lexists(shards):
+        return
+    holder = lock_holder(out)
+    if holder:
+        raise FusionCacheError(f"{shards} holds the shards of a Ray extraction in progress ({holder}); wait for "
+                               "it to finish, or choose another --out")
+    if not force:
+        raise FusionCacheError(f"{shards} holds the shards of an interrupted Ray extraction (--engine ray); run "
+                               "that command again to finish it, or pass --force to replace it with a local "
+                               "extraction")
+
+
+def clear_partial(out: Path, force: bool) -> None:
+    """Before the ray engine writes `out` (holding its lock): a local engine's interrupted `<out>.partial` is
+    kept unless --force; one the ray engine left (its virtual cache, killed before the rename) is removed."""
+    part = partial_path(out)
+    if not os.path.lexists(part):
+        return
+    _refuse_foreign(part, _empty_or_hdf5, "is not a partial cache that fusion-cache wrote")
+    try:
+        with h5py.File(part, "r") as f:
+            engine = _as_str(f.attrs.get("engine", "local"))
+    except Exception:  # an empty or torn file: ours, killed mid-write
+        engine = "ray"
+    if engine != "ray" and not force:
+        raise FusionCacheError(f"{part} holds an interrupted local extraction; run the command again without "
+                               "--engine ray to resume it, or pass --force to start over")
+    part.unlink()
+
+
+def prepare_shard_folder(out: Path, fingerprint: str, force: bool) -> Path:
+    """`<out>.shards/`, created or checked (the caller holds `out`'s lock): it may hold only shard files. Shards
+    of other settings are replaced with --force; without it, a folder whose shards are all of other settings
+    is refused (another command's interrupted run). Leftover temporary files of killed workers are removed."""
+    folder = shard_folder(out)
+    if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+        raise FusionCacheError(f"{folder} is not a folder fusion-cache made for shards; move it away or choose "
+                               "another --out")
+    if not folder.exists():
+        try:
+            folder.mkdir()
+        except OSError as e:
+            raise FusionCacheError(f"cannot create {folder} ({e.strerror}); choose a writable --out") from None
+        return folder
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise FusionCacheError(f"cannot read shard folder {folder} ({e.strerror}); fix its permissions or move it "
+                               "away") from None
+    foreign = foreign_entries(folder, names)
+    if foreign:
+        raise FusionCacheError(f"{folder} holds {foreign[0]!r}, which is not a shard fusion-cache wrote; move it "
+                               "away or choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FusionCacheError(f"cannot write shard folder {folder}: permission denied; fix its permissions")
+    remove_shard_tmp(folder)
+    shards = [n for n in names if not is_shard_tmp_name(n)]
+    fingerprints = {_shard_fingerprint(folder / n) for n in shards}
+    if shards and fingerprint not in fingerprints and fingerprints - {None}:
+        if not force:
+            raise FusionCacheError(f"{folder} holds the shards of an extraction with other settings; run that "
+                                   "command again to finish it, or pass --force to start over")
+        for n in shards:
+            (folder / n).unlink(missing_ok=True)
+    return folder
+
+
+def _shard_fingerprint(path: Path) -> str | None:
+    try:
+        if not os.path.isfile(path) or not is_hdf5_file(path):
+            return None
+        with h5py.File(path, "r") as f:
+            return _as_str(f.attrs.get("fingerprint"))
+    except Exception:
+        return None
+
+
+def remove_shard_tmp(folder: Path) -> None:
+    """Remove the temporary files of shard writers that were killed (`<shard>.tmp-<id>`)."""
+    for n in os.listdir(folder):
+        if is_shard_tmp_name(n):
+            (Path(folder) / n).unlink(missing_ok=True)
+
+
+def read_planned_shard(folder: Path, meta: CacheMeta, split: str, start: int, stop: int, expected: np.ndarray,
+                       expected_labels: np.ndarray) -> Shard | str | None:
+    """`read_shard` of the shard of [start, stop) in `folder`, or None when there is no file."""
+    path = Path(folder) / shard_name(split, start, stop)
+    if not os.path.lexists(path):
+        return None
+    return read_shard(path, meta, split, start, stop, expected, expected_labels)
+
+
 def remove_shards(out: Path) -> int:
     """Remove `<out>.shards/` if it holds only files named as shards (anything else stays, and so does the
     folder). Returns how many files were removed."""
@@ -1024,6 +1252,7 @@ def consolidate(path: str | Path, out: str | Path, force: bool = False, block: i
     if out.resolve() == src.path.resolve() or out.resolve().parent == folder:
         raise FusionCacheError(f"--out {out} is {path} itself or one of its shards, or lies in its shard folder; "
                                "choose another --out")
+    check_cache_output(out)  # a lock or partial name, or a file that is no cache: refused, --force or not
     if os.path.lexists(out) and not force:
         raise FusionCacheError(f"{out} exists; pass --force to replace it, or choose another --out")
     meta = dataclasses.replace(src.meta, shards=0, complete=False)

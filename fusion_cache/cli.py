@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from .errors import FusionCacheError
+from .engines import ENGINES
+from .errors import FusionCacheError, quote
 from .io import dumps_json
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
@@ -26,6 +27,10 @@ class _Group(click.Group):
             warnings.showwarning = _one_line_warning
             try:
                 return super().invoke(ctx)
+            except click.ClickException as e:  # click's own usage errors quote the input too: bound them
+                if isinstance(getattr(e, "message", None), str) and len(e.message) > ERROR_LIMIT - 100:
+                    e.message = _one_line(e.message, ERROR_LIMIT - 100)  # room for "Invalid value for '--x': "
+                raise
             except FusionCacheError as e:
                 raise click.ClickException(_one_line(str(e))) from None
             except KeyboardInterrupt:
@@ -45,13 +50,24 @@ class _Group(click.Group):
                     raise
                 from .data import display_path
 
-                where = f"{display_path(e.filename)}: " if e.filename else ""
+                where = f"{quote(display_path(e.filename), 200, marks=False)}: " if e.filename else ""
                 raise click.ClickException(_one_line(f"{where}{e.strerror or e}; check the path, its permissions "
                                                      "and free space")) from None
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+ERROR_LIMIT = 600  # characters of an error or warning line; errors quote input through errors.quote, this is the backstop
+
+
+def _one_line(text: str, limit: int = ERROR_LIMIT - len("Warning: ")) -> str:
+    """One line of at most `limit` characters (with "Error: " before it, at most ERROR_LIMIT), for input quoted
+    without bound: a word over 200 characters keeps only its ends, and a line still too long loses its middle,
+    so that its start (the problem) and its end (the fix) stay."""
+    words = [w if len(w) <= 200 else w[:170] + "…" + w[-20:] for w in text.split()]
+    line = " ".join(words)
+    if len(line) > limit:
+        tail = limit // 3
+        line = line[: limit - tail - 3] + " … " + line[-tail:]
+    return line
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -71,9 +87,9 @@ class FiniteFloat(click.ParamType):
         try:
             x = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
+            self.fail(f"{quote(value)} is not a number", param, ctx)
         if not math.isfinite(x):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
+            self.fail(f"{quote(value)} is not a finite number", param, ctx)
         lo_bad = self.min is not None and (x <= self.min if self.min_open else x < self.min)
         hi_bad = self.max is not None and (x >= self.max if self.max_open else x > self.max)
         if lo_bad or hi_bad:
@@ -107,7 +123,7 @@ def _csv(value: str, option: str) -> list[str]:
     """A comma-separated option; an empty item (`a,,b`, a trailing comma) is a mistake, not something to skip."""
     items = [v.strip() for v in value.split(",")]
     if not value.strip() or any(not v for v in items):
-        raise click.BadParameter(f"{value!r} has an empty item; pass a comma-separated list such as a,b",
+        raise click.BadParameter(f"{quote(value)} has an empty item; pass a comma-separated list such as a,b",
                                  param_hint=option)
     return items
 
@@ -133,7 +149,7 @@ def _views(value: str, option: str) -> list[str]:
     views = [v.replace("+", ",") for v in _csv(value, option)]
     for v in views:
         if any(not t.strip() for t in v.split(",")):
-            raise click.BadParameter(f"{value!r} has an empty tap in a '+' list", param_hint=option)
+            raise click.BadParameter(f"{quote(value)} has an empty tap in a '+' list", param_hint=option)
     return list(dict.fromkeys(views))
 
 
@@ -221,7 +237,7 @@ def main():
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (slower start, faster on long runs).")
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True,
               help="local: this process. ray: workers of a Ray cluster write shards under OUT.shards/, and OUT reads "
                    "them (needs `pip install 'fusion-cache[ray]'`; see the README's \"On a cluster\").")
 @click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -467,7 +483,7 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     if out:
         check_saveable(head)
         check_output_folder(out, force, lambda name: name in HEAD_FILES)  # before the work, not after
-    r = fit_head(c, view, head, params, seed)
+    r = fit_head(c, view, head, params, seed, offered={p.name for p in click.get_current_context().command.params})
     if out:
         save_head(r, out, force)
     if as_json:
@@ -522,6 +538,7 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
         from .fit import check_same_data
 
         check_same_data(opened)
+    offered = {p.name for p in click.get_current_context().command.params}  # advice names only these options
     if out:
         check_output_folder(out, force, lambda name: name in ABLATION_FILES)
 
@@ -533,9 +550,9 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
 
     if len(opened) == 1:
         c = opened[0]
-        rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick)
+        rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick, offered=offered)
     else:
-        rows = ablate_caches(opened, view_list, head_list, seed_list, params, progress=tick)
+        rows = ablate_caches(opened, view_list, head_list, seed_list, params, progress=tick, offered=offered)
     from dataclasses import asdict
 
     meta = {"cache": str(opened[0].path), "fingerprint": opened[0].fingerprint, "command": _command_line(),
@@ -603,6 +620,7 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
                        seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter)
     cfg.check()
+    offered = {p.name for p in click.get_current_context().command.params}  # advice names only these options
     machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
                                     f"torch {torch.__version__}") if x)
     if len(caches) > 1 or layer_curve:
@@ -619,20 +637,22 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
         check_same_data(opened)
         ours = lambda name: name in COMPARE_FILES  # noqa: E731
         check_output_folder(out, force, ours)
-        result = run_comparison(opened, cfg.views, cfg.heads, cfg.seeds, progress=lambda m: click.echo(m, err=True))
+        result = run_comparison(opened, cfg.views, cfg.heads, cfg.seeds, progress=lambda m: click.echo(m, err=True),
+                                offered=offered)
         with staged_folder(out, force, ours) as tmp:
             write_comparison(result, tmp, _command_line(), machine)
         for cache_rows in [[r for r in result["layer_curve"]["rows"] if r["cache"] == str(c.path)] for c in opened]:
             best = max(cache_rows, key=lambda r: r["test_acc_mean"])
-            click.echo(f"{best['backbone']}: best single tap {best['tap']} (depth {best['depth']:.2f}), "
+            click.echo(f"{best.get('label', best['backbone'])}: best single tap {best['tap']} (depth {best['depth']:.2f}), "
                        f"{100 * best['test_acc_mean']:.2f} % test accuracy")
         click.echo(f"wrote {out}/report.md, report.json and layer_curve.png")
         return
     c = open_cache(caches[0])
+    cfg.check(c, offered)  # every view, head and the pair search, from the labels and taps, before the figures
     ours = lambda name: name in REPORT_FILES  # noqa: E731
     check_output_folder(out, force, ours)  # before minutes of fitting, not after
     sources = figure_sources(c, data_root)
-    r = run_report(c, cfg, progress=lambda msg: click.echo(msg, err=True))
+    r = run_report(c, cfg, progress=lambda msg: click.echo(msg, err=True), offered=offered)
     with staged_folder(out, force, ours) as tmp:
         render_figures(r, c, tmp, sources)
         write_report(r, tmp, _command_line(), machine)
@@ -692,8 +712,11 @@ def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progr
             click.echo(f"{r['path']}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in r["top"]))
     if as_json:
         click.echo(dumps_json(results, indent=2))
+    if failed == len(paths):
+        raise FusionCacheError(f"none of the {len(paths)} image(s) could be read (each is listed above); pass "
+                               "image files that PIL can open")
     if failed:
-        click.echo(f"{failed} of {len(paths)} image(s) could not be read", err=True)
+        click.echo(f"{failed} of {len(paths)} image(s) could not be read and were skipped (listed above)", err=True)
 
 
 @main.command(short_help="A saved head + backbone as one torch.export program.")

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from .cache import Cache
-from .fit import HeadParams, ablate_caches, fit_head, load_view, markdown_table, summarize
-from .io import atomic_write_text, dumps_json
+from .fit import HeadParams, ablate_caches, check_heads, fit_head, load_view, markdown_table, summarize
+from .io import atomic_write_text, cache_labels, dumps_json
 
 # The head of the layer curve: linear, standardized (taps differ in scale by orders of magnitude), Adam 1e-3,
 # batch 32, 10 epochs: enough to converge on a single tap of a few thousand images.
+CURVE_HEAD = "linear"
 CURVE_PARAMS = HeadParams(epochs=10, standardize=True)
 COMPARE_FILES = ("report.md", "report.json", "layer_curve.png")
 
@@ -28,7 +29,7 @@ def layer_curve(cache: Cache, seeds: list[int], params: HeadParams = CURVE_PARAM
     table = cache.table
     for tap in cache.taps:
         data = load_view(cache, tap)
-        accs = [fit_head(cache, tap, "linear", params, s, data=data).test_acc for s in seeds]
+        accs = [fit_head(cache, tap, CURVE_HEAD, params, s, data=data).test_acc for s in seeds]
         t = table.tap(tap)
         rows.append({"backbone": cache.backbone, "cache": str(cache.path), "tap": tap, "kind": t.kind,
                      "depth": t.depth, "dim": data.dim, "test_acc_mean": float(np.mean(accs)),
@@ -51,7 +52,7 @@ def draw_layer_curve(rows: list[dict], path: Path, title: str = "") -> None:
         e = [100 * r["test_acc_std"] for r in rs]
         best = int(np.argmax(y))
         ax.errorbar(x, y, yerr=e, marker="o", markersize=4, capsize=2, color=colors(k % 10),
-                    label=f"{rs[0]['backbone']} (best {rs[best]['tap']}, {y[best]:.1f} %)")
+                    label=f"{rs[0].get('label', rs[0]['backbone'])} (best {rs[best]['tap']}, {y[best]:.1f} %)")
     ax.set_xlabel("relative depth of the tap (position / number of taps)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xlim(0, 1.02)
@@ -63,18 +64,22 @@ def draw_layer_curve(rows: list[dict], path: Path, title: str = "") -> None:
 
 
 def run_comparison(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],
-                   progress=None) -> dict:
-    """The case study's protocol on every cache (one table) and every cache's layer curve: report.json."""
+                   progress=None, offered=None) -> dict:
+    """The case study's protocol on every cache (one table) and every cache's layer curve: report.json.
+    `offered`: the options of the command that runs it, so that advice names only those."""
     say = progress or (lambda msg: None)
-    rows = ablate_caches(  # checks the caches hold the same data and every view resolves, before any training
-caches, views, heads, seeds, HeadParams(),
-                         progress=lambda r: say(f"  paper {r['backbone']} {r['view']} {r['head']} seed {r['seed']}: "
-                                                f"test {100 * r['test_acc']:.2f} %"))
+    for c in caches:  # the layer curve's head can run on every cache, before any training
+        check_heads(c, [CURVE_HEAD], CURVE_PARAMS, offered)
+    rows = ablate_caches(  # checks the caches hold the same data, every view resolves and every head can run,
+        caches, views, heads, seeds, HeadParams(),  # before any training
+        progress=lambda r: say(f"  paper {r['backbone']} {r['view']} {r['head']} seed {r['seed']}: "
+                               f"test {100 * r['test_acc']:.2f} %"), offered=offered)
     curve = []
-    for c in caches:
+    for c, label in zip(caches, cache_labels([c.path for c in caches], [c.backbone for c in caches])):
         say(f"layer curve {c.backbone}: {len(c.taps)} taps x {len(seeds)} seeds")
-        curve += layer_curve(c, seeds, progress=lambda r: say(f"  {r['backbone']} {r['tap']} (depth {r['depth']:.2f}): "
-                                                               f"test {100 * r['test_acc_mean']:.2f} %"))
+        curve += [{**r, "label": label} for r in layer_curve(
+            c, seeds, progress=lambda r: say(f"  {r['backbone']} {r['tap']} (depth {r['depth']:.2f}): "
+                                             f"test {100 * r['test_acc_mean']:.2f} %"))]
     m = caches[0].meta
     return {"caches": [{"cache": str(c.path), "fingerprint": c.fingerprint, "backbone": c.backbone,
                         "weights": c.meta.weights, "weights_sha256": c.meta.weights_sha256,
@@ -103,7 +108,7 @@ def comparison_markdown(result: dict, command: str, machine: str) -> str:
               "![layer curve](layer_curve.png)", "", "| backbone | tap | depth | dim | test acc |",
               "|---|---|---:|---:|---:|"]
     for r in result["layer_curve"]["rows"]:
-        lines.append(f"| {r['backbone']} | {r['tap']} | {r['depth']:.2f} | {r['dim']} | "
+        lines.append(f"| {r.get('label', r['backbone'])} | {r['tap']} | {r['depth']:.2f} | {r['dim']} | "
                      f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 
 SPLITS = ("train", "test")
 DATASETS = ("cifar10", "imagefolder", "manifest")
@@ -50,16 +50,21 @@ class Source:
     root: Path | None = None
     notes: list[str] = field(default_factory=list)  # integrity notes only (extract records their absence)
     files: list[str] | None = None  # image folders: the real relative file names (os.fsdecode'd), to open
+    digests: list[str] | None = None  # image folders: each file's sha256 as listed, or why it cannot be read
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def file(self, index: int) -> str:
+        """The absolute path of item `index`'s file (as given: links are not resolved); files only."""
+        files = self.files if self.files is not None else self.paths
+        return os.path.join(os.path.abspath(self.root), files[index])
 
     def image(self, index: int) -> torch.Tensor:
         """The source image at `index` as uint8 (3, H, W) RGB; raises BadImage for undecodable files."""
         if self.images is not None:
             return torch.from_numpy(self.images[index])
-        files = self.files if self.files is not None else self.paths
-        return read_image(self.root / files[index], name=self.paths[index])
+        return read_image(self.file(index), name=self.paths[index])
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
@@ -323,7 +328,7 @@ def _digest(path: str) -> str:
             return "unreadable: " + _reason(e)
 
 
-def load_image_folder(root: str | Path, split: str, hash_contents: bool = True) -> Source:
+def load_image_folder(root: str | Path, split: str) -> Source:
     r"""`root/<split>/<class>/<image>`, listed the way torchvision's ImageFolder lists it, but safely.
 
     Classes are the sorted names of the folders in `root/<split>/`; samples are the files with torchvision's
@@ -370,7 +375,7 @@ def load_image_folder(root: str | Path, split: str, hash_contents: bool = True) 
     shown_classes = [display_path(c) for c in classes]
     if len(set(shown_classes)) != len(classes):
         dup = next(c for c in shown_classes if shown_classes.count(c) > 1)
-        raise FusionCacheError(f"two class folders in {shown} are both shown as {dup!r}; rename one of them")
+        raise FusionCacheError(f"two class folders in {shown} are both shown as {quote(dup)}; rename one of them")
     top_stat = os.stat(top)
     visited = {(top_stat.st_dev, top_stat.st_ino)}
     candidates: list[tuple[str, int]] = []
@@ -406,21 +411,19 @@ def load_image_folder(root: str | Path, split: str, hash_contents: bool = True) 
                 continue  # a link to a file that is already listed: counted once
             linked.add(key)
         kept.append((path, label, problem))
-    digests = _digests([(path, problem) for path, _, problem in kept], hash_contents)
+    digests = _digests([(path, problem) for path, _, problem in kept])
     rel = [os.path.relpath(path, top) for path, _, _ in kept]
     labels = np.asarray([label for _, label, _ in kept], dtype=np.int64)
-    identity = _listing_identity(b"fusion-cache imagefolder 2\n", classes, rel, labels, digests) \
-        if hash_contents else ""
+    identity = _listing_identity(b"fusion-cache imagefolder 2\n", classes, rel, labels, digests)
     return Source("imagefolder", split, shown_classes, labels, identity, paths=[display_path(r) for r in rel],
-                  root=folder, files=rel)
+                  root=folder, files=rel, digests=digests)
 
 
-def _digests(items: list[tuple[str, str]], hash_contents: bool = True) -> list[str]:
+def _digests(items: list[tuple[str, str]]) -> list[str]:
     """For each (path, problem): "bad: <problem>" when a stat already found one (the file is not opened),
-    else `_digest(path)` ("" without `hash_contents`). Four threads: hashlib releases the GIL, so the reads
-    overlap."""
+    else `_digest(path)`. Four threads: hashlib releases the GIL, so the reads overlap."""
     with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(lambda k: "bad: " + k[1] if k[1] else _digest(k[0]) if hash_contents else "", items))
+        return list(pool.map(lambda k: "bad: " + k[1] if k[1] else _digest(k[0]), items))
 
 
 def _listing_identity(tag: bytes, classes: list[str], names: list[str], labels: np.ndarray,
@@ -458,8 +461,7 @@ class _Row:
 
 def _short(text: str, limit: int = 100) -> str:
     """A value from the manifest as an error message shows it: printable, and cut after `limit` characters."""
-    shown = display_path(text)
-    return shown if len(shown) <= limit else shown[:limit] + "..."
+    return quote(display_path(text), limit, marks=False)
 
 
 def check_data_root(dataset: str, root: str | Path) -> None:
@@ -627,7 +629,7 @@ def _manifest_entry(folder: Path, path: str, where: str) -> str:
     return "" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
 
 
-def load_manifest(path: str | Path, split: str, hash_contents: bool = True) -> Source:
+def load_manifest(path: str | Path, split: str) -> Source:
     """The `split` rows of a manifest: a UTF-8 CSV with a header naming the columns path, label and split.
 
     Paths are absolute or relative to the manifest's folder; labels are class names; split is train or test.
@@ -651,11 +653,10 @@ def load_manifest(path: str | Path, split: str, hash_contents: bool = True) -> S
     index = {c: i for i, c in enumerate(classes)}
     labels = np.asarray([index[r.label] for r in mine], dtype=np.int64)
     files = [r.path for r in mine]
-    digests = _digests([(str(path.parent / r.path), r.problem) for r in mine], hash_contents)
-    identity = _listing_identity(b"fusion-cache manifest 1\n", classes, files, labels, digests) if hash_contents \
-        else ""
+    digests = _digests([(str(path.parent / r.path), r.problem) for r in mine])
+    identity = _listing_identity(b"fusion-cache manifest 1\n", classes, files, labels, digests)
     return Source("manifest", split, classes, labels, identity, paths=[display_path(f) for f in files],
-                  root=path.parent, files=files)
+                  root=path.parent, files=files, digests=digests)
 
 
 def list_image_files(inputs: list[str | Path]) -> list[Path]:
@@ -700,7 +701,7 @@ def list_image_files(inputs: list[str | Path]) -> list[Path]:
     return out
 
 
-def read_image(path: str | Path, name: str | None = None) -> torch.Tensor:
+def read_image(path: str | Path, name: str | None = None, sha256: str | None = None) -> torch.Tensor:
     """Any image file -> uint8 (3, H, W) RGB. Grayscale, palette, RGBA, CMYK and 16-bit all convert.
 
     Raises `BadImage` ("<name>: <reason>", one printable line; `name` defaults to `display_path(path)`) for
@@ -709,6 +710,10 @@ def read_image(path: str | Path, name: str | None = None) -> torch.Tensor:
     undecodable file, and an image over `MAX_PIXELS` pixels or with an aspect ratio over `MAX_ASPECT`
     (checked on the header's size, before the raster is decoded; PIL's own decompression-bomb error and
     warning count too). Other warnings from PIL or torch while reading are silenced.
+
+    With `sha256` (the digest the plan listed), the bytes are read once, checked, and decoded from memory:
+    content other than the planned raises `ChangedImage`, so an image that changed after it was listed, or a
+    node that holds other bytes under the same path, can never be extracted in place of the planned one.
     """
     shown = name if name is not None else display_path(path)
     try:
@@ -722,13 +727,26 @@ def read_image(path: str | Path, name: str | None = None) -> torch.Tensor:
             raise BadImage(f"{shown}: {_reason(e)}") from None
         if not stat.S_ISREG(st.st_mode):
             raise BadImage(f"{shown}: {_kind(st.st_mode)}, not an image file")
-        if st.st_size == 0:
+        if st.st_size == 0 and sha256 is None:
             raise BadImage(f"{shown}: empty file (0 bytes)")
+        source = f
+        if sha256 is not None:
+            try:
+                data = f.read()
+            except OSError as e:
+                raise BadImage(f"{shown}: {_reason(e)}") from None
+            got = hashlib.sha256(data).hexdigest()
+            if got != sha256:
+                raise ChangedImage(f"{shown} is not the file that was planned: its content has sha256 {got[:12]}…, "
+                                   f"the plan's {sha256[:12]}…")
+            if not data:
+                raise BadImage(f"{shown}: empty file (0 bytes)")
+            source = io.BytesIO(data)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return _decode(f)
+                return _decode(source)
         except _TooLarge as e:
             raise BadImage(f"{shown}: {e}") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -779,15 +797,19 @@ class BadImage(Exception):
     """An image file that cannot be decoded. Its message is "<display name>: <reason>" on one line."""
 
 
+class ChangedImage(Exception):
+    """An image file whose bytes are not the ones the plan hashed: never skipped, always an error."""
+
+
 def load_source(dataset: str, root: str | Path, split: str, download: bool = True,
-                skip_integrity_check: bool = False, hash_contents: bool = True) -> Source:
-    """One split of a dataset. `hash_contents=False` lists image files without hashing them (identity "")."""
+                skip_integrity_check: bool = False) -> Source:
+    """One split of a dataset, every image file hashed (`Source.digests`)."""
     if dataset == "manifest":
-        return load_manifest(root, split, hash_contents)  # checks its own path
+        return load_manifest(root, split)  # checks its own path
     check_data_root(dataset, root)  # an unknown dataset, a file for a folder
     if dataset == "cifar10":
         return load_cifar10(root, split, download, skip_integrity_check)
-    return load_image_folder(root, split, hash_contents)
+    return load_image_folder(root, split)
 
 
 # ---------------------------------------------------------------------------------------------- subset

@@ -1,4 +1,10 @@
-"""Train heads on a cache view, record per-epoch metrics with provenance, save heads, and run ablations."""
+"""Train heads on a cache view, record per-epoch metrics with provenance, save heads, and run ablations.
+
+What a head can do and what it needs comes from its declaration in heads.HEAD_SPECS: no function here branches on
+a head's name. `check_heads` checks every head's preconditions against a cache's labels before any features
+are read; `fit_head`, `ablate` and `ablate_caches` call it first. `offered`, where a function takes it, is the
+option names of the command that runs it, so that an error's advice names only those.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,10 @@ import numpy as np
 from sklearn.metrics import log_loss
 
 from .cache import Cache
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 from .headfile import HEAD_FILE, HeadFile
 from .headfile import save_head as write_head_file
-from .heads import HEAD_SPECS, HEADS, KNNHead, linear_form
+from .heads import HEAD_SPECS, HEADS, check_can_fit, divergence_advice, linear_form
 from .io import atomic_write_text, dumps_json, staged_folder
 
 
@@ -84,7 +90,7 @@ class FitResult:
 
 def head_spec(head: str):
     if head not in HEAD_SPECS:
-        raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEADS)}")
+        raise FusionCacheError(f"unknown head {quote(head)}; use one of {', '.join(HEADS)}")
     return HEAD_SPECS[head]
 
 
@@ -117,20 +123,12 @@ class ViewData:
         return int(self.X_train.shape[1])
 
 
-def load_view(cache: Cache, view: str) -> ViewData:
-    """A view's train and test data; refuses empty splits, NaN or inf features, and classes with no
-    training rows (which no head can learn)."""
-    taps = cache.view_taps(view)
-    Xtr, ytr = cache.view(view, "train")
-    Xte, yte = cache.view(view, "test")
-    if len(ytr) == 0 or len(yte) == 0:
-        raise FusionCacheError(f"{cache.path} has an empty split (train {len(ytr)}, test {len(yte)}); re-extract it")
-    for split, X in (("train", Xtr), ("test", Xte)):
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        if bad:
-            raise FusionCacheError(f"{cache.path}: {bad} {split} rows of view '{view}' hold NaN or inf features; "
-                                   "re-extract with --precision fp32 and --force")
-    counts = np.bincount(ytr, minlength=len(cache.classes))
+def check_labels(cache: Cache, y_train: np.ndarray, y_test: np.ndarray) -> None:
+    """Refuses an empty split and a class with no training rows (which no head can learn)."""
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise FusionCacheError(f"{cache.path} has an empty split (train {len(y_train)}, test {len(y_test)}); "
+                               "re-extract it")
+    counts = np.bincount(y_train, minlength=len(cache.classes))
     if (counts == 0).any():
         missing = [cache.classes[i] for i in np.flatnonzero(counts == 0)]
         skipped = sum(len(v) for v in cache.meta.skipped.values())
@@ -139,22 +137,49 @@ def load_view(cache: Cache, view: str) -> ViewData:
             f"class '{missing[0]}' has no training rows in {cache.path}{why}; every class needs training images: "
             "fix or add its images and re-extract"
         )
+
+
+def check_heads(cache: Cache, heads: list[str], params: HeadParams, offered=None, where: str | None = None) -> None:
+    """Every precondition of every head on the cache's labels (cheap to read; features are not): both splits
+    hold rows, every class has training rows, and each head can be fit on the training rows with the options
+    `params` gives it (heads.check_can_fit)."""
+    y_train = cache.labels("train")
+    check_labels(cache, y_train, cache.labels("test"))
+    check_can_fit(heads, y_train, {h: params.for_head(h) for h in heads if h in HEAD_SPECS},
+                  where=where or str(cache.path), offered=offered)
+
+
+def load_view(cache: Cache, view: str) -> ViewData:
+    """A view's train and test data; refuses empty splits, NaN or inf features, and classes with no
+    training rows (which no head can learn)."""
+    taps = cache.view_taps(view)
+    Xtr, ytr = cache.view(view, "train")
+    Xte, yte = cache.view(view, "test")
+    check_labels(cache, ytr, yte)
+    for split, X in (("train", Xtr), ("test", Xte)):
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        if bad:
+            raise FusionCacheError(f"{cache.path}: {bad} {split} rows of view '{view}' hold NaN or inf features; "
+                                   "re-extract with --precision fp32 and --force")
     return ViewData(view, taps, Xtr, ytr, Xte, yte)
 
 
 def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: HeadParams | None = None,
-             seed: int = 0, data: ViewData | None = None) -> FitResult:
-    """Fit one head on one view of the cache and measure it on the test split."""
+             seed: int = 0, data: ViewData | None = None, offered=None) -> FitResult:
+    """Fit one head on one view of the cache and measure it on the test split. Without `data`, the head's
+    preconditions are checked on the labels before the view's features are read; with it, on its labels."""
     params = params or HeadParams()
     params.check()
-    data = data if data is not None else load_view(cache, view)
+    spec = head_spec(head)
+    if data is None:
+        check_heads(cache, [head], params, offered, where=f"'{view}'")
+        data = load_view(cache, view)
+    else:
+        check_can_fit([head], data.y_train, {head: params.for_head(head)}, where=f"'{view}'", offered=offered)
     taps, Xtr, ytr, Xte, yte = data.taps, data.X_train, data.y_train, data.X_test, data.y_test
     est = make_head(head, params, seed)
-    if head == "knn" and params.k > len(ytr):
-        raise FusionCacheError(f"--k {params.k} is larger than the {len(ytr)} training rows of '{view}'; "
-                               f"pass --k {len(ytr)} or less")
     start = time.perf_counter()
-    if head == "linear":
+    if spec.records_epochs:
         est.fit(Xtr, ytr, eval_set=(Xte, yte))
         seconds = time.perf_counter() - start
         epochs = est.history_
@@ -165,8 +190,8 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         est.fit(Xtr, ytr)
         seconds = time.perf_counter() - start
         labels = est.classes_
-        if head == "knn":  # every training row is its own nearest neighbour: a training score says nothing
-            train_loss = train_acc = None  # (and would cost an n_train x n_train similarity matrix)
+        if not spec.has_train_score:  # knn: every training row is its own nearest neighbour, so a training
+            train_loss = train_acc = None  # score says nothing (and would cost an n_train x n_train matrix)
         else:
             train_loss = float(log_loss(ytr, est.predict_proba(Xtr), labels=labels))
             train_acc = float(est.score(Xtr, ytr))
@@ -175,17 +200,18 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         epochs = [{"epoch": 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc}]
     used = params.for_head(head)
-    if head == "linear" and params.solver != "lbfgs":
-        used.pop("max_iter", None)
-    _check_converged(head, epochs, est, params)
+    for option, (other, value) in spec.applies_when.items():
+        if used.get(other) != value:
+            used.pop(option, None)
+    _check_converged(head, epochs, est, params, offered)
     return FitResult(head, view, taps, int(Xtr.shape[1]), seed, used, epochs, train_loss, train_acc, test_loss,
                      test_acc, seconds, cache.fingerprint, provenance(cache), est)
 
 
-def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> None:
+def _check_converged(head: str, epochs: list[dict], est, params: HeadParams, offered=None) -> None:
     """A diverged fit is an error, never a number: NaN or inf in the loss or the weights, or a final training
     loss far above that of predicting uniformly at random (10 x ln k for k classes)."""
-    if isinstance(est, KNNHead):  # no training, nothing to diverge
+    if not HEAD_SPECS[head].has_linear_form:  # knn: no training, nothing to diverge
         return
     values = [v for e in epochs for v in e.values()]
     weights_ok = all(np.isfinite(a).all() for a in linear_form(est).values())
@@ -193,8 +219,7 @@ def _check_converged(head: str, epochs: list[dict], est, params: HeadParams) -> 
     if (weights_ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
             and epochs[-1]["train_loss"] <= 10 * chance):
         return
-    fix = (f"lower --lr (now {params.lr:g}) or pass --standardize" if head == "linear" and params.solver == "adam"
-           else "pass --standardize or a larger L2 penalty")
+    fix = divergence_advice(head, params.for_head(head), offered)
     raise FusionCacheError(f"the {head} head diverged (final train loss {epochs[-1]['train_loss']:.3g}, chance level "
                            f"{chance:.3g}); {fix}")
 
@@ -203,10 +228,11 @@ HEAD_FILES = (HEAD_FILE, "metrics.json")
 
 
 def check_saveable(head: str) -> None:
-    """predict and export need a linear form; a kNN head keeps its training set instead."""
-    if head == "knn":
-        raise FusionCacheError("a knn head cannot be saved for predict and export (it has no linear form: it "
-                               "keeps its training set); drop --out, or use --head linear or logreg")
+    """predict and export need a linear form (a kNN head keeps its training set instead)."""
+    if not head_spec(head).has_linear_form:
+        saveable = [h for h, spec in HEAD_SPECS.items() if spec.has_linear_form]
+        raise FusionCacheError(f"a {head} head cannot be saved for predict and export (it has no linear form); "
+                               f"drop --out, or use --head {' or '.join(saveable)}")
 
 
 def save_head(result: FitResult, out_dir: str | Path, force: bool = False) -> Path:
@@ -231,7 +257,7 @@ def save_head(result: FitResult, out_dir: str | Path, force: bool = False) -> Pa
 
 
 def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], params: HeadParams | None = None,
-           progress=None) -> list[dict]:
+           progress=None, offered=None) -> list[dict]:
     """Every view x head x seed from the one cache. Returns one row per run; a head whose fit does not depend
     on the seed (HeadSpec.seeded False) is fitted once a view and its row repeated for each seed."""
     params = params or HeadParams()
@@ -240,15 +266,18 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
         raise FusionCacheError("ablate needs at least one view, one head and one seed")
     for h in heads:
         if h not in HEADS:
-            raise FusionCacheError(f"unknown head '{h}'; use one of {', '.join(HEADS)}")
-    data = {v: load_view(cache, v) for v in views}  # validates every view before any training
+            raise FusionCacheError(f"unknown head {quote(h)}; use one of {', '.join(HEADS)}")
+    for v in views:  # every view resolves, and every head can run, before any features are read
+        cache.view_taps(v)
+    check_heads(cache, heads, params, offered)
+    data = {v: load_view(cache, v) for v in views}  # validates every view's features before any training
     rows = []
     for view in views:
         for head in heads:
             r = None
             for seed in seeds:
                 if r is None or HEAD_SPECS[head].seeded:  # a seed-independent head is fitted once a view
-                    r = fit_head(cache, view, head, params, seed, data=data[view])
+                    r = fit_head(cache, view, head, params, seed, data=data[view], offered=offered)
                 rows.append({"view": view, "head": head, "seed": seed, "taps": ",".join(r.features), "dim": r.dim,
                              "train_acc": r.train_acc, "test_acc": r.test_acc, "train_loss": r.train_loss,
                              "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs})
@@ -265,7 +294,7 @@ def check_same_data(caches: list[Cache]) -> None:
         for name in ("dataset", "classes", "data_identity", "subset"):
             if getattr(m, name) != getattr(first, name):
                 raise FusionCacheError(f"{c.path} and {caches[0].path} hold different data ({name} differs); "
-                                       "compare caches extracted from the same images with the same --seed and sizes")
+                                       "compare caches of the same images: re-extract with the same --seed and sizes")
     seen: dict[str, Cache] = {}
     for c in caches:  # every pair, not only against the first
         if c.fingerprint in seen:
@@ -274,17 +303,21 @@ def check_same_data(caches: list[Cache]) -> None:
 
 
 def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],
-                  params: HeadParams | None = None, progress=None) -> list[dict]:
+                  params: HeadParams | None = None, progress=None, offered=None) -> list[dict]:
     """`ablate` on each cache (one backbone each, the same images), rows tagged with backbone and cache."""
     check_same_data(caches)
-    for c in caches:  # every view of every cache, before any training
+    for c in caches:  # every view of every cache, and every head's preconditions, before any training
         for v in views:
             c.view_taps(v)
+        check_heads(c, heads, params or HeadParams(), offered)
+    from .io import cache_labels
+
     rows = []
-    for c in caches:
-        tag = {"backbone": c.backbone, "cache": str(c.path)}
+    for c, label in zip(caches, cache_labels([c.path for c in caches], [c.backbone for c in caches])):
+        tag = {"backbone": c.backbone, "cache": str(c.path), "label": label}  # label: the table's unique row name
         rows += [{**tag, **r} for r in ablate(c, views, heads, seeds, params,
-                                             progress=(lambda r, tag=tag: progress({**tag, **r})) if progress else None)]
+                                             progress=(lambda r, tag=tag: progress({**tag, **r})) if progress else None,
+                                             offered=offered)]
     return rows
 
 
@@ -297,7 +330,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (cache, view, head), rs in groups.items():
         test = np.array([r["test_acc"] for r in rs])
         train = None if any(r["train_acc"] is None for r in rs) else np.array([r["train_acc"] for r in rs])
-        tag = {"backbone": rs[0]["backbone"], "cache": cache} if cache else {}
+        tag = {"backbone": rs[0]["backbone"], "cache": cache, "label": rs[0].get("label", rs[0]["backbone"])} \
+            if cache else {}
         out.append({**tag, "view": view, "head": head, "dim": rs[0]["dim"], "n_seeds": len(rs),
                     "test_acc_mean": float(test.mean()), "test_acc_std": float(test.std(ddof=1) if len(rs) > 1 else 0.0),
                     "train_acc_mean": None if train is None else float(train.mean()),
@@ -311,8 +345,9 @@ def markdown_table(summary: list[dict]) -> str:
     lines = [("| backbone " if several else "") + "| view | head | dim | test acc (%) | train acc, final epoch (%) | seeds |",
              ("|---" if several else "") + "|---|---|---:|---:|---:|---:|"]
     for s in summary:
-        train = f"{100 * s['train_acc_mean']:.2f} ± {100 * s['train_acc_std']:.2f}" if s["head"] == "linear" else "—"
-        lines.append((f"| {s['backbone']} " if several else "") + f"| {s['view']} | {s['head']} | {s['dim']} | "
+        train = (f"{100 * s['train_acc_mean']:.2f} ± {100 * s['train_acc_std']:.2f}"
+                 if HEAD_SPECS[s["head"]].records_epochs else "—")  # a train column only for per-epoch heads
+        lines.append((f"| {s.get('label', s['backbone'])} " if several else "") + f"| {s['view']} | {s['head']} | {s['dim']} | "
                      f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f} | {train} | {s['n_seeds']} |")
     return "\n".join(lines)
 

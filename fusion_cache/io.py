@@ -217,3 +217,35 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+# ---------------------------------------------------------------------------------------------- names of caches
+
+
+def cache_labels(paths: Iterable[str | Path], backbones: Iterable[str] | None = None) -> list[str]:
+    """A unique, stable name for each of several caches, to label their rows in one table.
+
+    The name is the file stem (`data/resnet50.h5` -> `resnet50`). Stems that collide take their folder's name
+    (`a/resnet50`, `b/resnet50`), then, if they still collide, their full file name (`a/resnet50.h5`), and a
+    name still shared after that gets `#2`, `#3`, ... in the order given. The same paths give the same names.
+    With `backbones` (one per path), a label is the backbone, then the name in parentheses where the two
+    differ (`resnet50 (resnet50-aug)`; `resnet50` alone for `resnet50.h5`), so a table keeps its backbone.
+    """
+    paths = [Path(p) for p in paths]
+    folder = [Path(os.path.abspath(p)).parent.name for p in paths]
+    names = [p.stem for p in paths]
+    for widen in (lambda i: f"{folder[i]}/{paths[i].stem}", lambda i: f"{folder[i]}/{paths[i].name}"):
+        twice = {n for n in names if names.count(n) > 1}
+        names = [widen(i) if n in twice else n for i, n in enumerate(names)]
+    taken, seen = set(names), set()
+    for i, n in enumerate(names):
+        if n in seen:
+            k = 2
+            while f"{n} #{k}" in taken:
+                k += 1
+            names[i] = f"{n} #{k}"
+            taken.add(names[i])
+        seen.add(n)
+    if backbones is None:
+        return names
+    return [b if n == b else f"{b} ({n})" for b, n in zip(backbones, names)]

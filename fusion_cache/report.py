@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from .cache import Cache
-from .errors import FusionCacheError
-from .fit import HeadParams, ablate, provenance, summarize
+from .errors import FusionCacheError, quote
+from .fit import HeadParams, ablate, check_heads, provenance, summarize
 from .heads import HEAD_SPECS
 from .io import atomic_write_text, dumps_json
-from .selection import TunedRun, ViewStore, best_pair, tune_heads
+from .selection import TunedRun, ViewStore, best_pair, check_tuned, pair_taps, tune_heads
 
 # The case study's reported numbers (fused head, training accuracy only).
 CASE_STUDY = {"epochs": [{"epoch": 1, "train_acc": 0.6278, "train_loss": 1.1648},
@@ -37,14 +37,26 @@ class ReportConfig:
     max_iter: int = 200  # L-BFGS iterations of the tuned linear head (it stops earlier once converged)
     device: str = "cpu"
 
-    def check(self) -> None:
+    def check(self, cache: Cache | None = None, offered=None) -> None:
+        """The settings; with a cache, also everything both protocols need of it, from its labels and taps
+        alone (no features): every view, every head's preconditions in the paper protocol (on train) and in
+        the tuned one (on each seed's fit rows), and the pair search's taps. `offered`: the options of the
+        command that runs the report, so that advice names only those."""
         if not 0 < self.val_fraction < 1:
             raise FusionCacheError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         if not self.views or not self.heads or not self.seeds:
             raise FusionCacheError("report needs at least one view, one head and one seed")
         for head in self.heads:
             if head not in HEAD_SPECS:
-                raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEAD_SPECS)}")
+                raise FusionCacheError(f"unknown head {quote(head)}; use one of {', '.join(HEAD_SPECS)}")
+        if cache is None:
+            return
+        for view in self.views:
+            cache.view_taps(view)
+        check_heads(cache, self.heads, HeadParams(), offered)
+        check_tuned(cache.labels("train"), self.heads, self.seeds, self.val_fraction, str(cache.path), offered)
+        if self.pair_search:
+            pair_taps(cache)
 
 
 @dataclass
@@ -101,19 +113,17 @@ class ReportResult:
         }
 
 
-def run_report(cache: Cache, cfg: ReportConfig, progress=None) -> ReportResult:
+def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> ReportResult:
     """Both protocols: the case study's (exactly `ablate`) and the tuned one (selection.py)."""
     import time
 
-    cfg.check()
-    for view in cfg.views:
-        cache.view_taps(view)  # an unknown view fails now, not after minutes of fitting
+    cfg.check(cache, offered)  # every view, head and the pair search, now, not after minutes of fitting
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
     say("paper protocol")
     paper_rows = ablate(cache, cfg.views, cfg.heads, cfg.seeds, HeadParams(),
                         progress=lambda r: say(f"  paper {r['view']} {r['head']} seed {r['seed']}: "
-                                               f"test {100 * r['test_acc']:.2f} %"))
+                                               f"test {100 * r['test_acc']:.2f} %"), offered=offered)
     t1 = time.perf_counter()
     tuned_views = list(cfg.views)
     pair_scores = None
@@ -163,7 +173,7 @@ def markdown(report: dict, command: str, machine: str) -> str:
         lines.append("| *case study: fused* | *linear* | *62.78* | *77.58* | *not reported* |")
     for (view, head), s in paper.items():
         rows = [r for r in report["paper"]["rows"] if r["view"] == view and r["head"] == head]
-        if head == "linear":
+        if HEAD_SPECS[head].records_epochs:
             ep = [[r["epochs"][i]["train_acc"] for r in rows] for i in range(len(rows[0]["epochs"]))]
             e1 = _pm(ep[0])
             e2 = _pm(ep[1]) if len(ep) > 1 else "—"

@@ -9,7 +9,9 @@ tap + late pair search, and the refit on all of train. The test split is read on
 - logreg: LogisticRegression's C grid is the same problem (weight decay 1 / (rows x C)), so it trains in the
   same stacked model; the paper protocol's logreg (C = 0.1) stays scikit-learn's own fit.
 - knn: one top-k search at the largest k scores every k of the grid on validation.
-Which parameter a head tunes, and over which grid, comes from its declaration in heads.HEAD_SPECS.
+Which parameter a head tunes, over which grid, and with which solver family (`family`: "l2" or "neighbours"),
+comes from its declaration in heads.HEAD_SPECS. `check_tuned` and `pair_taps` check, from the cache's labels and
+taps alone, that every seed's split, every head and the pair search can run, before any features are read.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from .cache import Cache
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 from .fit import ViewData, load_view
 from .grid import Eigenbasis, fit_l2_grid, grid_accuracy, grid_logits
-from .heads import HEAD_SPECS, KNNHead, LinearHead
+from .heads import HEAD_SPECS, KNNHead, LinearHead, check_can_fit
 
 PAIR_WEIGHT_DECAY = 1e-2  # the pair search ranks candidate taps with one mid-grid strength
 PAIR_MAX_ITER = 50  # L-BFGS iterations per pair candidate: enough to rank, not to converge
@@ -48,6 +50,16 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
         raise FusionCacheError(f"--val-fraction {fraction:g} leaves class {int(lost[0])} without training rows "
                                f"(it has {int((y == lost[0]).sum())} train images); pass a smaller --val-fraction")
     return np.sort(fit_rows), np.sort(val_rows)
+
+
+def check_tuned(y: np.ndarray, heads: list[str], seeds: list[int], val_fraction: float, where: str,
+                offered=None) -> None:
+    """The tuned protocol's preconditions from the train labels `y`: each seed's validation split keeps every
+    class in its fit rows, and every head can be fit there on its grid (heads.check_can_fit)."""
+    for seed in seeds:
+        fit_rows, _ = validation_split(y, val_fraction, seed)
+        check_can_fit(heads, y[fit_rows], None, where=f"seed {seed}'s validation split of {where}", rows="fit",
+                      offered=offered)
 
 
 def standardize(data: ViewData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -150,7 +162,7 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
     its share of the stacked fits. Results come back head by head, seeds in the order given."""
     for head in heads:
         if head not in HEAD_SPECS:
-            raise FusionCacheError(f"unknown head '{head}'; use one of {', '.join(HEAD_SPECS)}")
+            raise FusionCacheError(f"unknown head {quote(head)}; use one of {', '.join(HEAD_SPECS)}")
     grids = {h: tuple(HEAD_SPECS[h].grid if grids is None or h not in grids else grids[h]) for h in heads}
     for head, grid in grids.items():
         if not grid:
@@ -159,7 +171,7 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
     data = store.data(view)
     splits = {seed: validation_split(data.y_train, val_fraction, seed) for seed in seeds}
     runs: dict[tuple[str, int], TunedRun] = {}
-    l2 = [h for h in heads if h != "knn"]
+    l2 = [h for h in heads if HEAD_SPECS[h].family == "l2"]
     if l2:
         start = time.perf_counter()
         try:
@@ -172,21 +184,21 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
             runs[head, seed] = _run(view, head, seed, data, grids[head], est, scores, share, *splits[seed],
                                     float(est.score_standardized(Xtr, data.y_train)),
                                     float(est.score_standardized(Xte, data.y_test)))
-    if "knn" in heads:
+    for head in (h for h in heads if HEAD_SPECS[h].family == "neighbours"):
         for seed in seeds:
             fit_rows, val_rows = splits[seed]
-            grid = tuple(k for k in grids["knn"] if k <= len(fit_rows))  # on tiny data the grid shrinks
+            grid = tuple(k for k in grids[head] if k <= len(fit_rows))  # on tiny data the grid shrinks
             if not grid:
-                raise FusionCacheError(f"every k of the knn grid is larger than the {len(fit_rows)} fit rows of "
-                                       f"'{view}'")
+                raise FusionCacheError(f"every {HEAD_SPECS[head].tuned} of the {head} grid is larger than the "
+                                       f"{len(fit_rows)} fit rows of '{view}'")
             start = time.perf_counter()
             try:
                 est, scores = _tune_knn(data, fit_rows, val_rows, grid)
             except ValueError as e:
-                raise FusionCacheError(f"tuning the knn head on '{view}' failed: {e}") from None
+                raise FusionCacheError(f"tuning the {head} head on '{view}' failed: {e}") from None
             seconds = time.perf_counter() - start
-            runs["knn", seed] = _run(view, "knn", seed, data, grid, est, scores, seconds, fit_rows, val_rows,
-                                     None, float(est.score(data.X_test, data.y_test)))  # no training score
+            runs[head, seed] = _run(view, head, seed, data, grid, est, scores, seconds, fit_rows, val_rows,
+                                    None, float(est.score(data.X_test, data.y_test)))  # no training score
     return [runs[h, seed] for h in heads for seed in seeds]
 
 
@@ -288,6 +300,20 @@ def _tune_knn(data, fit_rows, val_rows, grid):
     return est, scores
 
 
+def pair_taps(cache: Cache) -> tuple[list[str], list[str]]:
+    """(the late view's taps, the candidates to pair with them) from the cache's taps alone; an error when the
+    pair search cannot run: no late view, or no other tap."""
+    try:
+        late = cache.view_taps("late")
+    except FusionCacheError as e:
+        raise FusionCacheError(f"the pair search needs the late view: {e}; or pass --no-pair-search") from None
+    candidates = [t for t in cache.taps if t not in late]
+    if not candidates:
+        raise FusionCacheError(f"the pair search needs a tap besides {', '.join(late)}, and {cache.path} holds no "
+                               "other; re-extract with more --taps, or pass --no-pair-search")
+    return late, candidates
+
+
 def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
               max_iter: int = PAIR_MAX_ITER) -> tuple[str, dict[str, float]]:
     """The tap that best complements the backbone's `late` view (features.18 for MobileNetV2), judged on
@@ -296,18 +322,11 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     candidates train together as one stacked model over all taps, each masked to its own columns (one wide
     product per pass). The basis of a pair is block-diagonal: the preconditioner ignores the
     cross-covariance, which changes only the path. Returns ("tap,late...", {tap: validation accuracy})."""
-    try:
-        late = cache.view_taps("late")
-    except FusionCacheError as e:
-        raise FusionCacheError(f"the pair search needs the late view: {e}; or pass --no-pair-search") from None
+    late, candidates = pair_taps(cache)
     y = cache.labels("train")
     fit_rows, val_rows = validation_split(y, val_fraction, seed)
     f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     taps = list(cache.taps)
-    candidates = [t for t in taps if t not in late]
-    if not candidates:
-        raise FusionCacheError(f"the pair search needs a tap besides {', '.join(late)}; extract more taps, or pass "
-                               "--no-pair-search")
     blocks, lams, cols = [], [], {}
     for tap in taps:
         X = cache.features(tap, "train").astype(np.float32)

@@ -19,9 +19,10 @@ the table traced from torchvision's mobilenet_v2 equals it. The module-level nam
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 
 KINDS = ("map", "tokens", "vector")
 
@@ -110,7 +111,9 @@ class TapTable:
         """
         views = self.all_views
         out: list[str] = []
-        for item in _split(spec):
+        items = _split(spec)
+        _warn_twice(items, "--taps", "cached once")
+        for item in items:
             for name in views.get(item, (item,)):
                 if name not in self.names:
                     raise self._unknown(name, views=True)
@@ -136,13 +139,16 @@ class TapTable:
             for t in taps:
                 if t not in self.names:
                     raise FusionCacheError(
-                        f"unknown view or tap '{t}'; use one of {', '.join(views)} "
-                        f"or comma-separated taps{self._of()} such as {','.join(views['fused'])}"
+                        f"unknown view or tap {quote(t)}; use one of {', '.join(views)} "
+                        f"or comma-separated taps{self._of()} such as {','.join(views['fused'])} "
+                        f"(see `{self._taps_command()}`)"
                     )
+            _warn_twice(taps, f"view {quote(spec)}", "used once")
+            taps = list(dict.fromkeys(taps))
         missing = [t for t in taps if t not in available]
         if missing:
             raise FusionCacheError(
-                f"view '{spec}' needs {', '.join(missing)}, which this cache lacks; it holds "
+                f"view {quote(spec)} needs {', '.join(missing)}, which this cache lacks; it holds "
                 f"{', '.join(available)}. Re-run extract with --taps including them"
             )
         return taps
@@ -150,12 +156,15 @@ class TapTable:
     def _of(self) -> str:
         return "" if self.backbone == "mobilenet_v2" else f" of {self.backbone}"
 
+    def _taps_command(self) -> str:
+        return "fusion-cache taps" + ("" if self.backbone == "mobilenet_v2" else f" --backbone {self.backbone}")
+
     def _unknown(self, name: str, views: bool = False) -> FusionCacheError:
         where = self._of()
         names = self.names
         return FusionCacheError(
-            f"unknown tap '{name}'; valid taps{where} are {names[0]} ... {names[-1]} "
-            f"(see `fusion-cache taps{'' if self.backbone == 'mobilenet_v2' else ' --backbone ' + self.backbone}`)"
+            f"unknown tap {quote(name)}; valid taps{where} are {names[0]} ... {names[-1]} "
+            f"(see `{self._taps_command()}`)"
             + (f" or a view: {', '.join(self.all_views)}" if views else "")
         )
 
@@ -215,6 +224,14 @@ def _int(v) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{v!r} is not an integer")
     return v
+
+
+def _warn_twice(items: list[str], where: str, effect: str) -> None:
+    """A tap (or view) named twice is a slip, not a request to use it twice: one line says so."""
+    seen: set[str] = set()
+    twice = next((t for t in items if t in seen or seen.add(t)), None)
+    if twice is not None:
+        warnings.warn(f"{where} names {quote(twice)} twice; it is {effect}", UserWarning, stacklevel=3)
 
 
 def _split(spec: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -158,12 +158,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "        data = load_view(cache, tap)\n", '        data = load_view(cache, "late")\n',
            ("tests/test_compare.py::test_each_point_of_the_layer_curve_is_its_tap_alone",)),
     # -- what the cache holds: every tap, at its scale, at the requested precision
-    Mutant("tap-deep-zero", "every tap is stored, the deep ones too", "fusion_cache/extract.py",
+    Mutant("tap-deep-zero", "every tap is stored, the deep ones too", "fusion_cache/engines/core.py",
            "{t: v.astype(self.meta.dtype, copy=False) for t, v in feats.items()}",
            "{t: (np.zeros_like(v) if t in ('features.14', 'features.15', 'features.16', 'features.17', "
            "'features.18') else v).astype(self.meta.dtype, copy=False) for t, v in feats.items()}",
            ("tests/test_extract.py::test_cached_features_equal_direct_forward",)),
-    Mutant("tap-late-zero", "every backbone's late tap is stored", "fusion_cache/extract.py",
+    Mutant("tap-late-zero", "every backbone's late tap is stored", "fusion_cache/engines/core.py",
            "{t: v.astype(self.meta.dtype, copy=False) for t, v in feats.items()}",
            "{t: (np.zeros_like(v) if t == self.meta.table.views['late'][0] else v).astype(self.meta.dtype, "
            "copy=False) for t, v in feats.items()}",
@@ -172,15 +172,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("tap-vector-x2", "vector taps are stored at their own scale", "fusion_cache/backbone.py",
            "out[t] = f.flatten(1)", "out[t] = 2 * f.flatten(1)",
            ("tests/test_backbones.py::test_extract_fit_predict_export[timm:deit_tiny_patch16_224]",)),
-    Mutant("bf16-runs-fp32", "--precision bf16 runs the forward pass in bf16", "fusion_cache/extract.py",
+    Mutant("bf16-runs-fp32", "--precision bf16 runs the forward pass in bf16", "fusion_cache/engines/core.py",
            "enabled=dtype is not None)", "enabled=False)",
            ("tests/test_extract.py::test_bf16_and_float16_are_close_to_fp32_and_never_reused_for_each_other",)),
-    Mutant("workers-decode-otherwise", "worker processes decode as the main process does", "fusion_cache/extract.py",
-           "return position, self.pre.resize(self.src.image(self.idx[position])), None",
-           "return position, self.pre.resize(self.src.image(self.idx[position])).flip(-1) if "
-           "torch.utils.data.get_worker_info() is not None else self.pre.resize(self.src.image(self.idx[position])), "
-           "None",
+    Mutant("workers-decode-otherwise", "worker processes decode as the main process does", "fusion_cache/engines/core.py",
+           "return position, self.pre.resize(self.sp.image(position)), None, None",
+           "return position, self.pre.resize(self.sp.image(position)).flip(-1) if "
+           "torch.utils.data.get_worker_info() is not None else self.pre.resize(self.sp.image(position)), "
+           "None, None",
            ("tests/test_extract.py::test_folder_decoded_in_worker_processes_is_bit_identical",)),
+    # -- one plan, executed as planned
+    Mutant("plan-bytes-unchecked", "every file's bytes are checked against the plan's digest", "fusion_cache/data.py",
+           "            if got != sha256:\n", "            if False:\n",
+           ("tests/test_hostile_plan.py::test_other_bytes_under_a_planned_name_are_an_error_and_no_cache[local]",)),
+    Mutant("manifest-link-resolved", "a linked manifest's relative paths start at the link's folder",
+           "fusion_cache/extract.py", "data_root = Path(os.path.abspath(cfg.data_root))",
+           "data_root = Path(cfg.data_root).resolve()",
+           ("tests/test_hostile_plan.py::test_a_linked_manifest_reads_the_images_beside_the_link",)),
 )
 
 

@@ -269,7 +269,7 @@ def test_other_settings_shards_need_force_and_the_local_engine_respects_them(ray
     r = run(*_args(out, data, weights_file, *ray_args, "--pool", "avgmax"))
     assert clean_failure(r, "holds the shards of an extraction with other settings") is None, r.output
     r = run(*_args(out, data, weights_file))  # the local engine does not orphan them silently
-    assert clean_failure(r, "holds the shards of a Ray extraction") is None, r.output
+    assert clean_failure(r, "holds the shards of an interrupted Ray extraction") is None, r.output
     assert snapshot(tmp_path) == before
     r = run(*_args(out, data, weights_file, "--force"))
     assert r.exit_code == 0, r.output

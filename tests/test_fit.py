@@ -187,7 +187,7 @@ def test_unknown_view(tiny_cache):
     r = _run("fit", tiny_cache, "--features", "middle")
     assert r.exit_code == 1
     assert r.output == ("Error: unknown view or tap 'middle'; use one of early, late, fused, all "
-                        "or comma-separated taps such as features.13,features.18\n")
+                        "or comma-separated taps such as features.13,features.18 (see `fusion-cache taps`)\n")
 
 
 def _late_only_cache(path, complete=True):

@@ -206,7 +206,7 @@ def _reuse_or_refuse(record: dict, weights: Path, tmp_path: Path) -> str:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.h5"]
     assert not partial_path(out).exists() and not lock_path(out).exists()
 
-    meta = plan(extract_config(record["extract"], GOLDEN / "images", weights, out))[0]
+    meta = plan(extract_config(record["extract"], GOLDEN / "images", weights, out))[0].meta
     assert meta.library_version == installed
     assert (meta.fingerprint == record["fingerprint"]) == (installed == record["library_version"])
     assert dataclasses.replace(meta, library_version=record["library_version"]).compute_fingerprint() == \

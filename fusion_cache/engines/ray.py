@@ -1,20 +1,21 @@
 """The Ray engine: `fusion-cache extract --engine ray` runs the backbone on a Ray cluster's workers.
 
-The work unit is a shard, a contiguous range of positions in one split's chosen indices. The driver plans the
-cache exactly as the local engine does (`extract.plan`: same settings, same fingerprint), then hands Ray Data
-one row per missing shard: `(split, start, stop)`, never pixels. An actor pool of `_ShardWorker`s (the model
-stays loaded) reads its images from the data root itself, runs the extraction core the local engine runs
-(`extract.Core`), and writes the shard atomically under `<out>.shards/` (`cache.write_shard`). Ray restarts a
-killed worker and retries its shard (Ray Data's actor pools default to unlimited restarts and task retries).
+The work unit is a shard, a contiguous range of positions in one split's planned items. The driver's Plan
+(`extract.plan`, the one the local engine executes too) goes to every worker once; Ray Data then gets one row
+per missing shard: `(split, start, stop)`, never pixels of files. An actor pool of `_ShardWorker`s (the model
+stays loaded) reads the Plan's items (absolute paths; every file's bytes checked against the Plan's sha256),
+runs the extraction core (`engines.core.Core`), and writes the shard atomically under `<out>.shards/`
+(`cache.write_shard`). A worker never plans. Ray restarts a killed worker and retries its shard (Ray Data's actor
+pools default to unlimited restarts and task retries).
 
 When every shard is there, the driver writes `<out>`: the cache schema, with virtual datasets over the shards
 (`cache.write_virtual_cache`), so every command reads it as it reads a local cache. Re-running the command skips
-the shards that are complete and of these settings (`cache.read_shard` checks each), and redoes the others.
+the shards that are complete and of these settings (`cache.read_shard` checks each), and redoes the others. The
+shard folder's rules live in `cache.py`, the only module that opens HDF5 files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -31,16 +32,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import cache as cache_mod
-from .data import SPLITS, Source
-from .errors import FusionCacheError
-from .extract import RAY_OPTIONS, Core, ExtractConfig, ExtractResult, _no_bar, existing_cache, hash_indices, plan
+from .. import cache as cache_mod
+from ..backbone import LoadedWeights
+from ..data import SPLITS
+from ..errors import FusionCacheError
+from .core import Core, ExtractConfig, ExtractResult, Plan, no_bar, node_name
 
 MAX_WORKERS = 4096
 STAT_KEYS = ("extract_s", "write_s", "bytes")  # per shard, from its worker: reading + forward, writing, file size
 DEFAULT_SHARDS = 64  # --shard-size default: about 1/64 of the images ...
 MAX_SHARD_BATCHES = 64  # ... but at most 64 batches (4096 images at --batch-size 64)
 EXTRA = "pip install 'fusion-cache[ray]'"
+OPTIONS = {"ray_address": None, "num_workers": None, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0,
+           "shard_size": None}  # this engine's options and their defaults: another engine refuses other values
 
 
 def import_ray():
@@ -63,8 +67,8 @@ def shard_size(cfg: ExtractConfig, total: int) -> int:
     return min(max(batches, 1), MAX_SHARD_BATCHES) * cfg.batch_size
 
 
-def validate_ray(cfg: ExtractConfig) -> None:
-    """Options of the Ray engine, checked before any data is read."""
+def validate(cfg: ExtractConfig) -> None:
+    """Options of the Ray engine, and Ray itself, checked before any data is read."""
     k = cfg.shard_size
     if k is not None and (k <= 0 or k % cfg.batch_size):
         up = max(1, math.ceil(max(k, 1) / cfg.batch_size)) * cfg.batch_size
@@ -88,15 +92,7 @@ def validate_ray(cfg: ExtractConfig) -> None:
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise FusionCacheError(f"--ray-address {cfg.ray_address!r} is not auto or HOST:PORT; pass the address "
                                    "`ray start --head` printed, such as 10.0.0.1:6379")
-
-
-def listing_digest(src: Source) -> str:
-    """What a worker must see of a split to read the same images: its labels and file names (image folders,
-    manifests) or its pixels' hash (CIFAR-10). Cheap: no image file is read."""
-    h = hashlib.sha256(np.ascontiguousarray(src.labels, dtype=np.int64).tobytes())
-    h.update("\n".join(src.classes).encode() + b"\0")
-    h.update(("\n".join(src.paths).encode() if src.paths is not None else src.identity.encode()))
-    return h.hexdigest()
+    import_ray()  # a missing extra fails before the data is read
 
 
 def plan_shards(counts: dict[str, int], size: int) -> list[tuple[str, int, int]]:
@@ -106,28 +102,23 @@ def plan_shards(counts: dict[str, int], size: int) -> list[tuple[str, int, int]]
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def extract_ray(cfg: ExtractConfig) -> ExtractResult:
-    """The ray engine's `extract`: same settings, fingerprint, reuse and --force rules as the local engine."""
-    validate_ray(cfg)
-    ray = import_ray()  # before the data: a missing extra fails fast
-    meta, sources, subsets, weights = plan(cfg)
+def run(plan: Plan, cfg: ExtractConfig, weights: LoadedWeights) -> ExtractResult:
+    """Write the cache the Plan describes to `cfg.out` from shards that Ray workers extract; resumes the shards
+    of an interrupted run. `weights` are the driver's: the workers load the Plan's and check their sha256."""
+    ray = import_ray()
     out = Path(cfg.out)
-    counts = {s: len(subsets[s]) for s in SPLITS}
-    dims = sum(meta.table.channels(list(meta.taps), meta.pool))
-    reused = existing_cache(out, meta, cfg.force, counts, dims)
-    if reused is not None:
-        return reused
+    counts = plan.counts
     started = _connect(ray, cfg)  # before any file is touched: a wrong address or size costs nothing
     try:
         workers, cpus, threads = _pool(ray, cfg)
         with cache_mod.CacheLock(out):
-            _clear_partial(out, cfg.force)
+            cache_mod.clear_partial(out, cfg.force)
             if cfg.force and os.path.lexists(out):  # --force on a finished cache rebuilds it, shards included
                 cache_mod.remove_shards(out)
-            folder = _shard_folder(out, meta, cfg.force)
+            folder = cache_mod.prepare_shard_folder(out, plan.meta.fingerprint, cfg.force)
             done, todo = {}, []
             for split, lo, hi in plan_shards(counts, shard_size(cfg, sum(counts.values()))):
-                got = _read(folder, meta, split, lo, hi, subsets, sources)
+                got = _read(folder, plan, split, lo, hi)
                 if isinstance(got, cache_mod.Shard):
                     done[(split, lo)] = got
                 else:
@@ -139,12 +130,11 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             processed = 0
             pool = (min(workers, len(todo)), cpus, threads)
             stats = {"workers": pool[0], "shards_done": len(todo), "per_worker": {}}
-            for split, lo, hi, row in _discarding(out, _run(ray, cfg, meta, sources, weights, folder, todo, pool)
-                                                  if todo else ()):
+            for split, lo, hi, row in _discarding(out, _run(ray, cfg, plan, folder, todo, pool) if todo else ()):
                 w = stats["per_worker"].setdefault(str(row["worker"]), dict.fromkeys(("rows", *STAT_KEYS), 0.0))
                 for k in w:
                     w[k] += float(row[k])
-                got = _read(folder, meta, split, lo, hi, subsets, sources)
+                got = _read(folder, plan, split, lo, hi)
                 if not isinstance(got, cache_mod.Shard):
                     raise FusionCacheError(f"a Ray worker wrote {folder / cache_mod.shard_name(split, lo, hi)}, "
                                            f"but it is {got or 'missing'}; check the shared storage, then run again")
@@ -155,16 +145,17 @@ def extract_ray(cfg: ExtractConfig) -> ExtractResult:
             rows = {s: sum(sh.rows for sh in shards[s]) for s in SPLITS}
             skipped = {s: [f for sh in shards[s] for f in sh.skipped] for s in SPLITS}
             skipped = {s: v for s, v in skipped.items() if v}
-            final = replace(meta, train_size=rows["train"], test_size=rows["test"], skipped=skipped,
+            final = replace(plan.meta, train_size=rows["train"], test_size=rows["test"], skipped=skipped,
                             device="cuda" if cfg.gpus_per_worker > 0 else "cpu", engine="ray",
                             shards=sum(len(v) for v in shards.values()), complete=True)
             cache_mod.write_virtual_cache(out, final, shards)
-            _remove_tmp(folder)
+            cache_mod.remove_shard_tmp(folder)
     finally:
         if started:
             ray.shutdown()
     seconds = time.perf_counter() - start
-    return ExtractResult(out, False, rows, dims, seconds, processed / max(seconds, 1e-9), resumed, skipped, stats)
+    return ExtractResult(out, False, rows, plan.dims, seconds, processed / max(seconds, 1e-9), resumed, skipped,
+                         stats)
 
 
 def _discarding(out: Path, rows):
@@ -178,95 +169,15 @@ def _discarding(out: Path, rows):
         raise
 
 
-def _read(folder: Path, meta, split: str, lo: int, hi: int, subsets, sources):
+def _read(folder: Path, plan: Plan, split: str, lo: int, hi: int):
     """The complete shard of [lo, hi), the reason the file there is not one, or None when there is no file."""
-    path = folder / cache_mod.shard_name(split, lo, hi)
-    if not os.path.lexists(path):
-        return None
-    return cache_mod.read_shard(path, meta, split, lo, hi, subsets[split][lo:hi], sources[split].labels)
+    sp = plan.splits[split]
+    return cache_mod.read_planned_shard(folder, plan.meta, split, lo, hi, sp.indices[lo:hi], sp.labels[lo:hi])
 
 
-def _clear_partial(out: Path, force: bool) -> None:
-    """A local engine's interrupted `<out>.partial` is kept unless --force; one the ray engine left (its
-    virtual cache, killed before the rename) is removed."""
-    part = cache_mod.partial_path(out)
-    if not os.path.lexists(part):
-        return
-    cache_mod._refuse_foreign(part, cache_mod._empty_or_hdf5, "is not a partial cache that fusion-cache wrote")
-    engine = None
-    try:
-        import h5py
-
-        with h5py.File(part, "r") as f:
-            engine = f.attrs.get("engine")
-            engine = engine.decode() if isinstance(engine, bytes) else engine
-    except Exception:  # an empty or torn file: ours, killed mid-write
-        engine = "ray"
-    if engine != "ray" and not force:
-        raise FusionCacheError(f"{part} holds an interrupted local extraction; run the command again without "
-                               "--engine ray to resume it, or pass --force to start over")
-    part.unlink()
-
-
-def _shard_folder(out: Path, meta, force: bool) -> Path:
-    """`<out>.shards/`, created or checked: it may hold only shard files. Shards of other settings are replaced
-    with --force; without it, a folder whose shards are all of other settings is refused (another command's
-    interrupted run). Leftover temporary files of killed workers are removed."""
-    folder = cache_mod.shard_folder(out)
-    if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
-        raise FusionCacheError(f"{folder} is not a folder fusion-cache made for shards; move it away or choose "
-                               "another --out")
-    if not folder.exists():
-        try:
-            folder.mkdir()
-        except OSError as e:
-            raise FusionCacheError(f"cannot create {folder} ({e.strerror}); choose a writable --out") from None
-        return folder
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError as e:
-        raise FusionCacheError(f"cannot read shard folder {folder} ({e.strerror}); fix its permissions or move it "
-                               "away") from None
-    foreign = cache_mod.foreign_entries(folder, names)
-    if foreign:
-        raise FusionCacheError(f"{folder} holds {foreign[0]!r}, which is not a shard fusion-cache wrote; move it "
-                               "away or choose another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FusionCacheError(f"cannot write shard folder {folder}: permission denied; fix its permissions")
-    _remove_tmp(folder)
-    shards = [n for n in names if not cache_mod.is_shard_tmp_name(n)]
-    fingerprints = {_peek(folder / n) for n in shards}
-    if shards and meta.fingerprint not in fingerprints and fingerprints - {None}:
-        if not force:
-            raise FusionCacheError(f"{folder} holds the shards of an extraction with other settings; run that "
-                                   "command again to finish it, or pass --force to start over")
-        for n in shards:
-            (folder / n).unlink(missing_ok=True)
-    return folder
-
-
-def _peek(path: Path) -> str | None:
-    try:
-        if not os.path.isfile(path) or not cache_mod.is_hdf5_file(path):
-            return None
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            v = f.attrs.get("fingerprint")
-        return v.decode() if isinstance(v, bytes) else v
-    except Exception:
-        return None
-
-
-def _remove_tmp(folder: Path) -> None:
-    for n in os.listdir(folder):
-        if cache_mod.is_shard_tmp_name(n):
-            (folder / n).unlink(missing_ok=True)
-
-
-def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], weights, folder: Path, todo, pool):
+def _run(ray, cfg: ExtractConfig, plan: Plan, folder: Path, todo, pool):
     """Extract the `todo` shards on Ray; yields (split, start, stop) of each shard as its file is written.
-    Workers get absolute paths: a joined cluster's workers do not run in the driver's folder."""
+    Every worker gets the Plan (files by absolute path) and the options that do not change the features."""
     import ray.data
 
     workers, cpus, threads = pool
@@ -274,21 +185,17 @@ def _run(ray, cfg: ExtractConfig, meta, sources: dict[str, Source], weights, fol
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    worker_cfg = replace(cfg, data_root=Path(cfg.data_root).resolve(),
-                         weights=str(weights.file) if weights.file else cfg.weights,
-                         download=False, skip_integrity_check=True, engine="local", progress=False,
-                         force=False, workers=cfg.workers or 0, device="cuda" if cfg.gpus_per_worker else "cpu",
-                         **RAY_OPTIONS)
-    listings = {s: listing_digest(sources[s]) for s in SPLITS}
+    worker_cfg = replace(cfg, progress=False, force=False, workers=cfg.workers or 0, compile=False,
+                         device="cuda" if cfg.gpus_per_worker else "cpu")
     items = [{"split": s, "start": lo, "stop": hi} for s, lo, hi in todo]
     results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
         num_gpus=cfg.gpus_per_worker or None,
-        fn_constructor_kwargs={"cfg": worker_cfg, "meta": meta, "listings": listings,
-                               "folder": str(folder.resolve()), "threads": threads},
+        fn_constructor_kwargs={"plan": ray.put(plan), "cfg": worker_cfg, "folder": str(folder.resolve()),
+                               "threads": threads},
     )
     bar = tqdm(total=sum(hi - lo for _, lo, hi in todo), unit="img", desc=f"extract (ray, {workers} workers)",
-               disable=_no_bar(cfg.progress), dynamic_ncols=True)
+               disable=no_bar(cfg.progress), dynamic_ncols=True)
     try:
         for row in _rows(results):
             if row["error"]:  # what a rerun would meet again (a bad image, a NaN, other data on a node)
@@ -405,27 +312,21 @@ def _pool(ray, cfg: ExtractConfig) -> tuple[int, float, int]:
 
 
 class _ShardWorker:
-    """A Ray actor: plans like the driver (checking it sees the same data and weights), keeps the model loaded,
-    and turns `(split, start, stop)` rows into shard files. Errors come back as rows, not exceptions, so Ray
-    does not retry what would fail again."""
+    """A Ray actor: loads the Plan's weights (checking their sha256), keeps the model loaded, and turns
+    `(split, start, stop)` rows into shard files of the Plan's items. It never plans. Errors come back as rows,
+    not exceptions, so Ray does not retry what would fail again."""
 
-    def __init__(self, cfg: ExtractConfig, meta, listings: dict[str, str], folder: str, threads: int):
+    def __init__(self, plan, cfg: ExtractConfig, folder: str, threads: int):
+        import ray
         import torch
 
         torch.set_num_threads(threads)
-        self.meta, self.folder, self.error = meta, Path(folder), ""
+        if isinstance(plan, ray.ObjectRef):
+            plan = ray.get(plan)
+        self.meta, self.folder, self.error = plan.meta, Path(folder), ""
         try:
-            c = cfg
-            mine, sources, subsets, weights = plan(c, hash_contents=False)
-            where = f"the Ray worker on {socket.gethostname()}"
-            if mine.weights_sha256 != meta.weights_sha256:
-                raise FusionCacheError(f"{where} loaded other weights than the driver ({c.weights}); put the same "
-                                       "weights file at the same path on every node")
-            for s in SPLITS:
-                if listing_digest(sources[s]) != listings[s] or hash_indices(subsets[s]) != meta.subset[s]:
-                    raise FusionCacheError(f"{where} sees another {s} split under {c.data_root} than the driver; "
-                                           "put the same data at the same path on every node (shared storage)")
-            self.core = Core(c, meta, sources, subsets, weights)
+            where = node_name()
+            self.core = Core(plan, cfg, plan.load_weights(where), where=where)
         except FusionCacheError as e:
             self.error = str(e)
 
