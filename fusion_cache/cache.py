@@ -1177,7 +1177,7 @@ def prepare_shard_folder(out: Path, fingerprint: str, force: bool) -> Path:
                                "away") from None
     foreign = foreign_entries(folder, names)
     if foreign:
-        raise FusionCacheError(f"{folder} holds {foreign[0]!r}, which is not a shard fusion-cache wrote; move it "
+        raise FusionCacheError(f"{folder} holds {quote(foreign[0])}, which is not a shard fusion-cache wrote; move it "
                                "away or choose another --out")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise FusionCacheError(f"cannot write shard folder {folder}: permission denied; fix its permissions")

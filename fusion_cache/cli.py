@@ -238,8 +238,8 @@ def main():
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True,
-              help="local: this process. ray: workers of a Ray cluster write shards under OUT.shards/, and OUT reads "
-                   "them (needs `pip install 'fusion-cache[ray]'`; see the README's \"On a cluster\").")
+              help=" ".join(f"{e.name}: {e.summary}." for e in ENGINES.values()) +
+                   " Both execute the same plan and give the same cache (see the README's \"On a cluster\").")
 @click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
               help="The Ray cluster to join (`ray start --head` prints it) [default: start a local one].")
 @click.option("--num-workers", type=int, default=None,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import io
+import mmap
 import os
 import pickle
 import re
@@ -56,9 +58,10 @@ class Source:
         return len(self.labels)
 
     def file(self, index: int) -> str:
-        """The absolute path of item `index`'s file (as given: links are not resolved); files only."""
+        """The absolute path of item `index`'s file, as given: links are not resolved and `..` is not folded
+        away (`a/link/../x` is where the link's target's parent holds x, as the kernel reads it)."""
         files = self.files if self.files is not None else self.paths
-        return os.path.join(os.path.abspath(self.root), files[index])
+        return os.path.join(os.getcwd(), self.root, files[index])
 
     def image(self, index: int) -> torch.Tensor:
         """The source image at `index` as uint8 (3, H, W) RGB; raises BadImage for undecodable files."""
@@ -711,37 +714,43 @@ def read_image(path: str | Path, name: str | None = None, sha256: str | None = N
     (checked on the header's size, before the raster is decoded; PIL's own decompression-bomb error and
     warning count too). Other warnings from PIL or torch while reading are silenced.
 
-    With `sha256` (the digest the plan listed), the bytes are read once, checked, and decoded from memory:
-    content other than the planned raises `ChangedImage`, so an image that changed after it was listed, or a
-    node that holds other bytes under the same path, can never be extracted in place of the planned one.
+    With `sha256` (the digest the plan listed), the file is mapped once, its bytes checked, and the image
+    decoded from that mapping: other content, or a file that can no longer be opened as the regular file it
+    was, raises `ChangedImage` (never a skippable `BadImage`), so an image that changed after it was listed,
+    or a node that holds other bytes or no file under the same path, can never change what is extracted.
     """
     shown = name if name is not None else display_path(path)
+    planned = sha256 is not None
+
+    def gone(reason: str) -> Exception:
+        if planned:
+            return ChangedImage(f"{shown} is not the file that was planned: it was readable when listed, and now "
+                                f"{reason}")
+        return BadImage(f"{shown}: {reason}")
+
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as e:
-        raise BadImage(f"{shown}: {_reason(e)}") from None
-    with os.fdopen(fd, "rb") as f:
+        raise gone(_reason(e)) from None
+    with os.fdopen(fd, "rb") as f, contextlib.ExitStack() as stack:
         try:
             st = os.fstat(fd)
         except OSError as e:
-            raise BadImage(f"{shown}: {_reason(e)}") from None
+            raise gone(_reason(e)) from None
         if not stat.S_ISREG(st.st_mode):
-            raise BadImage(f"{shown}: {_kind(st.st_mode)}, not an image file")
-        if st.st_size == 0 and sha256 is None:
-            raise BadImage(f"{shown}: empty file (0 bytes)")
+            raise gone(f"{_kind(st.st_mode)}, not an image file")
         source = f
-        if sha256 is not None:
-            try:
-                data = f.read()
-            except OSError as e:
-                raise BadImage(f"{shown}: {_reason(e)}") from None
-            got = hashlib.sha256(data).hexdigest()
+        if planned:
+            try:  # mapped, not read: the memory stays the page cache's, whatever the file's size
+                source = stack.enter_context(mmap.mmap(fd, 0, access=mmap.ACCESS_READ)) if st.st_size else b""
+            except (OSError, ValueError) as e:
+                raise gone(_reason(e) if isinstance(e, OSError) else str(e)) from None
+            got = hashlib.sha256(source).hexdigest()
             if got != sha256:
                 raise ChangedImage(f"{shown} is not the file that was planned: its content has sha256 {got[:12]}…, "
                                    f"the plan's {sha256[:12]}…")
-            if not data:
-                raise BadImage(f"{shown}: empty file (0 bytes)")
-            source = io.BytesIO(data)
+        if st.st_size == 0:
+            raise BadImage(f"{shown}: empty file (0 bytes)")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -66,6 +66,10 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} does not exist; create it or choose another --out")
     if not os.access(parent, os.W_OK):
         raise FusionCacheError(f"cannot write {cfg.out}: folder {parent} is not writable; choose a writable --out")
+    cache_mod.check_cache_output(cfg.out)  # a lock or partial name, or a file fusion-cache did not write
+    if cfg.weights is not None and not cfg.weights.strip():
+        raise FusionCacheError("--weights is empty; pass a weights name, random, or the path of a weights file "
+                               "(leave --weights out for the backbone's default)")
     ENGINES[cfg.engine].module.validate(cfg)
     check_data_root(cfg.dataset, cfg.data_root)  # a file for a folder dataset, a missing manifest: before the weights
 
@@ -81,7 +85,7 @@ def plan(cfg: ExtractConfig) -> tuple[Plan, object]:
     pool = table.check_pool(cfg.pool or table.default_pool)
     weights = load_weights(cfg.weights, seed=cfg.seed, backbone=bb)  # before the data: a bad file fails fast
     pre = preprocess_for(bb, weights.name, cfg.image_size)
-    data_root = Path(os.path.abspath(cfg.data_root))  # absolute, links not resolved
+    data_root = Path.cwd() / cfg.data_root  # absolute, as given: links not resolved, `..` not folded away
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sources = {s: load_source(cfg.dataset, data_root, s, cfg.download, cfg.skip_integrity_check)
@@ -180,7 +184,8 @@ def existing_cache(out: Path, the_plan: Plan, force: bool) -> ExtractResult | No
     meta = the_plan.meta
     existing = cache_mod.peek_fingerprint(out)
     if existing in (meta.fingerprint, meta.legacy_fingerprint()) and existing and not force:
-        return ExtractResult(out, True, the_plan.counts, the_plan.dims)
+        held = cache_mod.open_cache(out).meta  # its rows: the planned ones less the skipped images
+        return ExtractResult(out, True, {s: held.split_size(s) for s in SPLITS}, the_plan.dims)
     if not force:
         why = "was built with other settings" if existing else "is not a complete fusion-cache file"
         raise FusionCacheError(f"{out} exists and {why}; pass --force to replace it, or choose another --out")

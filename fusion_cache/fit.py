@@ -134,7 +134,7 @@ def check_labels(cache: Cache, y_train: np.ndarray, y_test: np.ndarray) -> None:
         skipped = sum(len(v) for v in cache.meta.skipped.values())
         why = f" ({skipped} unreadable images were skipped)" if skipped else ""
         raise FusionCacheError(
-            f"class '{missing[0]}' has no training rows in {cache.path}{why}; every class needs training images: "
+            f"class {quote(missing[0])} has no training rows in {cache.path}{why}; every class needs training images: "
             "fix or add its images and re-extract"
         )
 

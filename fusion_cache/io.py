@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import FusionCacheError
+from .errors import FusionCacheError, quote
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -165,7 +165,7 @@ def check_output_folder(out: str | Path, force: bool, ours: Callable[[str], bool
         foreign = [n for n in names if not ours(n)]
         if foreign:
             raise FusionCacheError(
-                f"--out {out} holds files fusion-cache did not write (e.g. {foreign[0]!r}); "
+                f"--out {out} holds files fusion-cache did not write (e.g. {quote(foreign[0])}); "
                 "choose an empty or new folder"
             )
         if names and not force:

@@ -47,8 +47,12 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     fit_rows, val_rows = train_test_split(rows, test_size=fraction, stratify=stratify, random_state=seed)
     lost = np.setdiff1d(np.unique(y), y[fit_rows])
     if len(lost):
-        raise FusionCacheError(f"--val-fraction {fraction:g} leaves class {int(lost[0])} without training rows "
-                               f"(it has {int((y == lost[0]).sum())} train images); pass a smaller --val-fraction")
+        n = int((y == lost[0]).sum())
+        if n < 2:  # no fraction leaves it rows on both sides
+            raise FusionCacheError(f"class index {int(lost[0])} has {n} train image: tuning needs 2 or more a class "
+                                   "(to fit on and to validate on); re-extract with a larger --train-size")
+        raise FusionCacheError(f"--val-fraction {fraction:g} leaves class index {int(lost[0])} without training "
+                               f"rows (it has {n} train images); pass a smaller --val-fraction")
     return np.sort(fit_rows), np.sort(val_rows)
 
 

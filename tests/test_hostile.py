@@ -540,7 +540,13 @@ def _test_items(module, leave_out: tuple[str, ...] = ()) -> int:
 
 def _corpus_counts(tmp_path: Path) -> dict[str, list[int]]:
     """Each README bullet's case counts, in its order, counted from the corpus itself."""
+    from collections import defaultdict
+
+    from . import test_advice as advice
     from . import test_hostile_folders as folders
+    from . import test_hostile_hygiene as hygiene
+    from . import test_hostile_plan as plan
+    from . import test_preconditions as preconditions
 
     fake = tmp_path / "fake"
     fake.mkdir()
@@ -555,6 +561,8 @@ def _corpus_counts(tmp_path: Path) -> dict[str, list[int]]:
         "image folders": [len(folders.CASES), _test_items(folders, leave_out=("test_hostile_folder",))],
         "options": [len(_option_cases(fake, fake, fake, fake, fake)), len(NO_TRAINING_ROWS),
                     len([test_a_diverged_fit_is_an_error_not_a_number])],
+        "second round": [_test_items(plan), _test_items(preconditions), _test_items(hygiene),
+                         len(advice.cases(defaultdict(lambda: fake)))],
     }
 
 
@@ -583,7 +591,9 @@ def test_corpus_size(tmp_path):
     counted = _corpus_counts(tmp_path)
     assert stated == counted, f"README says {stated}, the corpus has {counted}"
     assert int(head[2]) == sum(sum(v) for v in counted.values()), "the README's total is not the sum of its cases"
-    assert " ".join(head[1].split()) == "`tests/test_hostile.py`, `tests/test_hostile_folders.py`"
+    assert " ".join(head[1].split()) == ("`tests/test_hostile.py`, `tests/test_hostile_folders.py`, "
+                                         "`tests/test_hostile_plan.py`, `tests/test_preconditions.py`, "
+                                         "`tests/test_hostile_hygiene.py`, `tests/test_advice.py`")
 
 
 def test_a_library_warning_is_one_line(small_cache, monkeypatch):

@@ -162,7 +162,7 @@ def test_weights_that_are_no_regular_file_say_what_they_are(cifar_root, weights_
     cases = [("/dev/null", "is a character device"), (tmp_path / "folder", "is a folder"),
              (tmp_path / "empty.pth", "is empty (0 bytes)"), (tmp_path / "fifo.pth", "is a FIFO"),
              (tmp_path / "locked.pth", "cannot be read (permission denied)"),
-             (tmp_path / "missing.pth", "not found")]
+             (tmp_path / "missing.pth", "not found"), ("", "--weights is empty"), (" ", "--weights is empty")]
     before = snapshot(tmp_path)
     for weights, fragment in cases:
         args = _extract(cifar_root, weights_file, tmp_path / "o.h5")
@@ -183,6 +183,9 @@ def test_force_replaces_only_what_fusion_cache_wrote(small_cache, cifar_root, we
                [tmp_path], before)
         _check(run(*_extract(cifar_root, weights_file, out, "--force")), "is not a cache that fusion-cache wrote",
                [tmp_path], before)
+        r = run(*_extract(cifar_root, weights_file, out))  # without --force: not told to pass it
+        _check(r, "is not a cache that fusion-cache wrote", [tmp_path], before)
+        assert "pass --force" not in r.output
     # what fusion-cache wrote is replaced, as before
     shutil.copy(small_cache, tmp_path / "copy.h5")
     r = run("consolidate", small_cache, "--out", tmp_path / "copy.h5", "--force")

@@ -136,24 +136,30 @@ def test_a_linked_manifest_without_images_beside_the_link_names_the_folder_it_re
 # ---------------------------------------------------------------------------------------------- other bytes
 
 
-def _swap_after_planning(monkeypatch, victim: Path, other: Path) -> None:
-    """Plan as usual, then put other bytes under `victim`'s name: what a node with another copy of the data,
-    or an edit during the run, shows the engine."""
+def _swap_after_planning(monkeypatch, victim: Path, other: Path | None) -> None:
+    """Plan as usual, then put other bytes under `victim`'s name (`other`'s), or remove it (None): what a node
+    with another copy of the data, or an edit during the run, shows the engine."""
     import fusion_cache.extract as extract_mod
 
     real = extract_mod.plan
 
     def plan_then_swap(cfg):
         got = real(cfg)
-        shutil.copy(other, victim)
+        if other is None:
+            victim.unlink()
+        else:
+            shutil.copy(other, victim)
         return got
 
     monkeypatch.setattr(extract_mod, "plan", plan_then_swap)
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
-def test_other_bytes_under_a_planned_name_are_an_error_and_no_cache(engine, weights_file, tmp_path, monkeypatch,
-                                                                    request):
+@pytest.mark.parametrize("engine, other", [("local", "bytes"), ("ray", "bytes"), ("local", "none"),
+                                           ("ray", "none")])
+def test_other_bytes_under_a_planned_name_are_an_error_and_no_cache(engine, other, weights_file, tmp_path,
+                                                                    monkeypatch, request):
+    """Other bytes, or no file at all, where the plan hashed one: an error even with --on-bad-image skip (a
+    node without the data would otherwise drop its rows, and a later run reuse that cache as complete)."""
     if engine == "ray":
         request.getfixturevalue("cluster")
     folder = tmp_path / "data"
@@ -161,13 +167,35 @@ def test_other_bytes_under_a_planned_name_are_an_error_and_no_cache(engine, weig
     write_image_folder(folder / "imgs", seed=0)
     manifest = _write_manifest(folder, folder / "imgs")
     victim = folder / "imgs" / "test" / "owls" / "001.png"
-    _swap_after_planning(monkeypatch, victim, folder / "imgs" / "test" / "owls" / "000.png")
+    _swap_after_planning(monkeypatch, victim, folder / "imgs" / "test" / "owls" / "000.png" if other == "bytes"
+                         else None)
     out = tmp_path / "out" / "cache.h5"
     out.parent.mkdir()
-    r = run(*_args(manifest, out, weights_file), *(_ray() if engine == "ray" else ()))
+    r = run(*_args(manifest, out, weights_file, "--on-bad-image", "skip"), *(_ray() if engine == "ray" else ()))
     assert clean_failure(r, "imgs/test/owls/001.png is not the file that was planned") is None, r.output
-    assert "put the same data at the same path on every node" in r.output
+    fix = "put the same data at the same path on every node" if engine == "ray" else \
+        "leave the images unchanged while extract runs"
+    assert fix in r.output
     assert os.listdir(out.parent) == [], "no cache, no partial file, no shards"
+
+
+def test_a_dotdot_after_a_linked_folder_is_read_as_the_kernel_reads_it(weights_file, tmp_path, monkeypatch):
+    """`sl/../list.csv` with `sl -> deep/a/b` is deep/a/list.csv (the link's target's parent), as the shell
+    and the kernel read it; folding `..` away as text would read ./list.csv, another manifest."""
+    deep = tmp_path / "deep" / "a"
+    (deep / "b").mkdir(parents=True)
+    write_image_folder(deep / "imgs", seed=0)
+    _write_manifest(deep, deep / "imgs")
+    write_image_folder(tmp_path / "imgs", seed=1)  # a decoy the folded path would read
+    _write_manifest(tmp_path, tmp_path / "imgs")
+    (tmp_path / "sl").symlink_to(deep / "b")
+    monkeypatch.chdir(tmp_path)
+    for name, root in (("via.h5", "sl/../list.csv"), ("deep.h5", deep / "list.csv"),
+                       ("decoy.h5", tmp_path / "list.csv")):
+        r = run(*_args(root, tmp_path / name, weights_file))
+        assert r.exit_code == 0, r.output
+    assert _same(tmp_path / "via.h5", tmp_path / "deep.h5")
+    assert not _same(tmp_path / "via.h5", tmp_path / "decoy.h5")
 
 
 def test_reuse_compares_the_content_on_both_engines(weights_file, tmp_path):
@@ -201,7 +229,8 @@ def test_the_plan_pickles_and_reads_only_the_planned_bytes(linked, weights_file,
     q = pickle.loads(pickle.dumps(p))
     sp = q.splits["train"]
     assert q.meta.fingerprint == p.meta.fingerprint and len(sp) == len(p.splits["train"])
-    assert all(os.path.isabs(f) and f.startswith(os.path.dirname(os.path.abspath(linked["L"]))) for f in sp.files)
+    link_folder = os.path.dirname(os.path.abspath(linked["L"]))  # (no link on the way from here to it)
+    assert all(os.path.isabs(f) and os.path.normpath(f).startswith(link_folder) for f in sp.files)
     assert torch.equal(sp.image(0), p.splits["train"].image(0))
     copy = tmp_path / "copy.png"
     shutil.copy(sp.files[1], copy)

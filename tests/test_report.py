@@ -175,8 +175,17 @@ def test_report_with_logreg_only_and_a_forced_rerun(tiny_cache, tmp_path):
 
 def test_a_val_fraction_that_empties_a_class_is_refused():
     y = np.array([0] * 10 + [1] * 10 + [2])
-    with pytest.raises(Exception, match="leaves class 2 without training rows"):
+    with pytest.raises(Exception, match="class index 2 has 1 train image: tuning needs 2 or more a class"):
         validation_split(y, 0.5, 0)
+    y = np.array([0] * 10 + [1] * 10 + [2] * 2)  # 2 rows of 20 held out, unstratified (fewer than the classes)
+    for seed in range(200):
+        try:
+            validation_split(y, 0.1, seed)
+        except Exception as e:
+            assert "--val-fraction 0.1 leaves class index 2 without training rows" in str(e)
+            break
+    else:
+        raise AssertionError("no seed of 200 held out both rows of class 2")
 
 
 def test_report_with_the_knn_head(tiny_cache, tmp_path):

@@ -29,6 +29,7 @@ class Engine:
 
 
 ENGINES: dict[str, Engine] = {
-    "local": Engine("local", "local", "this process: batches streamed into one HDF5 file"),
-    "ray": Engine("ray", "ray", "a Ray cluster's workers write shard files, joined by one virtual cache file"),
+    "local": Engine("local", "local", "this process writes OUT"),
+    "ray": Engine("ray", "ray", "workers of a Ray cluster write shards under OUT.shards/, and OUT reads them "
+                                "(needs `pip install 'fusion-cache[ray]'`)"),
 }

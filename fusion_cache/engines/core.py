@@ -202,9 +202,11 @@ class Core:
         for lo, next_pos, positions, images, bad, changed in _batches(sp, start, stop, self.cfg.batch_size,
                                                                       self.workers, self.device, self.pre):
             if changed:
-                node = f" on {self.where}" if self.where else ""
-                raise FusionCacheError(f"{changed[0]}{node}; put the same data at the same path on every node, "
-                                       "and leave the images unchanged while extract runs")
+                if self.where:
+                    raise FusionCacheError(f"{changed[0]} (on {self.where}); put the same data at the same path "
+                                           "on every node, and leave the images unchanged while extract runs")
+                raise FusionCacheError(f"{changed[0]}; leave the images unchanged while extract runs, then run "
+                                       "the same command again")
             if bad and self.cfg.on_bad_image == "fail":
                 raise FusionCacheError(
                     f"cannot read image {bad[0][0]}: {bad[0][1]}; fix or remove it, or pass --on-bad-image skip"

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import cache as cache_mod
 from ..backbone import LoadedWeights
 from ..data import SPLITS
-from ..errors import FusionCacheError
+from ..errors import FusionCacheError, quote
 from .core import Core, ExtractConfig, ExtractResult, Plan, no_bar, node_name
 
 MAX_WORKERS = 4096
@@ -90,7 +90,7 @@ def validate(cfg: ExtractConfig) -> None:
     if cfg.ray_address is not None and cfg.ray_address != "auto":
         host, _, port = cfg.ray_address.rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise FusionCacheError(f"--ray-address {cfg.ray_address!r} is not auto or HOST:PORT; pass the address "
+            raise FusionCacheError(f"--ray-address {quote(cfg.ray_address)} is not auto or HOST:PORT; pass the address "
                                    "`ray start --head` printed, such as 10.0.0.1:6379")
     import_ray()  # a missing extra fails before the data is read
 
