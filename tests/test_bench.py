@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 KEYS = ("extract_vs_backbone_ratio", "extract_vs_backbone_ratio_resnet50", "extract_vs_backbone_ratio_vit_small",
-        "extract_vs_folded_backbone_ratio", "ray_vs_local_ratio", "imagefolder_vs_backbone_ratio",
+        "extract_vs_folded_backbone_ratio", "ray_vs_local_ratio", "jpeg_decode_checked_vs_plain_ratio",
+        "imagefolder_vs_backbone_ratio",
         "ablation_speedup", "ablation_speedup_same_backbone", "head_vs_logreg_time_ratio",
         "head_vs_logreg_acc_delta", "rss_ratio", "bf16_speedup", "bf16_acc_delta", "float16_cache_size_ratio",
         "float16_cache_acc_delta", "tuned_grid_vs_one_fit", "tuned_vs_sklearn_grid", "tuned_vs_sklearn_acc_delta",

@@ -154,8 +154,7 @@ def _swap_after_planning(monkeypatch, victim: Path, other: Path | None) -> None:
     monkeypatch.setattr(extract_mod, "plan", plan_then_swap)
 
 
-@pytest.mark.parametrize("engine, other", [("local", "bytes"), ("ray", "bytes"), ("local", "none"),
-                                           ("ray", "none")])
+@pytest.mark.parametrize("engine, other", [("local", "bytes"), ("ray", "bytes"), ("local", "none")])
 def test_other_bytes_under_a_planned_name_are_an_error_and_no_cache(engine, other, weights_file, tmp_path,
                                                                     monkeypatch, request):
     """Other bytes, or no file at all, where the plan hashed one: an error even with --on-bad-image skip (a
