@@ -302,7 +302,8 @@ def test_existing_non_cache_file_is_not_overwritten(tmp_path, cifar_root, weight
     out.write_text("my thesis")
     r = _run("extract", "--out", out, "--data-root", cifar_root, "--weights", weights_file, "--train-size", 20,
              "--test-size", 10, "--image-size", 32, "--no-download", "--skip-integrity-check")
-    assert r.exit_code == 1 and "is not a complete fusion-cache file; pass --force" in r.output
+    assert r.exit_code == 1 and "is not a cache that fusion-cache wrote" in r.output
+    assert "pass --force" not in r.output  # --force would not replace it either
     assert out.read_text() == "my thesis"
 
 
