@@ -517,10 +517,10 @@ def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
     return obj
 
 
-def peek_fingerprint(path: Path) -> str | None:
-    """The fingerprint of an existing complete cache, or None if `path` is not one."""
+def peek_meta(path: Path) -> CacheMeta | None:
+    """The metadata of an existing complete cache, or None if `path` is not one."""
     try:
-        return open_cache(path).fingerprint
+        return open_cache(path).meta
     except FusionCacheError:
         return None
 

@@ -182,9 +182,10 @@ def existing_cache(out: Path, the_plan: Plan, force: bool) -> ExtractResult | No
     if not os.path.lexists(out):
         return None
     meta = the_plan.meta
-    existing = cache_mod.peek_fingerprint(out)
+    held = cache_mod.peek_meta(out)
+    existing = held.fingerprint if held is not None else None
     if existing in (meta.fingerprint, meta.legacy_fingerprint()) and existing and not force:
-        held = cache_mod.open_cache(out).meta  # its rows: the planned ones less the skipped images
+        # its rows: the planned ones less the skipped images
         return ExtractResult(out, True, {s: held.split_size(s) for s in SPLITS}, the_plan.dims)
     if not force:
         why = "was built with other settings" if existing else "is not a complete fusion-cache file"
