@@ -15,6 +15,18 @@ from fusion_cache.synthetic import calibrate_batchnorm, write_cifar, write_image
 SMALL = 32  # image size used by the tests: MobileNetV2 runs at 32 px in milliseconds
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for the module that asks for it: 2 CPUs. Its GCS address lets a subprocess join."""
+    import logging
+
+    import ray
+
+    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield info.address_info["gcs_address"]
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar"))

@@ -61,6 +61,33 @@ def denials(monkeypatch):
     _DENIED.clear()
 
 
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+def extract_args(cifar_root, weights_file, out, *more) -> list:
+    """`extract` of the tiny CIFAR-10: 40 + 20 images at 32 px, offline, no bar."""
+    return ["extract", "--out", out, "--data-root", cifar_root, "--weights", weights_file, "--train-size", 40,
+            "--test-size", 20, "--image-size", 32, "--no-download", "--skip-integrity-check", "--no-progress", *more]
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, cifar_root, weights_file) -> Path:
+    """A real cache of the tiny CIFAR-10 with two taps (fast to copy and tamper with); one per test module."""
+    out = tmp_path_factory.mktemp("hostile") / "small.h5"
+    r = run(*extract_args(cifar_root, weights_file, out, "--taps", "fused"))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_head(small_cache, tmp_path_factory) -> Path:
+    """A standardized linear head on `small_cache`'s fused view, saved."""
+    out = tmp_path_factory.mktemp("hostile-head") / "head"
+    r = run("fit", small_cache, "--features", "fused", "--standardize", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- checks
 
 

@@ -3,7 +3,6 @@ equal to the local engine's, shards resumed and redone, a killed worker and a ki
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -26,14 +25,6 @@ from fusion_cache.synthetic import write_cifar
 from .hostile import clean_failure, denials, deny, run, snapshot  # noqa: F401 (denials: a fixture)
 
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster for the module: 2 CPUs, as the issue asks. Its GCS address lets a subprocess join."""
-    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield info.address_info["gcs_address"]
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

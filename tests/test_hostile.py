@@ -21,29 +21,7 @@ from fusion_cache.cache import CacheMeta, partial_path
 from fusion_cache.headfile import HEAD_FILE
 
 from .conftest import write_synthetic_cache
-from .hostile import clean_failure, run, snapshot
-
-# ---------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory, cifar_root, weights_file) -> Path:
-    """A real cache of the tiny CIFAR-10 with two taps (fast to copy and tamper with)."""
-    out = tmp_path_factory.mktemp("hostile") / "small.h5"
-    r = run("extract", "--out", out, "--data-root", cifar_root, "--weights", weights_file, "--train-size", 40,
-            "--test-size", 20, "--image-size", 32, "--taps", "fused", "--no-download", "--skip-integrity-check",
-            "--no-progress")
-    assert r.exit_code == 0, r.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def small_head(small_cache, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hostile-head") / "head"
-    r = run("fit", small_cache, "--features", "fused", "--standardize", "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
-
+from .hostile import clean_failure, run, small_cache, small_head, snapshot  # noqa: F401 (fixtures)
 
 def _check(result, fragment, roots, before):
     problem = clean_failure(result, fragment)

@@ -17,32 +17,12 @@ import pytest
 
 from fusion_cache.cache import CacheLock, partial_path
 
-from .hostile import clean_failure, denials, deny, run, snapshot  # noqa: F401 (denials: a fixture)
+from .hostile import (clean_failure, denials, deny, extract_args, run, small_cache, small_head,  # noqa: F401
+                      snapshot)  # (denials, small_cache, small_head: fixtures)
 
 LONG = "x" * 100_000
 LINE_LIMIT = 600  # cli.ERROR_LIMIT: "a few hundred characters"
 
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory, cifar_root, weights_file) -> Path:
-    """As test_hostile's: the tiny CIFAR-10, 40 + 20 images at 32 px, the fused taps."""
-    out = tmp_path_factory.mktemp("hygiene") / "small.h5"
-    r = run(*_extract(cifar_root, weights_file, out), "--taps", "fused")
-    assert r.exit_code == 0, r.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def small_head(small_cache, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hygiene-head") / "head"
-    r = run("fit", small_cache, "--features", "fused", "--standardize", "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
-
-
-def _extract(cifar_root, weights_file, out, *more):
-    return ["extract", "--out", out, "--data-root", cifar_root, "--weights", weights_file, "--train-size", 40,
-            "--test-size", 20, "--image-size", 32, "--no-download", "--skip-integrity-check", "--no-progress", *more]
 
 
 def _check(result, fragment, roots=(), before=None):
@@ -58,7 +38,7 @@ def _check(result, fragment, roots=(), before=None):
 
 def _long_cases(cache: Path, cifar_root: Path, weights_file: Path, tmp_path: Path):
     """(args, fragment): input of 100,000 characters (a class folder name of 250, the most a file system allows)."""
-    ext = _extract(cifar_root, weights_file, tmp_path / "o.h5")
+    ext = extract_args(cifar_root, weights_file, tmp_path / "o.h5")
     manifest = tmp_path / "m.csv"
     image = tmp_path / "i.png"
     from PIL import Image
@@ -108,7 +88,7 @@ def test_quoted_input_is_shortened_with_an_ellipsis(small_cache):
 
 
 def test_unknown_names_give_the_command_that_lists_them(small_cache, cifar_root, weights_file, tmp_path):
-    ext = _extract(cifar_root, weights_file, tmp_path / "o.h5")
+    ext = extract_args(cifar_root, weights_file, tmp_path / "o.h5")
     _check(run(*ext, "--backbone", "resnet9000"), "`fusion-cache models`")
     _check(run(*ext, "--taps", "features.99"), "`fusion-cache taps`")
     _check(run(*ext, "--backbone", "resnet18", "--taps", "layer9"), "`fusion-cache taps --backbone resnet18`")
@@ -120,7 +100,7 @@ def test_unknown_names_give_the_command_that_lists_them(small_cache, cifar_root,
 
 def test_an_empty_backbone_is_an_error(cifar_root, weights_file, tmp_path):
     before = snapshot(tmp_path)
-    for args in (_extract(cifar_root, weights_file, tmp_path / "o.h5", "--backbone", ""), ["taps", "--backbone", ""],
+    for args in (extract_args(cifar_root, weights_file, tmp_path / "o.h5", "--backbone", ""), ["taps", "--backbone", ""],
                  ["taps", "--backbone", "  "]):
         _check(run(*args), "the backbone name is empty", [tmp_path], before)
     assert not (tmp_path / "o.h5").exists()
@@ -128,15 +108,15 @@ def test_an_empty_backbone_is_an_error(cifar_root, weights_file, tmp_path):
 
 def test_empty_taps_and_features_stay_errors(small_cache, cifar_root, weights_file, tmp_path):
     """A guard that already held before this round: an empty --taps or --features is a usage error."""
-    _check(run(*_extract(cifar_root, weights_file, tmp_path / "o.h5", "--taps", "")), "--taps")
+    _check(run(*extract_args(cifar_root, weights_file, tmp_path / "o.h5", "--taps", "")), "--taps")
     _check(run("fit", small_cache, "--features", ""), "--features")
     assert not (tmp_path / "o.h5").exists()
 
 
 def test_a_tap_named_twice_is_used_once_with_a_warning(small_cache, cifar_root, weights_file, tmp_path):
     once, twice = tmp_path / "once.h5", tmp_path / "twice.h5"
-    assert run(*_extract(cifar_root, weights_file, once, "--taps", "features.13")).exit_code == 0
-    r = run(*_extract(cifar_root, weights_file, twice, "--taps", "features.13,features.13"))
+    assert run(*extract_args(cifar_root, weights_file, once, "--taps", "features.13")).exit_code == 0
+    r = run(*extract_args(cifar_root, weights_file, twice, "--taps", "features.13,features.13"))
     assert r.exit_code == 0, r.output
     assert "Warning: --taps names 'features.13' twice; it is cached once" in r.output
     with h5py.File(once, "r") as a, h5py.File(twice, "r") as b:
@@ -165,7 +145,7 @@ def test_weights_that_are_no_regular_file_say_what_they_are(cifar_root, weights_
              (tmp_path / "missing.pth", "not found"), ("", "--weights is empty"), (" ", "--weights is empty")]
     before = snapshot(tmp_path)
     for weights, fragment in cases:
-        args = _extract(cifar_root, weights_file, tmp_path / "o.h5")
+        args = extract_args(cifar_root, weights_file, tmp_path / "o.h5")
         args[args.index("--weights") + 1] = weights
         _check(run(*args), fragment, [tmp_path], before)
     assert not (tmp_path / "o.h5").exists()
@@ -181,9 +161,9 @@ def test_force_replaces_only_what_fusion_cache_wrote(small_cache, cifar_root, we
     for out in (notes, tmp_path / "theirs.h5"):
         _check(run("consolidate", small_cache, "--out", out, "--force"), "is not a cache that fusion-cache wrote",
                [tmp_path], before)
-        _check(run(*_extract(cifar_root, weights_file, out, "--force")), "is not a cache that fusion-cache wrote",
+        _check(run(*extract_args(cifar_root, weights_file, out, "--force")), "is not a cache that fusion-cache wrote",
                [tmp_path], before)
-        r = run(*_extract(cifar_root, weights_file, out))  # without --force: not told to pass it
+        r = run(*extract_args(cifar_root, weights_file, out))  # without --force: not told to pass it
         _check(r, "is not a cache that fusion-cache wrote", [tmp_path], before)
         assert "pass --force" not in r.output
     # what fusion-cache wrote is replaced, as before
@@ -197,7 +177,7 @@ def test_lock_and_partial_names_are_refused_as_outputs(small_cache, cifar_root, 
     for name in ("x.h5.lock", "x.h5.partial"):
         _check(run("consolidate", small_cache, "--out", tmp_path / name), "the name fusion-cache gives",
                [tmp_path], before)
-        _check(run(*_extract(cifar_root, weights_file, tmp_path / name)), "the name fusion-cache gives",
+        _check(run(*extract_args(cifar_root, weights_file, tmp_path / name)), "the name fusion-cache gives",
                [tmp_path], before)
 
 
@@ -217,7 +197,7 @@ def test_an_extraction_in_progress_is_not_called_interrupted(small_cache, cifar_
             r = run(*args)
             _check(r, f"an extraction is in progress ({holder}", [tmp_path], before)
             assert "interrupted" not in r.output
-        r = run(*_extract(cifar_root, weights_file, out))
+        r = run(*extract_args(cifar_root, weights_file, out))
         _check(r, f"in progress: {holder} holds", [tmp_path], before)
         assert json.loads(Path(str(out) + ".lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
     finally:
@@ -278,7 +258,7 @@ def test_report_tells_two_caches_of_one_backbone_apart(small_cache, cifar_root, 
     a.parent.mkdir()
     b.parent.mkdir()
     shutil.copy(small_cache, a)
-    r = run(*_extract(cifar_root, weights_file, b, "--taps", "fused", "--pool", "avgmax"))  # the same images
+    r = run(*extract_args(cifar_root, weights_file, b, "--taps", "fused", "--pool", "avgmax"))  # the same images
     assert r.exit_code == 0, r.output
     out = tmp_path / "r"
     r = run("report", a, b, "--out", out, "--views", "late", "--heads", "linear", "--seeds", 0)

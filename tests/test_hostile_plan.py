@@ -7,7 +7,6 @@ and no cache, never a cache of other images; reuse compares the content fingerpr
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import shutil
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from fusion_cache.cache import open_cache, shard_folder
@@ -25,13 +23,6 @@ from fusion_cache.synthetic import write_image_folder
 from .hostile import clean_failure, run, snapshot
 
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    info = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield info.address_info["gcs_address"]
-    ray.shutdown()
 
 
 def _write_manifest(folder: Path, images: Path) -> Path:
