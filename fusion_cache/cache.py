@@ -45,7 +45,7 @@ from .errors import FusionCacheError, quote
 from .io import is_hdf5_file, write_error
 from .taps import MOBILENET_V2, TapTable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: `decode` (EXIF, reduced decoding) and `split` in the fingerprint; `leaks`
 LEGACY_SCHEMA = 2  # MobileNetV2-only caches: read, never written
 PARTIAL_SUFFIX = ".partial"
 LOCK_SUFFIX = ".lock"
@@ -114,11 +114,15 @@ class CacheMeta:
     library_version: str = _attr("str", fp=True, since=3, default="")  # schema 2: read from `versions`
     interpolation: str = _attr("str", fp=True, since=3, default="bilinear")  # of the resize, the weights' own
     tap_table: dict = _attr("json", fp=True, since=3, default_factory=dict)  # taps.TapTable.to_json(); schema 2: {}
+    # -- what determines the features too, since schema 4 (older caches decoded at full size, EXIF ignored)
+    decode: str = _attr("str", fp=True, since=4, default="")  # how files become pixels (decode.describe)
+    split: dict = _attr("json", fp=True, since=4, default_factory=dict)  # how train/test were made (split.py)
     # -- provenance with a default
     device: str = _attr("str", default="")  # where the forward pass ran
     skipped: dict = _attr("json", default_factory=dict)  # {split: [unreadable files]}
     engine: str = _attr("str", default="local")  # local | ray (the datasets are then virtual, over shard files)
     shards: int = _attr("int", default=0)  # shard files a ray cache reads (0: one self-contained file)
+    leaks: dict = _attr("json", default_factory=dict)  # leaks.py: the same content in train and test, duplicates
     # -- state
     schema_version: int = _attr("int", default=SCHEMA_VERSION)
     complete: bool = _attr("bool", default=False)
@@ -141,9 +145,23 @@ class CacheMeta:
                 spec[f.name] = list(v) if isinstance(v, tuple) else v
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
+    def fingerprint_at(self, schema: int) -> str | None:
+        """The fingerprint an older schema's cache with these settings has (None when that schema cannot describe
+        them). Its features are the same as these only where the newer fields change nothing: `extract` checks
+        that (schema 4's decoding: `decode.decodes_as_before`) before it reuses such a cache."""
+        if schema == LEGACY_SCHEMA:
+            return self.legacy_fingerprint()
+        if schema == SCHEMA_VERSION:
+            return self.fingerprint
+        if self.split.get("method", "given") != "given" or self.split.get("validation_from") is not None:
+            return None  # older schemas only had the given train and test splits
+        return dataclasses.replace(self, schema_version=schema).compute_fingerprint()
+
     def legacy_fingerprint(self) -> str | None:
         """The fingerprint a schema-2 cache with the same features has, or None if schema 2 cannot describe
         these settings (another backbone, library or resize). Lets `extract` reuse the caches made before."""
+        if self.split.get("method", "given") != "given" or self.split.get("validation_from") is not None:
+            return None
         if (self.backbone, self.library, self.interpolation) != ("mobilenet_v2", "torchvision", "bilinear") or \
                 self.table != MOBILENET_V2:
             return None
@@ -259,7 +277,7 @@ class CacheMeta:
         for name in ("train_size", "test_size", "train_source_size", "test_source_size", "seed", "shards"):
             if getattr(self, name) < 0:
                 bad(name, f"is negative ({getattr(self, name)})")
-        for name in ("data_identity", "subset", "versions", "skipped"):
+        for name in ("data_identity", "subset", "versions", "skipped", "split", "leaks"):
             if not isinstance(getattr(self, name), dict):
                 bad(name, "is not a JSON object")
 

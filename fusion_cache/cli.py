@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .engines import ENGINES
+from .sources import AUTO, DATASETS, SOURCES
 from .errors import FusionCacheError, quote
 from .io import dumps_json
 
@@ -48,7 +49,7 @@ class _Group(click.Group):
             except OSError as e:
                 if os.environ.get("FUSION_CACHE_DEBUG"):
                     raise
-                from .data import display_path
+                from .files import display_path
 
                 where = f"{quote(display_path(e.filename), 200, marks=False)}: " if e.filename else ""
                 raise click.ClickException(_one_line(f"{where}{e.strerror or e}; check the path, its permissions "
@@ -108,7 +109,7 @@ class SizeType(click.ParamType):
         if isinstance(value, int) or value is None:
             n = value
         elif str(value).strip().lower() == "all":
-            return None
+            return "all"  # every image; None is "not given" (the source's default)
         else:
             try:
                 n = int(str(value).strip())
@@ -117,6 +118,11 @@ class SizeType(click.ParamType):
         if n is not None and n <= 0:
             self.fail(f"must be positive, got {n}; pass a positive integer or 'all'", param, ctx)
         return n
+
+
+def _size(value):
+    """SizeType's value as ExtractConfig takes it: not given -> "default", 'all' -> None (every image)."""
+    return "default" if value is None else None if value == "all" else value
 
 
 def _csv(value: str, option: str) -> list[str]:
@@ -186,20 +192,33 @@ def main():
 @main.command(short_help="Run the backbone once; cache pooled features of every tap.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Cache file to write (HDF5), e.g. data/cifar10-paper.h5.")
-@click.option("--dataset", type=click.Choice(["cifar10", "imagefolder", "manifest"]), default="cifar10",
-              show_default=True,
-              help="cifar10: torchvision's CIFAR-10 under --data-root. "
-                   "imagefolder: DATA_ROOT/{train,test}/<class>/<image>. "
-                   "manifest: --data-root is a CSV with the header path,label,split, one row per image (path "
-                   "absolute or relative to the CSV's folder, label a class name, split train or test).")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=AUTO, show_default=True,
+              help="auto: tell from --data-root which of the layouts below it is, and say so. " +
+                   " ".join(f"{e.name}: {e.layout}." for e in SOURCES.values()))
 # readable=False: an unreadable --data-root gets fusion-cache's own one-line error with its fix, not click's usage error
 @click.option("--data-root", type=click.Path(path_type=Path, readable=False), default=Path("data"), show_default=True,
-              help="Folder holding the dataset (CIFAR-10: cifar-10-batches-py/ or cifar-10-python.tar.gz; "
-                   "imagefolder: train/ and test/), or the CSV file for --dataset manifest.")
-@click.option("--train-size", type=SizeType(), default="5000", show_default=True,
-              help="Class-stratified random subset of the train split, or 'all'. 5000 is the case study's.")
-@click.option("--test-size", type=SizeType(), default="1000", show_default=True,
-              help="Class-stratified random subset of the test split, or 'all'.")
+              help="Your images: a folder of class folders (photos/<class>/*.jpg), with or without split folders "
+                   "(train/ with test/ or val/), a CSV manifest, or a folder holding CIFAR-10.")
+@click.option("--train-size", type=SizeType(), default=None,
+              help="Class-stratified random subset of the train split, or 'all' [default: 5000 for cifar10, the "
+                   "case study's; else all].")
+@click.option("--test-size", type=SizeType(), default=None,
+              help="Class-stratified random subset of the test split, or 'all' [default: 1000 for cifar10; else all].")
+@click.option("--test-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
+              help="For a dataset without a test split: the share of each class that goes to test, by a hash of "
+                   "each image's content, so adding images never moves the others [default: 0.2]. Refused when "
+                   "the dataset has a test split.")
+@click.option("--split-seed", type=click.IntRange(0, MAX_SEED), default=None,
+              help="Seed of that split [default: 0].")
+@click.option("--write-manifest", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the split as a CSV manifest (path,label,split), to inspect or edit and pass back "
+                   "as --data-root.")
+@click.option("--on-leak", type=click.Choice(["warn", "fail"]), default="warn", show_default=True,
+              help="What to do when a test image has the same content as a train image (duplicates within a "
+                   "split and one content under two labels are always warned about).")
+@click.option("--full-decode", is_flag=True,
+              help="Decode every image at full size. By default an image over twice the input size is decoded "
+                   "reduced (JPEG at a smaller DCT scale), much faster for camera photos; see the README.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the subset draw (and of --weights random).")
 @click.option("--backbone", default="mobilenet_v2", show_default=True,
@@ -252,7 +271,8 @@ def main():
 @click.option("--shard-size", type=int, default=None,
               help="Images per shard, the Ray engine's unit of work and of resumption; a multiple of --batch-size "
                    "[default: about 1/64 of the images, 1 to 64 batches].")
-def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weights, image_size, taps, batch_size,
+def extract(out, dataset, data_root, train_size, test_size, test_fraction, split_seed, write_manifest, on_leak,
+            full_decode, seed, backbone, weights, image_size, taps, batch_size,
             device, precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force,
             progress, engine, ray_address, num_workers, gpus_per_worker, cpus_per_worker, shard_size):
     """Run the frozen backbone once and cache pooled features of every tap.
@@ -261,15 +281,21 @@ def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weig
     command again reuses a finished cache, or resumes an interrupted one.
 
     \b
-    Example (the case study's 5000/1000 CIFAR-10 subset at 128 px):
-      fusion-cache extract --out data/cifar10-paper.h5
+    Examples:
+      fusion-cache extract --data-root photos/ --out photos.h5
+      (photos/<class>/*.jpg: 20% of each class is set aside for test)
+      fusion-cache extract --dataset cifar10 --out data/cifar10-paper.h5
+      (the case study's 5000/1000 CIFAR-10 subset at 128 px)
     """
-    from .data import IntegrityWarning
+    from .sources.base import IntegrityWarning
     from .extract import ExtractConfig
     from .extract import extract as run_extract
 
     cfg = ExtractConfig(
-        out=out, dataset=dataset, data_root=data_root, train_size=train_size, test_size=test_size, seed=seed,
+        out=out, dataset=dataset, data_root=data_root, seed=seed,
+        train_size=_size(train_size), test_size=_size(test_size),
+        test_fraction=test_fraction, split_seed=split_seed, write_manifest=write_manifest, on_leak=on_leak,
+        full_decode=full_decode,
         backbone=backbone, weights=weights, image_size=image_size, taps=tuple(_csv(taps, "--taps")),
         batch_size=batch_size, device=device,
         precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,
@@ -280,7 +306,7 @@ def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weig
     with warnings.catch_warnings():  # a local copy used without checks is always said out loud
         warnings.simplefilter("always", IntegrityWarning)
         warnings.showwarning = _one_line_warning
-        result = run_extract(cfg)
+        result = run_extract(cfg, say=lambda line: click.echo(line, err=True))
     for split, files in result.skipped.items():
         for f in files:
             click.echo(f"skipped unreadable {split} image: {f}", err=True)
@@ -296,6 +322,8 @@ def extract(out, dataset, data_root, train_size, test_size, seed, backbone, weig
 def info(cache, as_json):
     """Print a cache's provenance (weights, preprocessing, taps, data, versions) and shapes."""
     from .cache import open_cache, shard_folder
+    from .leaks import summary as leak_summary
+    from .split import describe as split_line
 
     c = open_cache(cache)
     shapes = c.shapes()
@@ -310,7 +338,10 @@ def info(cache, as_json):
                f"sha256 {m.weights_sha256}")
     click.echo(f"preprocess  {m.image_size} px, {m.resize}, mean {list(m.mean)}, std {list(m.std)}")
     click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}")
+    click.echo(f"split       {split_line(m.split)}")
     click.echo(f"subset      train {m.train_size} of {m.train_source_size}, test {m.test_size} of {m.test_source_size}")
+    click.echo(f"decode      {m.decode or 'full size, EXIF orientation ignored (made before schema 4)'}")
+    click.echo(f"leaks       {leak_summary(m.leaks)}")
     click.echo(f"features    {m.dtype}, {m.pool}-pooled, forward in {m.precision}, device {m.device or '?'}")
     click.echo(f"engine      {m.engine}" + (f", {m.shards} shard files in {shard_folder(c.path).name}/ (virtual "
                                             "datasets; `fusion-cache consolidate` makes one file)"
@@ -687,7 +718,7 @@ def predict(head_dir, images, weights, top_k, batch_size, strict, as_json, progr
     Example:
       fusion-cache predict data/head photos/ --top-k 3
     """
-    from .data import list_image_files
+    from .files import list_image_files
     from .headfile import load_head
     from .predict import build_deployed
     from .predict import predict as run_predict

@@ -17,10 +17,21 @@ import numpy as np
 from . import cache as cache_mod
 from .backbone import INTERPOLATIONS, PRECISIONS, Preprocess, load_weights, resize_sentence, versions
 from .backbones import resolve
-from .data import SPLITS, IntegrityWarning, Source, check_data_root, display_path, load_source, stratified_subset
+from . import leaks as leaks_mod
+from . import sources as sources_mod
+from .decode import decodes_as_before
+from .decode import describe as describe_decode
+from .files import display_path
+from .io import check_output_file
+from .leaks import LeakWarning
+from .sampler import SPLITS, stratified_subset
+from .sources import LoadOptions
+from .sources import manifest as manifest_source
+from .sources.base import IntegrityWarning, Source
+from .split import make_splits
 from .engines import ENGINES
 from .engines.core import ExtractConfig, ExtractResult, Plan, SplitPlan
-from .errors import FusionCacheError, quote
+from .errors import FusionCacheError
 from .taps import POOLS
 
 __all__ = ["ExtractConfig", "ExtractResult", "Plan", "extract", "plan", "validate"]
@@ -57,7 +68,7 @@ def validate(cfg: ExtractConfig) -> None:
     if cfg.on_bad_image not in ("fail", "skip"):
         raise FusionCacheError(f"unknown --on-bad-image '{cfg.on_bad_image}'; use fail or skip")
     for name, n in (("train", cfg.train_size), ("test", cfg.test_size)):
-        if n is not None and n <= 0:
+        if isinstance(n, int) and n <= 0:
             raise FusionCacheError(f"--{name}-size must be positive, got {n}; pass a positive integer or 'all'")
     if Path(cfg.out).is_dir():
         raise FusionCacheError(f"--out {cfg.out} is a folder; pass a file path such as {Path(cfg.out) / 'cache.h5'}")
@@ -71,14 +82,24 @@ def validate(cfg: ExtractConfig) -> None:
         raise FusionCacheError("--weights is empty; pass a weights name, random, or the path of a weights file "
                                "(leave --weights out for the backbone's default)")
     ENGINES[cfg.engine].module.validate(cfg)
-    check_data_root(cfg.dataset, cfg.data_root)  # a file for a folder dataset, a missing manifest: before the weights
+    if cfg.on_leak not in ("warn", "fail"):
+        raise FusionCacheError(f"unknown --on-leak '{cfg.on_leak}'; use warn or fail")
+    for name, n in (("train", cfg.train_size), ("test", cfg.test_size)):
+        if isinstance(n, str) and n != "default":
+            raise FusionCacheError(f"--{name}-size {n!r} is not a size; pass a positive integer or 'all'")
+    if cfg.write_manifest is not None:
+        check_manifest_output(cfg)
+    # a file for a folder dataset, a missing manifest, a folder auto cannot read: before the weights
+    sources_mod.check_root(cfg.dataset, Path(cfg.data_root))
 
 
-def plan(cfg: ExtractConfig) -> tuple[Plan, object]:
+def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
     """Load the sources and weights and decide what the cache will hold: (the Plan, the loaded weights). No
     backbone pass yet. Every image file is hashed; its absolute path is kept as given (a manifest reached
-    through a link reads its relative paths from the link's folder, as a shell does)."""
+    through a link reads its relative paths from the link's folder, as a shell does). `say` gets one-line
+    notes: what `--dataset auto` found and how the splits were made."""
     validate(cfg)
+    say = say or (lambda line: None)
     bb = resolve(cfg.backbone)
     table = bb.tap_table()
     taps = table.parse_taps(list(cfg.taps))
@@ -86,24 +107,29 @@ def plan(cfg: ExtractConfig) -> tuple[Plan, object]:
     weights = load_weights(cfg.weights, seed=cfg.seed, backbone=bb)  # before the data: a bad file fails fast
     pre = preprocess_for(bb, weights.name, cfg.image_size)
     data_root = Path.cwd() / cfg.data_root  # absolute, as given: links not resolved, `..` not folded away
+    dataset, found = sources_mod.resolve(cfg.dataset, data_root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sources = {s: load_source(cfg.dataset, data_root, s, cfg.download, cfg.skip_integrity_check)
-                   for s in SPLITS}
+        listing = sources_mod.load(dataset, data_root, LoadOptions(cfg.download, cfg.skip_integrity_check))
     for message in dict.fromkeys(str(w.message) for w in caught):  # both splits share a tarball: warn once
         warnings.warn(message, IntegrityWarning, stacklevel=2)
-    if sources["train"].classes != sources["test"].classes:
-        only_test = [c for c in sources["test"].classes if c not in sources["train"].classes]
-        only_train = [c for c in sources["train"].classes if c not in sources["test"].classes]
-        c, has, lacks = (only_test[0], "test", "train") if only_test else (only_train[0], "train", "test")
-        if cfg.dataset == "manifest":
-            fix = (f"train and test must hold the same classes: add {lacks} rows labelled {quote(c)}, or remove "
-                   f"its {has} rows")
-        else:
-            fix = "train and test must hold the same class folders"
-        raise FusionCacheError(f"class {quote(c)} is in {has} but not in {lacks}; {fix}")
-    sizes = {"train": cfg.train_size, "test": cfg.test_size}
+    splits = make_splits(listing, cfg.test_fraction, cfg.split_seed)
+    sources = {"train": splits.train, "test": splits.test}
+    say(decision(cfg.data_root, dataset, found, splits))
+    defaults = DEFAULT_SIZES.get(dataset, {})
+    sizes = {s: defaults.get(s) if n == "default" else n for s, n in (("train", cfg.train_size),
+                                                                        ("test", cfg.test_size))}
     subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
+    names = {s: [sources[s].names[i] for i in subsets[s]] for s in SPLITS}
+    leaks = leaks_mod.find({s: (names[s], [sources[s].digests[i] for i in subsets[s]], sources[s].labels[subsets[s]])
+                            for s in SPLITS if sources[s].digests is not None}, sources["train"].classes)
+    for line in leaks_mod.warnings_for(leaks):
+        if cfg.on_leak == "fail" and leaks.get("train_test") and line.startswith(f"{leaks['train_test']} test"):
+            raise FusionCacheError(line.replace("or pass --on-leak fail to stop on this",
+                                                "or drop --on-leak fail to extract anyway"))
+        warnings.warn(line, LeakWarning, stacklevel=2)
+    files = sources["train"].images is None
+    reduce_to = None if cfg.full_decode or not files else pre.image_size
     meta = cache_mod.CacheMeta.create(
         backbone=bb.name,
         weights_sha256=weights.sha256,
@@ -113,7 +139,7 @@ def plan(cfg: ExtractConfig) -> tuple[Plan, object]:
         resize=resize_sentence(pre.interpolation),
         pool=pool,
         taps=tuple(taps),
-        dataset=cfg.dataset,
+        dataset=dataset,
         data_identity={s: sources[s].identity for s in SPLITS},
         subset={s: hash_indices(subsets[s]) for s in SPLITS},
         dtype=cfg.dtype,
@@ -122,6 +148,9 @@ def plan(cfg: ExtractConfig) -> tuple[Plan, object]:
         library_version=bb.library_version,
         interpolation=pre.interpolation,
         tap_table=table.to_json(),
+        decode=describe_decode(not cfg.full_decode) if files else PIXELS_AS_STORED,
+        split=splits.record,
+        leaks=leaks,
         weights=weights.name,
         data_root=display_path(data_root),
         classes=tuple(sources["train"].classes),
@@ -133,20 +162,74 @@ def plan(cfg: ExtractConfig) -> tuple[Plan, object]:
         integrity_checked=not any(src.notes for src in sources.values()),
         versions=versions(),
     )
+    if cfg.write_manifest is not None:
+        written = write_manifest(cfg.write_manifest, splits, cfg.force)
+        say(f"wrote the split to {display_path(written)} (path,label,split; pass it as --data-root to reuse or edit it)")
     spec = str(weights.file) if weights.file else weights.name
-    splits = {s: split_plan(sources[s], subsets[s]) for s in SPLITS}
-    return Plan(meta, spec, cfg.seed, splits), weights
+    plans = {s: split_plan(sources[s], subsets[s], reduce_to) for s in SPLITS}
+    return Plan(meta, spec, cfg.seed, plans), weights
 
 
-def split_plan(src: Source, chosen: np.ndarray) -> SplitPlan:
+DEFAULT_SIZES = {"cifar10": {"train": 5000, "test": 1000}}  # the case study's subset; other sources: every image
+PIXELS_AS_STORED = "pixels as the dataset stores them (no file decoding)"
+
+
+def decision(data_root, dataset: str, found: str | None, splits) -> str:
+    """One line: what was read (and what `auto` found), and how train and test were made."""
+    what = f"{found} ({dataset})" if found else f"--dataset {dataset}"
+    r = splits.record
+    n_train, n_test = len(splits.train), len(splits.test)
+    if r["method"] == "auto":
+        how = (f"no test split, so {100 * r['test_fraction']:g}% of each class went to test by content hash "
+               f"(--test-fraction {r['test_fraction']:g}, --split-seed {r['seed']}): train {n_train}, test {n_test}")
+    elif r.get("validation"):
+        n_val = n_train - r["validation_from"]
+        how = (f"train {r['train']} ({r['validation_from']}), validation {r['validation']} ({n_val}, cached with "
+               f"train; tuning chooses on it), test {r['test']} ({n_test})")
+    else:
+        how = f"train {r['train']} ({n_train}), test {r['test']} ({n_test})"
+    return f"{display_path(data_root)}: {what}; {how}"
+
+
+def check_manifest_output(cfg: ExtractConfig) -> None:
+    """--write-manifest may replace a file only with --force, never the command's own input or a cache; an
+    existing manifest with the same content is left as it is (a rerun after a failure), so this is checked
+    again, on the content, when it is written."""
+    out = Path(cfg.write_manifest)
+    if out.exists() and not cfg.force and is_manifest_like(out):
+        check_output_file(out, True, inputs=(cfg.data_root, cfg.out), what="--write-manifest")
+        return
+    check_output_file(out, cfg.force, inputs=(cfg.data_root, cfg.out), what="--write-manifest")
+
+
+def is_manifest_like(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(b"path,label,split\n")) == b"path,label,split\n"
+    except OSError:
+        return False
+
+
+def write_manifest(path, splits, force: bool) -> Path:
+    """The split as a manifest (path,label,split): every item of the source splits, paths relative to the
+    manifest's folder where they can be. A manifest with other content is replaced only with --force."""
+    out = Path(path)
+    rows = []
+    for name, src in splits.assignment():
+        rows += [(src.file(i), src.classes[int(label)], name) for i, label in enumerate(src.labels)]
+    return manifest_source.write(out, rows, replace=force)
+
+
+def split_plan(src: Source, chosen: np.ndarray, reduce_to: int | None = None) -> SplitPlan:
     """The chosen items of one split as an engine reads them: pixels for an in-memory source, else absolute
-    files with their display names and content digests."""
+    files with their display names and content digests (`reduce_to`: see `decode.read_image`)."""
     chosen = np.asarray(chosen, dtype=np.int64)
     labels = np.ascontiguousarray(src.labels[chosen])
     if src.images is not None:
         return SplitPlan(src.split, chosen, labels, pixels=np.ascontiguousarray(src.images[chosen]))
     return SplitPlan(src.split, chosen, labels, names=tuple(src.paths[i] for i in chosen),
-                     files=tuple(src.file(i) for i in chosen), digests=tuple(src.digests[i] for i in chosen))
+                     files=tuple(src.file(i) for i in chosen), digests=tuple(src.digests[i] for i in chosen),
+                     reduce_to=reduce_to)
 
 
 def preprocess_for(bb, weights_name: str, image_size: int | None) -> Preprocess:
@@ -161,14 +244,20 @@ def preprocess_for(bb, weights_name: str, image_size: int | None) -> Preprocess:
     return Preprocess(size, tuple(d["mean"]), tuple(d["std"]), d["interpolation"])
 
 
+def decoded_as_before(the_plan: Plan) -> bool:
+    """Whether every planned file decodes as it did before schema 4 (no EXIF rotation, nothing reduced), so an
+    older cache with the same older fingerprint holds these features. Reads image headers only."""
+    return all(decodes_as_before(f, sp.reduce_to) for sp in the_plan.splits.values() for f in (sp.files or ()))
+
+
 def hash_indices(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
+def extract(cfg: ExtractConfig, say=None) -> ExtractResult:
     """Extract (or reuse, or resume) the cache that `cfg` describes: validate, plan once, check reuse once,
-    and hand the Plan to the chosen engine. Returns what was done."""
-    the_plan, weights = plan(cfg)
+    and hand the Plan to the chosen engine. Returns what was done; `say` gets plan's one-line notes."""
+    the_plan, weights = plan(cfg, say)
     reused = existing_cache(Path(cfg.out), the_plan, cfg.force)
     if reused is not None:
         return reused
@@ -184,7 +273,10 @@ def existing_cache(out: Path, the_plan: Plan, force: bool) -> ExtractResult | No
     meta = the_plan.meta
     held = cache_mod.peek_meta(out)
     existing = held.fingerprint if held is not None else None
-    if existing in (meta.fingerprint, meta.legacy_fingerprint()) and existing and not force:
+    same = existing == meta.fingerprint or (
+        held is not None and held.schema_version < meta.schema_version
+        and existing == meta.fingerprint_at(held.schema_version) and decoded_as_before(the_plan))
+    if same and existing and not force:
         # its rows: the planned ones less the skipped images
         return ExtractResult(out, True, {s: held.split_size(s) for s in SPLITS}, the_plan.dims)
     if not force:

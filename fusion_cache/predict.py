@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbone import PooledExtractor, build_model, load_weights
-from .data import BadImage, display_path, read_image
+from .decode import BadImage, read_image, reduce_for
+from .files import display_path
 from .errors import FusionCacheError
 from .headfile import HeadFile
 from .io import atomic_write, check_output_file
@@ -58,6 +59,7 @@ def predict(model: DeployedModel, head: HeadFile, paths: list[Path], batch_size:
             strict: bool = False, progress: bool | None = None):
     """Yield one dict per image: {path, class, prob, top: [[class, prob], ...], logits} or {path, error}."""
     pre = head.preprocess
+    reduce_to = reduce_for(head.provenance.get("decode", ""), pre.image_size)  # as the cache's images were decoded
     classes = head.classes
     top_k = max(1, min(top_k, len(classes)))
     bar = tqdm(total=len(paths), unit="img", desc="predict", disable=None if progress is None else not progress)
@@ -68,7 +70,7 @@ def predict(model: DeployedModel, head: HeadFile, paths: list[Path], batch_size:
             for p in chunk:
                 shown = display_path(p)
                 try:
-                    images.append(pre.resize(read_image(p, name=shown)))
+                    images.append(pre.resize(read_image(p, name=shown, reduce_to=reduce_to)))
                     kept.append(p)
                 except BadImage as e:
                     if strict:

@@ -213,18 +213,21 @@ def markdown(report: dict, command: str, machine: str) -> str:
 def figure_sources(cache: Cache, data_root: str | Path | None = None) -> dict:
     """The images the cache came from, for the figures: checked against the cache's recorded data identity.
     Called before any fitting, so a missing dataset fails in a second, not after the report's runs."""
-    from .data import IntegrityWarning, load_source
+    from . import sources as sources_mod
+    from .sources.base import IntegrityWarning
+    from .split import as_recorded
 
     meta = cache.meta
     root = Path(data_root) if data_root else Path(meta.data_root)
+    try:
+        with warnings.catch_warnings():  # the identity check below is stricter than the release checksums
+            warnings.simplefilter("ignore", IntegrityWarning)
+            listing = sources_mod.load(meta.dataset, root, sources_mod.LoadOptions(False, True))
+            made = as_recorded(listing, meta.split)
+    except FusionCacheError as e:
+        raise FusionCacheError(f"the figures need the images the cache came from ({e}); pass --data-root") from None
     sources = {}
-    for split in ("train", "test"):
-        try:
-            with warnings.catch_warnings():  # the identity check below is stricter than the release checksums
-                warnings.simplefilter("ignore", IntegrityWarning)
-                src = load_source(meta.dataset, root, split, download=False, skip_integrity_check=True)
-        except FusionCacheError as e:
-            raise FusionCacheError(f"the figures need the images the cache came from ({e}); pass --data-root") from None
+    for split, src in (("train", made.train), ("test", made.test)):
         recorded = meta.data_identity.get(split)
         if recorded and src.identity != recorded:
             raise FusionCacheError(

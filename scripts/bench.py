@@ -61,7 +61,9 @@ from PIL import Image
 from fusion_cache.backbone import PRECISIONS, Preprocess, PooledExtractor, build_model, load_weights, versions
 from fusion_cache.backbones import resolve
 from fusion_cache.cache import open_cache
-from fusion_cache.data import load_source, stratified_subset
+from fusion_cache.sampler import stratified_subset
+from fusion_cache.sources import LoadOptions
+from fusion_cache.sources import load as load_listing
 from fusion_cache.extract import ExtractConfig, extract, preprocess_for
 from fusion_cache.fit import HeadParams, ablate, fit_head, load_view
 from fusion_cache.taps import DEFAULT_TAPS
@@ -203,7 +205,7 @@ def decode_rate(sources: dict, tmp: Path, n: int = 200, size: tuple[int, int] = 
 
     import numpy as np
 
-    from fusion_cache.data import read_image
+    from fusion_cache.decode import read_image
 
     rng = np.random.default_rng(0)
     folder = tmp / "decode"
@@ -237,7 +239,7 @@ def ray_part(a, tmp: Path) -> dict:
                   download=False, skip_integrity_check=a.skip_integrity_check, progress=False, device="cpu",
                   train_size=a.train_size, test_size=a.test_size)
     out = ray_ratio(common, tmp)
-    sources = {s: load_source("cifar10", a.data_root, s, False, a.skip_integrity_check) for s in ("train", "test")}
+    sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
     out.update(decode_rate(sources, tmp, n=min(200, len(sources["train"]))))
     return out
 
@@ -346,7 +348,7 @@ def main() -> int:
 
     if a.only_backbones:
         res = json.loads(a.out.read_text()) if a.out.exists() else {}
-        sources = {s: load_source("cifar10", a.data_root, s, False, a.skip_integrity_check) for s in ("train", "test")}
+        sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
         with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
             res.update(backbone_ratios(a, sources, Path(tmp)))
         tmp_out = a.out.with_name(a.out.name + ".tmp")
@@ -368,7 +370,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
         tmp = Path(tmp)
-        sources = {s: load_source("cifar10", a.data_root, s, False, a.skip_integrity_check) for s in ("train", "test")}
+        sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
         subsets = {"train": stratified_subset(sources["train"].labels, a.train_size, 0, "train"),
                    "test": stratified_subset(sources["test"].labels, a.test_size, 0, "test")}
         images = torch.cat([pre.resize(torch.from_numpy(sources[s].images[subsets[s]])) for s in ("train", "test")])

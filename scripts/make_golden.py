@@ -79,7 +79,7 @@ def main() -> None:
 
     from fusion_cache.backbone import versions
     from fusion_cache.cache import open_cache
-    from fusion_cache.data import load_image_folder
+    from fusion_cache.sources.imagefolder import load_image_folder
     from fusion_cache.headfile import load_head
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()

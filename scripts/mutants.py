@@ -56,7 +56,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "for t in taps], axis=1)", "for t in reversed(taps)], axis=1)",
            ("tests/test_extract.py::test_view_api_concatenates_taps_in_order",)),
     # -- the subset and the validation split
-    Mutant("subset-seed-ignored", "the subset draw follows --seed", "fusion_cache/data.py",
+    Mutant("subset-seed-ignored", "the subset draw follows --seed", "fusion_cache/sampler.py",
            "np.random.default_rng([seed, SPLITS", "np.random.default_rng([0, SPLITS",
            ("tests/test_extract.py::test_stratified_subset_is_seeded_proportional_and_unique",)),
     Mutant("val-split-overlaps", "validation rows are not fit rows", "fusion_cache/selection.py",
@@ -106,7 +106,7 @@ MUTANTS: tuple[Mutant, ...] = (
            'get("classes", "strs")', 'get("classes", "strs")[::-1]',
            ("tests/test_golden.py::test_golden_head_predicts_the_recorded_labels",)),
     Mutant("unreadable-folder-silent", "an unreadable class folder is an error, not an empty class",
-           "fusion_cache/data.py", "        except OSError as e:\n            raise FusionCacheError(\n"
+           "fusion_cache/files.py", "        except OSError as e:\n            raise FusionCacheError(\n"
            "                f\"cannot read folder {display_path(folder)}",
            "        except FileNotFoundError as e:\n            raise FusionCacheError(\n"
            "                f\"cannot read folder {display_path(folder)}",
@@ -136,22 +136,22 @@ MUTANTS: tuple[Mutant, ...] = (
            "binary = 2.0 if k == 2 else 1.0", "binary = 1.0",
            ("tests/test_selection.py::test_the_tuned_logreg_on_two_classes_is_scikit_learns_at_the_same_C",)),
     # -- the subset sampler
-    Mutant("sampler-smallest-remainder", "extra rows go to the largest remainders", "fusion_cache/data.py",
+    Mutant("sampler-smallest-remainder", "extra rows go to the largest remainders", "fusion_cache/sampler.py",
            "np.lexsort((np.arange(len(classes)), -remainder))", "np.lexsort((np.arange(len(classes)), remainder))",
            ("tests/test_reliability.py::test_stratified_sampler_counts_by_largest_remainder",)),
-    Mutant("sampler-ties-reversed", "equal remainders go to the earlier class", "fusion_cache/data.py",
+    Mutant("sampler-ties-reversed", "equal remainders go to the earlier class", "fusion_cache/sampler.py",
            "np.lexsort((np.arange(len(classes)), -remainder))", "np.lexsort((-np.arange(len(classes)), -remainder))",
            ("tests/test_reliability.py::test_stratified_sampler_counts_by_largest_remainder",)),
     # -- image conversion
-    Mutant("rgba-on-black", "transparent pixels are composited on white", "fusion_cache/data.py",
+    Mutant("rgba-on-black", "transparent pixels are composited on white", "fusion_cache/decode.py",
            'background = Image.new("RGBA", im.size, (255, 255, 255, 255))',
            'background = Image.new("RGBA", im.size, (0, 0, 0, 255))', ("tests/test_images.py",)),
-    Mutant("sixteen-bit-scale", "16-bit gray scales by 255 / 65535", "fusion_cache/data.py",
+    Mutant("sixteen-bit-scale", "16-bit gray scales by 255 / 65535", "fusion_cache/decode.py",
            'top = 65535.0 if im.mode.startswith("I;16")', 'top = 65536.0 if im.mode.startswith("I;16")',
            ("tests/test_images.py",)),
-    Mutant("sixteen-bit-truncated", "16- and 32-bit gray round to the nearest level", "fusion_cache/data.py",
+    Mutant("sixteen-bit-truncated", "16- and 32-bit gray round to the nearest level", "fusion_cache/decode.py",
            "np.clip(arr / top * 255.0 + 0.5, 0, 255)", "np.clip(arr / top * 255.0, 0, 255)", ("tests/test_images.py",)),
-    Mutant("float-image-truncated", "float images round to the nearest level", "fusion_cache/data.py",
+    Mutant("float-image-truncated", "float images round to the nearest level", "fusion_cache/decode.py",
            "np.clip(arr * 255.0 + 0.5, 0, 255)", "np.clip(arr * 255.0, 0, 255)", ("tests/test_images.py",)),
     # -- the layer curve
     Mutant("layer-curve-late", "each point of the layer curve is its own tap", "fusion_cache/compare.py",
@@ -182,7 +182,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "None, None",
            ("tests/test_extract.py::test_folder_decoded_in_worker_processes_is_bit_identical",)),
     # -- one plan, executed as planned
-    Mutant("plan-bytes-unchecked", "every file's bytes are checked against the plan's digest", "fusion_cache/data.py",
+    Mutant("plan-bytes-unchecked", "every file's bytes are checked against the plan's digest", "fusion_cache/decode.py",
            "            if got != sha256:\n", "            if False:\n",
            ("tests/test_hostile_plan.py::test_other_bytes_under_a_planned_name_are_an_error_and_no_cache[local]",)),
     Mutant("manifest-link-resolved", "a linked manifest's relative paths start at the link's folder",

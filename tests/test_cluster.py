@@ -505,7 +505,7 @@ def test_a_manifest_under_the_ray_engine(folder_root, weights_file, cluster, tmp
     """`--dataset manifest` works with both engines: the same rows and bytes, the same unreadable image skipped;
     with --on-bad-image fail the worker's error comes back as one line and nothing is left (the shards written
     before it are removed, as the local engine removes its partial file)."""
-    from fusion_cache.data import load_image_folder
+    from fusion_cache.sources.imagefolder import load_image_folder
 
     images = Path(shutil.copytree(folder_root, tmp_path / "images"))
     (images / "train" / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")

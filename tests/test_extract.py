@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from fusion_cache.backbone import PooledExtractor
 from fusion_cache.cache import open_cache
 from fusion_cache.cli import main
-from fusion_cache.data import stratified_subset
+from fusion_cache.sampler import stratified_subset
 from fusion_cache.extract import ExtractConfig, extract
 from fusion_cache.taps import ALL_TAPS, TAPS
 

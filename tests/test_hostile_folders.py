@@ -24,7 +24,9 @@ import pytest
 from PIL import Image, ImageFile
 
 from fusion_cache.cache import lock_path, open_cache, partial_path
-from fusion_cache.data import BadImage, list_image_files, load_image_folder, read_image
+from fusion_cache.decode import BadImage, read_image
+from fusion_cache.files import list_image_files
+from fusion_cache.sources.imagefolder import load_image_folder
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.synthetic import write_image_folder
 

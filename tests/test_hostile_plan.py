@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fusion_cache.cache import open_cache, shard_folder
-from fusion_cache.data import ChangedImage
+from fusion_cache.decode import ChangedImage
 from fusion_cache.synthetic import write_image_folder
 
 from .hostile import clean_failure, run, snapshot

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_cache.data import read_image
+from fusion_cache.decode import read_image
 
 
 def rgb_of(path: Path) -> np.ndarray:

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from fusion_cache.cache import lock_path, open_cache, partial_path
-from fusion_cache.data import load_image_folder, load_manifest
+from fusion_cache.sources.imagefolder import load_image_folder
+from fusion_cache.sources.manifest import load_manifest
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.report import figure_sources
 

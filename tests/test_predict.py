@@ -15,7 +15,7 @@ from torchvision.models import mobilenet_v2
 
 from fusion_cache.cache import open_cache
 from fusion_cache.cli import main
-from fusion_cache.data import read_image
+from fusion_cache.decode import read_image
 from fusion_cache.extract import ExtractConfig, extract
 from fusion_cache.headfile import load_head
 from fusion_cache.predict import build_deployed, predict

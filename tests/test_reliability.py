@@ -22,7 +22,7 @@ from PIL import Image
 
 from fusion_cache.cache import CacheWriter, open_cache, partial_path
 from fusion_cache.cli import SizeType, main
-from fusion_cache.data import stratified_subset
+from fusion_cache.sampler import stratified_subset
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.synthetic import write_cifar, write_image_folder
 

@@ -21,7 +21,8 @@ import torch
 from .. import cache as cache_mod
 from ..backbone import PRECISIONS, LoadedWeights, PooledExtractor, Preprocess, build_model, load_weights, resolve_device
 from ..backbones import DEFAULT_BACKBONE, resolve
-from ..data import SPLITS, BadImage, ChangedImage, read_image
+from ..decode import BadImage, ChangedImage, read_image
+from ..sampler import SPLITS
 from ..errors import FusionCacheError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -32,10 +33,15 @@ class ExtractConfig:
     """Everything `fusion-cache extract` takes. Fields that change the features go into the fingerprint."""
 
     out: Path
-    dataset: str = "cifar10"  # cifar10 | imagefolder | manifest
+    dataset: str = "auto"  # auto (detect it from data_root) | a `sources.SOURCES` name: cifar10, imagefolder, manifest
     data_root: Path = Path("data")  # a folder; for manifest, the CSV file
-    train_size: int | None = 5000  # None = the whole split; 5000/1000 is the case study's subset
-    test_size: int | None = 1000
+    train_size: int | None | str = "default"  # None = the whole split; "default": the source's (cifar10: 5000, the
+    test_size: int | None | str = "default"  # case study's subset, and 1000; others: all)
+    test_fraction: float | None = None  # the split made for a dataset without a test split (None: 0.2)
+    split_seed: int | None = None  # ... and its seed (None: 0)
+    write_manifest: Path | None = None  # write the split as a CSV manifest (path,label,split)
+    on_leak: str = "warn"  # warn | fail, when the same content is in train and test
+    full_decode: bool = False  # decode every image at full size (default: large ones reduced, see decode.py)
     seed: int = 0  # draws the stratified subset (and the weights when --weights random)
     backbone: str = DEFAULT_BACKBONE  # a `backbones` name: mobilenet_v2, resnet50, timm:vit_small_patch16_224, ...
     weights: str | None = None  # None: the backbone's default (mobilenet_v2: imagenet1k_v1) | a name | random | PATH
@@ -105,6 +111,7 @@ class SplitPlan:
     files: tuple[str, ...] | None = None  # file sources: absolute paths to open
     digests: tuple[str, ...] | None = None  # file sources: sha256 of each file as listed, or why it is unreadable
     pixels: np.ndarray | None = None  # in-memory sources (CIFAR-10): (n, 3, H, W) uint8, the images themselves
+    reduce_to: int | None = None  # file sources: decode large images reduced for this input size (None: full)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,9 +123,9 @@ class SplitPlan:
             return torch.from_numpy(self.pixels[position])
         digest = self.digests[position]
         if not _SHA256.match(digest):  # unreadable when listed: read as is, and it fails as it failed then
-            read_image(self.files[position], name=self.names[position])
+            read_image(self.files[position], name=self.names[position], reduce_to=self.reduce_to)
             raise ChangedImage(f"{self.names[position]} was unreadable when listed ({digest}) but reads now")
-        return read_image(self.files[position], name=self.names[position], sha256=digest)
+        return read_image(self.files[position], name=self.names[position], sha256=digest, reduce_to=self.reduce_to)
 
 
 @dataclass(frozen=True)

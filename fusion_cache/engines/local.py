@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .. import cache as cache_mod
 from ..backbone import LoadedWeights
-from ..data import SPLITS
+from ..sampler import SPLITS
 from .core import Core, ExtractConfig, ExtractResult, Plan, no_bar
 
 OPTIONS: dict = {}  # options of this engine alone (with their defaults); it takes none

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .. import cache as cache_mod
 from ..backbone import LoadedWeights
-from ..data import SPLITS
+from ..sampler import SPLITS
 from ..errors import FusionCacheError, quote
 from .core import Core, ExtractConfig, ExtractResult, Plan, no_bar, node_name
 
