@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from .files import OPEN_FLAGS, display_path, file_kind, reason
@@ -132,6 +132,12 @@ def reduce_factor(size: tuple[int, int], reduce_to: int | None) -> int:
     return max(1, min(size) // (REDUCE_MARGIN * reduce_to))
 
 
+def dct_scale(factor: int) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8: decode at 1/scale) for a reduction by `factor`: the largest not over it,
+    so that the decoded shorter side, ceil(side / scale), stays at least side / factor."""
+    return next(s for s in (8, 4, 2, 1) if s <= max(factor, 1))
+
+
 def decodes_as_before(path: str | Path, reduce_to: int | None) -> bool:
     """Whether this file decodes to the same pixels as before schema 4 (full size, EXIF ignored): it carries no
     EXIF rotation and is not reduced. Reads the header only; a file that cannot be opened counts as changed."""
@@ -157,9 +163,11 @@ def _decode(f, reduce_to: int | None = None) -> torch.Tensor:
                             f"{MAX_PIXELS / 1e6:.0f}-megapixel limit (a decompression bomb?)")
         if max(w, h) > MAX_ASPECT * min(w, h):
             raise _TooLarge(f"image of {w}x{h} pixels has an aspect ratio over {MAX_ASPECT}:1")
-        factor = reduce_factor((w, h), reduce_to)
-        if factor > 1 and im.format == "JPEG":
-            im.draft(im.mode, (w // factor, h // factor))  # the DCT scale (1/2, 1/4, 1/8) that leaves at least this
+        scale = dct_scale(reduce_factor((w, h), reduce_to)) if isinstance(im, JpegImagePlugin.JpegImageFile) else 1
+        if scale > 1:  # a JPEG (or a camera's MPO, which is one) decoded at 1/scale by libjpeg itself
+            # PIL's draft picks the largest of 8, 4, 2, 1 not over min(w // size[0], h // size[1]); for
+            # size = (w // scale, h // scale) that is in [scale, 2 scale), so exactly `scale`.
+            im.draft(im.mode, (w // scale, h // scale))
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # upright, as a person sees it (a no-op without an EXIF orientation)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -115,7 +115,8 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
         warnings.warn(message, IntegrityWarning, stacklevel=2)
     splits = make_splits(listing, cfg.test_fraction, cfg.split_seed)
     sources = {"train": splits.train, "test": splits.test}
-    say(decision(cfg.data_root, dataset, found, splits))
+    if found or splits.record["method"] != "given" or splits.validation_from is not None:
+        say(decision(cfg.data_root, dataset, found, splits))  # what auto found, or a split the user did not give
     defaults = DEFAULT_SIZES.get(dataset, {})
     sizes = {s: defaults.get(s) if n == "default" else n for s, n in (("train", cfg.train_size),
                                                                         ("test", cfg.test_size))}

@@ -104,12 +104,12 @@ def make_splits(listing: Listing, test_fraction: float | None = None, split_seed
     if whole.digests is None:
         raise FusionCacheError(f"{listing.dataset} lists no content digests, so it cannot be split for you")
     if len(whole) < 2:
-        raise FusionCacheError(f"{where[name]} holds {len(whole)} image(s), too few to split into train and test; "
+        raise FusionCacheError(f"{where[name]}: {len(whole)} image(s), too few to split into train and test; "
                                "add images")
     test_mask = auto_test_mask(whole.digests, whole.names, whole.labels, fraction, seed)
     if not test_mask.any():
-        raise FusionCacheError(f"{where[name]} has no class with 2 or more images, so no image is left for test; "
-                               "add images")
+        raise FusionCacheError(f"{where[name]}: no class has 2 or more images, so none is left for test; add "
+                               "images")
     train = whole.take(np.flatnonzero(~test_mask), "train")
     test = whole.take(np.flatnonzero(test_mask), "test")
     record = {"method": "auto", "from": where[name], "test_fraction": fraction, "seed": seed,

@@ -101,7 +101,7 @@ def test_stratified_counts_and_provenance(tiny_cache, weights_file):
     assert a.image_size == 48 and a.mean == (0.485, 0.456, 0.406) and a.std == (0.229, 0.224, 0.225)
     assert a.classes == tuple(CIFAR_CLASSES)
     assert a.dataset == "cifar10" and a.seed == 0 and a.train_size == 60 and a.test_size == 20
-    assert a.schema_version == 3 and a.complete is True and a.integrity_checked is False
+    assert a.schema_version == 4 and a.complete is True and a.integrity_checked is False
     assert {"torch", "torchvision", "h5py", "numpy", "sklearn", "fusion_cache"} <= set(a.versions)
     assert len(a.fingerprint) == 64 and a.fingerprint == a.compute_fingerprint()
     with h5py.File(tiny_cache, "r") as f:
@@ -204,7 +204,7 @@ def _run(*args):
 def _base_args(tmp_path, cifar_root, weights_file):
     return ["extract", "--out", tmp_path / "c.h5", "--data-root", cifar_root, "--weights", weights_file,
             "--train-size", 20, "--test-size", 10, "--image-size", 32, "--no-download", "--skip-integrity-check",
-            "--no-progress"]
+            "--no-progress", "--dataset", "cifar10"]
 
 
 def test_cli_extract_and_info(tmp_path, cifar_root, weights_file):
@@ -230,7 +230,8 @@ def test_cli_unknown_tap_lists_valid_ones(tmp_path, cifar_root, weights_file):
 def test_cli_missing_dataset_with_no_download(tmp_path, weights_file):
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = _run("extract", "--out", tmp_path / "c.h5", "--data-root", empty, "--weights", weights_file, "--no-download")
+    r = _run("extract", "--out", tmp_path / "c.h5", "--data-root", empty, "--weights", weights_file, "--no-download",
+             "--dataset", "cifar10")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.startswith(f"Error: CIFAR-10 not found under {empty}/")
     assert "drop --no-download" in r.output and r.output.count("\n") == 1

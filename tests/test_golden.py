@@ -208,9 +208,10 @@ def _reuse_or_refuse(record: dict, weights: Path, tmp_path: Path) -> str:
 
     meta = plan(extract_config(record["extract"], GOLDEN / "images", weights, out))[0].meta
     assert meta.library_version == installed
-    assert (meta.fingerprint == record["fingerprint"]) == (installed == record["library_version"])
-    assert dataclasses.replace(meta, library_version=record["library_version"]).compute_fingerprint() == \
-        record["fingerprint"], "the same settings no longer make the golden fingerprint"
+    then = record["schema_version"]  # the golden cache's schema: its fingerprint is the one these settings had then
+    assert (meta.fingerprint_at(then) == record["fingerprint"]) == (installed == record["library_version"])
+    assert dataclasses.replace(meta, library_version=record["library_version"], schema_version=then) \
+        .compute_fingerprint() == record["fingerprint"], "the same settings no longer make the golden fingerprint"
     return outcome
 
 
@@ -233,7 +234,8 @@ def test_golden_features_are_extracted_again(record, weights, tmp_path):
             "--out", out, "--no-progress")
     assert r.exit_code == 0, r.output
     golden, again = open_cache(GOLDEN / "cache.h5"), open_cache(out)
-    fp_fields = [f.name for f in dataclasses.fields(CacheMeta) if f.metadata["fp"] and f.name != "library_version"]
+    fp_fields = [f.name for f in dataclasses.fields(CacheMeta) if f.metadata["fp"] and f.name != "library_version"
+                 and f.metadata["since"] <= record["schema_version"]]  # the fields the golden cache's schema had
     assert {k: getattr(again.meta, k) for k in fp_fields} == {k: getattr(golden.meta, k) for k in fp_fields}
     for split in ("train", "test"):
         assert np.array_equal(again.labels(split), golden.labels(split))
@@ -277,7 +279,11 @@ FIXED = dict(
     seed=0, integrity_checked=True, versions={"torchvision": "0.20.1"}, library="torchvision",
     library_version="0.20.1", interpolation="bilinear", tap_table=MOBILENET_V2.to_json(), device="cpu",
 )
-FIXED_FINGERPRINT = "e3459b492a809af8655e19a7577dd4cb5afff1b002585f064928cf57bb794ddf"
+FIXED_FINGERPRINT = "e3459b492a809af8655e19a7577dd4cb5afff1b002585f064928cf57bb794ddf"  # schema 3
+# Schema 4 added `decode` and `split`; FIXED_4's fingerprint was computed by the release that added them.
+FIXED_4 = FIXED | dict(decode="EXIF orientation applied; decoded at full size; alpha on white, 16-bit scaled to "
+                              "8-bit, then RGB", split={"method": "given", "train": "train/", "test": "test/"})
+FIXED_FINGERPRINT_SCHEMA_4 = "14decd19d03074337fc7e52c0989a4fc2a40e7ab54a61162be658420f3e49675"
 FIXED_FINGERPRINT_SCHEMA_2 = "ebcecc166b28373943bff8af0a193ec7aea4f7657b927e590f6b8d54f0716fb1"
 
 FP_FIELDS = [f.name for f in dataclasses.fields(CacheMeta) if f.metadata["fp"]]
@@ -285,7 +291,8 @@ OTHER_FIELDS = [f.name for f in dataclasses.fields(CacheMeta) if not f.metadata[
 # Fields that must stay feature-determining: dropping fp=True from one of them shrinks FP_FIELDS (and so the
 # parametrized test below) without failing it; this floor fails instead.
 MUST_BE_FP = {"precision", "dtype", "weights_sha256", "image_size", "mean", "std", "pool", "taps", "data_identity",
-              "subset", "backbone", "resize", "interpolation", "dataset", "library", "library_version", "tap_table"}
+              "subset", "backbone", "resize", "interpolation", "dataset", "library", "library_version", "tap_table",
+              "decode", "split"}
 # A realistic other value where one exists; other fields get one from their kind (`_changed`).
 REALISTIC = {"precision": "bf16", "dtype": "float16", "pool": "avgmax", "interpolation": "bicubic",
              "backbone": "resnet50", "library": "timm", "library_version": "0.20.2", "image_size": 224,
@@ -293,7 +300,7 @@ REALISTIC = {"precision": "bf16", "dtype": "float16", "pool": "avgmax", "interpo
 
 
 def _fixed() -> CacheMeta:
-    return CacheMeta(**FIXED)
+    return CacheMeta(**FIXED_4)
 
 
 def _changed(name: str, value):
@@ -317,16 +324,19 @@ def _changed(name: str, value):
 
 def test_the_fixed_record_has_its_golden_fingerprint():
     meta = _fixed()
-    assert meta.compute_fingerprint() == FIXED_FINGERPRINT, \
+    assert meta.compute_fingerprint() == FIXED_FINGERPRINT_SCHEMA_4, \
         "the fingerprint's serialization or its fields changed: every cache on disk would be refused"
-    assert CacheMeta.create(**FIXED).fingerprint == FIXED_FINGERPRINT
+    assert CacheMeta.create(**FIXED_4).fingerprint == FIXED_FINGERPRINT_SCHEMA_4
+    # a schema-3 cache of the same settings has the fingerprint the schema-3 release computed
+    assert meta.fingerprint_at(3) == FIXED_FINGERPRINT
+    assert dataclasses.replace(CacheMeta(**FIXED), schema_version=3).compute_fingerprint() == FIXED_FINGERPRINT
 
 
 def test_the_fixed_record_has_its_golden_schema_2_fingerprint():
     """A schema-2 cache's fingerprint, as the schema-2 release computed it, is what `legacy_fingerprint` gives
     (so `extract` reuses those caches) and what a schema-2 record recomputes (so they open)."""
     meta = _fixed()
-    assert meta.schema_version == SCHEMA_VERSION == 3
+    assert meta.schema_version == SCHEMA_VERSION == 4
     assert meta.legacy_fingerprint() == FIXED_FINGERPRINT_SCHEMA_2
     legacy = dataclasses.replace(meta, schema_version=LEGACY_SCHEMA)
     assert legacy.compute_fingerprint() == FIXED_FINGERPRINT_SCHEMA_2
@@ -356,4 +366,4 @@ def test_provenance_fields_leave_the_fingerprint(name):
 
 def test_the_schema_version_changes_the_fingerprint():
     meta = _fixed()
-    assert dataclasses.replace(meta, schema_version=4).compute_fingerprint() != meta.compute_fingerprint()
+    assert dataclasses.replace(meta, schema_version=5).compute_fingerprint() != meta.compute_fingerprint()

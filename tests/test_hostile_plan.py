@@ -134,8 +134,8 @@ def _swap_after_planning(monkeypatch, victim: Path, other: Path | None) -> None:
 
     real = extract_mod.plan
 
-    def plan_then_swap(cfg):
-        got = real(cfg)
+    def plan_then_swap(cfg, say=None):
+        got = real(cfg, say)
         if other is None:
             victim.unlink()
         else:

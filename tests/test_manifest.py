@@ -217,7 +217,7 @@ def test_fifos_never_hang(tmp_path, weights_file):
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error")]
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert errors == [f"Error: manifest {tmp_path / 'pipe.csv'} is a named pipe (FIFO), not a CSV file; pass "
-                      "--data-root the path of a UTF-8 CSV whose header names the columns path,label,split"], p.stderr
+                      "--data-root the path of a UTF-8 CSV whose header names the columns path,label and, optionally, split"], p.stderr
     assert not (tmp_path / "d.h5").exists()
 
 
@@ -271,19 +271,19 @@ def header_only(tmp):
 
 
 def no_header(tmp):
-    return _csv_text(tmp, GOOD), "has no path, label or split column in its header (row 1); make the first row"
+    return _csv_text(tmp, GOOD), "has no path or label column in its header (row 1); make the first row path,label"
 
 
-def header_lacks_split(tmp):
-    return _csv_text(tmp, "path,label\nimgs/a.png,cat\n"), "has no split column in its header (row 1)"
+def header_lacks_split(tmp):  # the rows are split for you, and one image cannot be
+    return _csv_text(tmp, "path,label\nimgs/a.png,cat\n"), "every row: 1 image(s), too few to split into train and test"
 
 
 def header_names_a_column_twice(tmp):
     return _csv_text(tmp, "path,label,split,path\n"), "names the column path twice in its header (row 1); keep one"
 
 
-def no_test_rows(tmp):
-    return _csv_text(tmp, HEADER + "imgs/a.png,cat,train\n"), "has no test rows; add rows with split test"
+def no_test_rows(tmp):  # the train rows are split for you, and one image cannot be
+    return _csv_text(tmp, HEADER + "imgs/a.png,cat,train\n"), "the train rows: 1 image(s), too few to split"
 
 
 def no_train_rows(tmp):
@@ -314,7 +314,7 @@ def control_character_label(tmp):
 
 
 def unknown_split(tmp):
-    return _csv_text(tmp, HEADER + GOOD + "imgs/c.png,cat,val\n"), "row 4 has the split 'val'; use train or test"
+    return _csv_text(tmp, HEADER + GOOD + "imgs/c.png,cat,holdout\n"), "row 4 has the split 'holdout'; use train, test or val"
 
 
 def missing_file(tmp):
@@ -451,5 +451,5 @@ def test_help_describes_the_manifest():
     r = run("extract", "--help")
     text = " ".join(r.output.split())
     assert r.exit_code == 0
-    assert "manifest: --data-root is a CSV with the header path,label,split" in text
-    assert "or the CSV file for --dataset manifest" in text
+    assert "manifest: a CSV file with the header path,label[,split], one row per image" in text
+    assert "auto: tell from --data-root which of the layouts below it is" in text

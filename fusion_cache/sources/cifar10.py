@@ -42,8 +42,8 @@ def detect(root: Path) -> str | None:
 def check_root(root: Path) -> None:
     root = home(root)
     if os.path.exists(root) and not os.path.isdir(root):
-        raise FusionCacheError(f"--data-root {display_path(root)} is a file; --dataset cifar10 reads a folder that "
-                               f"holds {CIFAR10.base_folder}/ or {CIFAR10.filename}")
+        raise FusionCacheError(f"--data-root {display_path(root)} is a file; --dataset cifar10 reads a folder: pass "
+                               "a folder, or --dataset manifest for a CSV list of images")
 
 
 def load(root: Path, options) -> Listing:
