@@ -381,6 +381,14 @@ class Cache:
     def indices(self, split: str = "train") -> np.ndarray:
         return self._read(split, "indices")
 
+    def validation_rows(self) -> np.ndarray | None:
+        """The train rows that came from the dataset's own validation split (`val/` beside `test/`), which the
+        tuned protocol chooses on; None when the dataset has none (tuning then carves one out of train)."""
+        start = self.meta.split.get("validation_from")
+        if start is None:
+            return None
+        return np.flatnonzero(self.indices("train") >= int(start))
+
     def features(self, tap: str, split: str = "train") -> np.ndarray:
         """(N, W) pooled features of one tap: W = C for avg pooling, 2C for avgmax."""
         if tap not in self.taps:

@@ -117,6 +117,7 @@ class ViewData:
     y_train: np.ndarray  # (n,) int64 class indices
     X_test: np.ndarray
     y_test: np.ndarray
+    val_rows: np.ndarray | None = None  # train rows of the dataset's own validation split (None: none given)
 
     @property
     def dim(self) -> int:
@@ -161,7 +162,7 @@ def load_view(cache: Cache, view: str) -> ViewData:
         if bad:
             raise FusionCacheError(f"{cache.path}: {bad} {split} rows of view '{view}' hold NaN or inf features; "
                                    "re-extract with --precision fp32 and --force")
-    return ViewData(view, taps, Xtr, ytr, Xte, yte)
+    return ViewData(view, taps, Xtr, ytr, Xte, yte, cache.validation_rows())
 
 
 def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: HeadParams | None = None,

@@ -54,7 +54,8 @@ class ReportConfig:
         for view in self.views:
             cache.view_taps(view)
         check_heads(cache, self.heads, HeadParams(), offered)
-        check_tuned(cache.labels("train"), self.heads, self.seeds, self.val_fraction, str(cache.path), offered)
+        check_tuned(cache.labels("train"), self.heads, self.seeds, self.val_fraction, str(cache.path), offered,
+                    cache.validation_rows())
         if self.pair_search:
             pair_taps(cache)
 
@@ -103,6 +104,7 @@ class ReportResult:
             "case_study": CASE_STUDY,
             "paper": {"params": asdict(HeadParams()), "rows": self.paper_rows, "summary": self.paper_summary},
             "tuned": {"val_fraction": self.cfg.val_fraction,
+                      "validation": self.provenance.get("split", {}).get("validation"),
                       "grids": {h: {"param": HEAD_SPECS[h].tuned, "values": list(HEAD_SPECS[h].grid)}
                                 for h in self.cfg.heads},
                       "rows": self.tuned_rows, "summary": self.tuned_summary, "pair_search": self.pair_scores,
@@ -154,6 +156,9 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> 
 
 def markdown(report: dict, command: str, machine: str) -> str:
     """report.md from the report's JSON."""
+    from .leaks import summary as leak_line
+    from .split import describe as split_line
+
     p = report["provenance"]
     paper = {(s["view"], s["head"]): s for s in report["paper"]["summary"]}
     lines = [
@@ -163,6 +168,7 @@ def markdown(report: dict, command: str, machine: str) -> str:
         f"train {p['train_size']} / test {p['test_size']} images (subset seed {p['seed']}), {p['image_size']} px, "
         f"{p['pool']} pooling, weights `{p['weights']}` (sha256 `{p['weights_sha256'][:16]}…`), "
         f"{len(p['taps'])} taps. Machine: {machine}.", "",
+        f"Split: {split_line(p.get('split', {}))}. Leaks: {leak_line(p.get('leaks', {}))}.", "",
         f"Accuracies in percent, mean ± std over seeds {report['seeds']}.", "",
         "## The case study's protocol", "",
         "2 epochs, Adam lr 1e-3, batch 32, raw features (`linear`); standardized logistic regression, C = 0.1 "
@@ -184,8 +190,10 @@ def markdown(report: dict, command: str, machine: str) -> str:
         lines.append(f"| {view} | {head} | {e1} | {e2} | {_pm([r['test_acc'] for r in rows])} |")
     lines += ["", "For `logreg` the train column is the converged fit's training accuracy; it has no epochs."]
     lines += ["", "## Tuned on a validation split", "",
-              f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) to choose "
-              "each head's parameter: "
+              (f"The dataset's own validation split ({report['tuned']['validation']}, cached with train) chooses "
+               if report["tuned"].get("validation") else
+               f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) to choose ")
+              + "each head's parameter: "
               + "; ".join(f"`{h}`: {g['param']} in {g['values']}" for h, g in report["tuned"]["grids"].items())
               + ". `linear` is trained on features standardized with train statistics, all grid points as one "
               "stacked model (L-BFGS per head, one matrix product per pass); the chosen one is refit on all of "

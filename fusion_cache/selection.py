@@ -38,10 +38,21 @@ ROTATED_TOL = 3e-5
 JACOBI_REFRESH = 10  # iterations between refreshes of the diagonal preconditioner (the Hessian's diagonal)
 
 
-def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(y: np.ndarray, fraction: float, seed: int,
+                     given: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, validation rows) of the train split: disjoint, stratified, seeded; every class keeps
-    training rows."""
+    training rows. With `given` (the dataset's own validation rows, `Cache.validation_rows`), those are the
+    validation rows and the others the fit rows, whatever the fraction and seed."""
     rows = np.arange(len(y))
+    if given is not None:
+        given = np.asarray(given, dtype=np.int64)
+        fit_rows = np.setdiff1d(rows, given)
+        lost = np.setdiff1d(np.unique(y), y[fit_rows])
+        if len(lost) or len(given) == 0:
+            why = (f"class index {int(lost[0])} has no train images outside the validation split" if len(lost)
+                   else "the validation split is empty")
+            raise FusionCacheError(f"{why}; give every class images in train/ as well as in val/")
+        return fit_rows, np.sort(given)
     counts = np.bincount(y)
     stratify = y if counts[counts > 0].min() >= 2 and round(fraction * len(y)) >= len(counts[counts > 0]) else None
     fit_rows, val_rows = train_test_split(rows, test_size=fraction, stratify=stratify, random_state=seed)
@@ -57,11 +68,11 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 def check_tuned(y: np.ndarray, heads: list[str], seeds: list[int], val_fraction: float, where: str,
-                offered=None) -> None:
+                offered=None, given: np.ndarray | None = None) -> None:
     """The tuned protocol's preconditions from the train labels `y`: each seed's validation split keeps every
     class in its fit rows, and every head can be fit there on its grid (heads.check_can_fit)."""
     for seed in seeds:
-        fit_rows, _ = validation_split(y, val_fraction, seed)
+        fit_rows, _ = validation_split(y, val_fraction, seed, given)
         check_can_fit(heads, y[fit_rows], None, where=f"seed {seed}'s validation split of {where}", rows="fit",
                       offered=offered)
 
@@ -173,7 +184,7 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
             raise FusionCacheError(f"the {HEAD_SPECS[head].tuned} grid of the {head} head is empty; give at least "
                                    "one value")
     data = store.data(view)
-    splits = {seed: validation_split(data.y_train, val_fraction, seed) for seed in seeds}
+    splits = {seed: validation_split(data.y_train, val_fraction, seed, data.val_rows) for seed in seeds}
     runs: dict[tuple[str, int], TunedRun] = {}
     l2 = [h for h in heads if HEAD_SPECS[h].family == "l2"]
     if l2:
@@ -328,7 +339,7 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     cross-covariance, which changes only the path. Returns ("tap,late...", {tap: validation accuracy})."""
     late, candidates = pair_taps(cache)
     y = cache.labels("train")
-    fit_rows, val_rows = validation_split(y, val_fraction, seed)
+    fit_rows, val_rows = validation_split(y, val_fraction, seed, cache.validation_rows())
     f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     taps = list(cache.taps)
     blocks, lams, cols = [], [], {}
