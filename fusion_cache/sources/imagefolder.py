@@ -40,7 +40,7 @@ def split_folders(root: Path) -> dict[str, str] | None:
     if "train" not in found:
         raise FusionCacheError(f"{display_path(root)} holds {', '.join(n + '/' for n in names)} but no train/; add "
                                "train/<class>/<image>, or put class folders straight in it")
-    return found
+    return {s: found[s] for s in ("train", "val", "test") if s in found}
 
 
 def detect(root: Path) -> str | None:

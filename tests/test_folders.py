@@ -1,0 +1,355 @@
+"""Your folder as it is: `--dataset auto`, the split made for you, split folders (train/val/test), leaks and
+duplicates, and older caches reused only when decoding did not change. Tiny PNG/JPEG folders built in tmp."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from fusion_cache.cache import CacheMeta, open_cache
+from fusion_cache.sources import SOURCES
+from fusion_cache.split import auto_test_mask
+
+from .hostile import clean_failure, run, snapshot
+
+SIZE = 32
+CLASSES = ("cat", "dog", "owl")
+
+
+def _image(path: Path, seed: int, size=(40, 36), fmt: str = "PNG", exif=None) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    im.save(path, fmt, **({"exif": exif} if exif is not None else {}))
+    return path
+
+
+def _class_folder(root: Path, per_class: int = 10, start: int = 0, classes=CLASSES) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(start, start + per_class):
+            _image(root / name / f"{i:03d}.png", seed=1000 * c + i)
+    return root
+
+
+def _extract(root: Path, out: Path, weights: Path, *more) -> object:
+    return run("extract", "--data-root", root, "--out", out, "--weights", weights, "--image-size", SIZE,
+               "--taps", "late", "--no-progress", "--workers", 0, *more)
+
+
+def _split_of(cache_path: Path, root: Path) -> dict[str, str]:
+    """{file relative to root: split} from the manifest extract wrote beside the cache."""
+    with open(cache_path.with_suffix(".csv"), newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {str((cache_path.parent / r["path"]).resolve().relative_to(root.resolve())): r["split"] for r in rows}
+
+
+# ---------------------------------------------------------------------------------------------- auto + split
+
+
+def test_a_plain_class_folder_extracts_with_no_dataset_and_says_how_it_split(tmp_path, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=10)
+    before = snapshot(root)
+    out = tmp_path / "p.h5"
+    r = _extract(root, out, weights_file, "--write-manifest", out.with_suffix(".csv"))
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.output.splitlines() if "went to test" in line]
+    assert len(said) == 1 and "an image folder of 3 class folders (imagefolder)" in said[0], r.output
+    assert "--test-fraction 0.2, --split-seed 0" in said[0]
+    assert snapshot(root) == before, "extract wrote into the user's folder"
+    cache = open_cache(out)
+    assert cache.meta.dataset == "imagefolder" and cache.meta.split["method"] == "auto"
+    assert cache.meta.split["test_fraction"] == 0.2 and cache.meta.split["seed"] == 0
+    n_train, n_test = len(cache.labels("train")), len(cache.labels("test"))
+    assert n_train + n_test == 30
+    # stratified in expectation, and every class has images on both sides
+    for c in range(3):
+        assert (cache.labels("test") == c).sum() >= 1 and (cache.labels("train") == c).sum() >= 1
+    info = run("info", out)
+    assert "made for you from" in info.output and "20% of each class to test" in info.output, info.output
+    split = _split_of(out, root)
+    assert len(split) == 30 and sum(v == "test" for v in split.values()) == n_test
+
+
+def test_the_split_follows_the_seed_and_content_only(tmp_path, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=12)
+    outs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 7)):
+        out = tmp_path / f"{name}.h5"
+        r = _extract(root, out, weights_file, "--split-seed", seed, "--write-manifest", out.with_suffix(".csv"))
+        assert r.exit_code == 0, r.output
+        outs[name] = _split_of(out, root)
+    assert outs["a"] == outs["b"], "the same seed gave another split"
+    assert outs["a"] != outs["c"], "another seed gave the same split"
+    # renaming files does not move them: the place is a function of the content
+    renamed = tmp_path / "renamed"
+    shutil.copytree(root, renamed)
+    for p in sorted(renamed.rglob("*.png")):
+        p.rename(p.with_name("x" + p.name))
+    out = tmp_path / "r.h5"
+    assert _extract(renamed, out, weights_file, "--write-manifest", out.with_suffix(".csv")).exit_code == 0
+    moved = {k.replace("/x", "/"): v for k, v in _split_of(out, renamed).items()}
+    assert moved == outs["a"]
+
+
+def test_adding_images_never_moves_existing_ones(tmp_path, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=15)
+    first = tmp_path / "first.h5"
+    assert _extract(root, first, weights_file, "--write-manifest", first.with_suffix(".csv")).exit_code == 0
+    before = _split_of(first, root)
+    _class_folder(root, per_class=15, start=100)  # 45 more images
+    second = tmp_path / "second.h5"
+    assert _extract(root, second, weights_file, "--write-manifest", second.with_suffix(".csv")).exit_code == 0
+    after = _split_of(second, root)
+    assert len(after) == 90
+    assert {k: after[k] for k in before} == before, "an existing image changed sides when images were added"
+
+
+def test_the_split_is_stratified_in_expectation_with_both_sides_per_class():
+    """The rule itself, on many items: each class's test share is near the fraction; small classes keep an
+    image on each side; a single-image class stays in train."""
+    rng = np.random.default_rng(0)
+    digests = [f"{rng.integers(0, 2**63):064x}" for _ in range(6002)]
+    labels = np.array([0] * 3000 + [1] * 3000 + [2] * 2)
+    test = auto_test_mask(digests, [str(i) for i in range(len(digests))], labels, 0.2, seed=0)
+    for c in (0, 1):
+        assert abs(test[labels == c].mean() - 0.2) < 0.03
+    assert test[labels == 2].sum() == 1
+    one = auto_test_mask(digests[:1], ["a"], np.array([0]), 0.99, seed=0)
+    assert not one.any(), "a class of one image lost its only train image"
+    other_seed = auto_test_mask(digests, [str(i) for i in range(len(digests))], labels, 0.2, seed=1)
+    assert (other_seed != test).mean() > 0.2
+
+
+def test_the_written_manifest_round_trips_to_the_same_features(tmp_path, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=8)
+    out = tmp_path / "p.h5"
+    manifest = tmp_path / "split.csv"
+    assert _extract(root, out, weights_file, "--write-manifest", manifest).exit_code == 0
+    again = tmp_path / "again.h5"
+    r = _extract(manifest, again, weights_file)
+    assert r.exit_code == 0, r.output
+    a, b = open_cache(out), open_cache(again)
+    assert b.meta.dataset == "manifest" and b.meta.split["method"] == "given"
+    for split in ("train", "test"):
+        assert np.array_equal(a.labels(split), b.labels(split))
+        assert np.array_equal(a.features("features.18", split), b.features("features.18", split))
+    # the written manifest is the same when written again; another split is not written over without --force
+    text = manifest.read_bytes()
+    assert _extract(root, tmp_path / "p2.h5", weights_file, "--write-manifest", manifest).exit_code == 0
+    assert manifest.read_bytes() == text
+    r = _extract(root, tmp_path / "p3.h5", weights_file, "--write-manifest", manifest, "--split-seed", 5)
+    assert clean_failure(r, "already exists with another split; pass --force") is None, r.output
+    assert manifest.read_bytes() == text and not (tmp_path / "p3.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------- split folders
+
+
+def test_train_and_val_folders_take_val_as_test(tmp_path, weights_file):
+    root = tmp_path / "imagenet"
+    _class_folder(root / "train", per_class=6)
+    _class_folder(root / "val", per_class=2, start=50)
+    out = tmp_path / "c.h5"
+    r = _extract(root, out, weights_file)
+    assert r.exit_code == 0, r.output
+    assert "split folders train/, val/" in r.output and "test val/ (6)" in r.output, r.output
+    cache = open_cache(out)
+    assert (len(cache.labels("train")), len(cache.labels("test"))) == (18, 6)
+    assert cache.validation_rows() is None and cache.meta.split == {"method": "given", "train": "train/",
+                                                                     "test": "val/"}
+    r = _extract(root, tmp_path / "d.h5", weights_file, "--test-fraction", 0.3)
+    assert clean_failure(r, "--test-fraction applies to a dataset without a test split, and this one has one "
+                            "(val/); drop --test-fraction") is None, r.output
+    assert not (tmp_path / "d.h5").exists()
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation"])
+def test_a_val_folder_beside_test_is_the_validation_split_tuning_uses(tmp_path, weights_file, val_name):
+    from fusion_cache.selection import ViewStore, tune_heads
+
+    root = tmp_path / "data"
+    _class_folder(root / "train", per_class=6)
+    _class_folder(root / val_name, per_class=3, start=50)
+    _class_folder(root / "test", per_class=2, start=80)
+    out = tmp_path / "c.h5"
+    r = _extract(root, out, weights_file)
+    assert r.exit_code == 0, r.output
+    assert f"validation {val_name}/ (9, cached with train; tuning chooses on it)" in r.output, r.output
+    cache = open_cache(out)
+    assert (len(cache.labels("train")), len(cache.labels("test"))) == (27, 6)
+    rows = cache.validation_rows()
+    assert rows is not None and len(rows) == 9 and (cache.indices("train")[rows] >= 18).all()
+    run_ = tune_heads(ViewStore(cache), "late", ["knn"], [0, 1], val_fraction=0.5)
+    assert [r.val_rows for r in run_] == [9, 9], "tuning did not choose on the given validation split"
+    assert "tuning chooses on it" in run("info", out).output
+
+
+def test_two_folders_for_one_split_are_refused(tmp_path, weights_file):
+    root = tmp_path / "data"
+    _class_folder(root / "train", per_class=2)
+    _class_folder(root / "val", per_class=1, start=50)
+    _class_folder(root / "validation", per_class=1, start=60)
+    r = _extract(root, tmp_path / "c.h5", weights_file)
+    assert clean_failure(r, "holds both val/ and validation/ for one split; keep one of them") is None, r.output
+
+
+# ---------------------------------------------------------------------------------------------- auto's rules
+
+
+def test_auto_reads_cifar_and_manifests_by_their_rules(tmp_path, cifar_root, weights_file):
+    r = _extract(cifar_root, tmp_path / "c.h5", weights_file, "--train-size", 20, "--test-size", 10,
+                 "--skip-integrity-check", "--no-download")
+    assert r.exit_code == 0, r.output
+    assert "CIFAR-10 (cifar-10-batches-py/) (cifar10)" in r.output
+    assert open_cache(tmp_path / "c.h5").meta.dataset == "cifar10"
+    folder = _class_folder(tmp_path / "imgs", per_class=3)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\n" + "".join(f"imgs/{c}/{i:03d}.png,{c}\n" for c in CLASSES for i in range(3)))
+    r = _extract(manifest, tmp_path / "m.h5", weights_file)
+    assert r.exit_code == 0, r.output
+    assert "a CSV manifest (manifest)" in r.output and "went to test" in r.output
+    assert folder.is_dir()
+
+
+def _cifar10_never_downloads(monkeypatch):
+    import torchvision.datasets
+
+    def refuse(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", refuse)
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing", "does not exist; pass a folder of class folders"),
+    ("empty", "is empty; pass --dataset cifar10 to download CIFAR-10 into it; the layouts known are cifar10:"),
+    ("loose_images", "holds images but no class folders; put each class's images in a folder named after the class"),
+    ("text_files", "holds no layout fusion-cache knows; the layouts known are cifar10:"),
+    ("a_text_file", "is a file fusion-cache cannot read; the layouts known are"),
+    ("split_names_without_train", "holds test/, val/ but no train/; add train/<class>/<image>"),
+])
+def test_auto_refuses_what_it_cannot_read_in_one_line_and_writes_nothing(tmp_path, weights_file, monkeypatch,
+                                                                       case, fragment):
+    _cifar10_never_downloads(monkeypatch)
+    root = tmp_path / "root"
+    if case == "empty":
+        root.mkdir()
+    elif case == "loose_images":
+        _image(root / "a.png", 1)
+        _image(root / "b.jpg", 2, fmt="JPEG")
+    elif case == "text_files":
+        root.mkdir()
+        (root / "notes.txt").write_text("hello")
+    elif case == "a_text_file":
+        root = tmp_path / "notes.txt"
+        root.write_text("hello")
+    elif case == "split_names_without_train":
+        _class_folder(root / "test", per_class=1)
+        _class_folder(root / "val", per_class=1)
+    before = snapshot(tmp_path)
+    r = _extract(root, tmp_path / "c.h5", weights_file)
+    assert clean_failure(r, fragment) is None, r.output
+    assert r.output.count("\n") == 1
+    assert snapshot(tmp_path) == before, "something landed on disk"
+
+
+def test_an_explicit_cifar10_never_downloads_into_a_folder_of_images(tmp_path, weights_file, monkeypatch):
+    _cifar10_never_downloads(monkeypatch)
+    root = _class_folder(tmp_path / "photos", per_class=1)
+    before = snapshot(root)
+    r = _extract(root, tmp_path / "c.h5", weights_file, "--dataset", "cifar10")
+    assert clean_failure(r, "which holds other files, so nothing is downloaded into it; drop --dataset") is None
+    assert snapshot(root) == before
+
+
+def test_the_registry_gives_the_cli_its_choices_and_help():
+    from fusion_cache.sources import DATASETS
+
+    assert DATASETS == ("auto", *SOURCES)
+    text = " ".join(run("extract", "--help").output.split())
+    for entry in SOURCES.values():
+        assert entry.name in text and entry.layout.split(":")[0][:30] in text
+        assert callable(entry.impl.detect) and callable(entry.impl.load) and callable(entry.impl.check_root)
+
+
+# ---------------------------------------------------------------------------------------------- leaks
+
+
+def _leaky(root: Path) -> Path:
+    _class_folder(root / "train", per_class=4)
+    _class_folder(root / "test", per_class=2, start=50)
+    shutil.copy(root / "train" / "cat" / "000.png", root / "test" / "cat" / "copy.png")  # a leak
+    shutil.copy(root / "train" / "dog" / "001.png", root / "train" / "dog" / "twice.png")  # a duplicate
+    shutil.copy(root / "train" / "owl" / "002.png", root / "train" / "cat" / "owl-as-cat.png")  # two labels
+    return root
+
+
+def test_leaks_and_duplicates_are_warned_recorded_and_shown(tmp_path, weights_file):
+    root = _leaky(tmp_path / "data")
+    out = tmp_path / "c.h5"
+    r = _extract(root, out, weights_file)
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.output.splitlines() if line.startswith("Warning:")]
+    assert any("1 test image(s) have the same content as a train image" in w and "cat/copy.png = cat/000.png" in w
+               for w in warnings), r.output
+    assert any("train: 2 extra copies" in w for w in warnings), r.output  # dog/twice.png and cat/owl-as-cat.png
+    assert any("1 image content(s) carry two or more labels" in w and "owl-as-cat.png (cat)" in w
+               for w in warnings), r.output
+    leaks = open_cache(out).meta.leaks
+    assert leaks["train_test"] == 1 and leaks["duplicates"] == {"train": 2, "test": 0}
+    assert leaks["label_conflicts"] == 1
+    assert "1 test image(s) also in train" in run("info", out).output
+
+
+def test_on_leak_fail_stops_before_writing(tmp_path, weights_file):
+    root = _leaky(tmp_path / "data")
+    r = _extract(root, tmp_path / "c.h5", weights_file, "--on-leak", "fail")
+    assert clean_failure(r, "1 test image(s) have the same content as a train image") is None, r.output
+    assert "drop --on-leak fail to extract anyway" in r.output
+    assert not (tmp_path / "c.h5").exists()
+    clean = _class_folder(tmp_path / "clean" / "train", per_class=2).parent
+    _class_folder(clean / "test", per_class=1, start=50)
+    assert _extract(clean, tmp_path / "ok.h5", weights_file, "--on-leak", "fail").exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------- older caches
+
+
+def _as_schema_3(path: Path) -> None:
+    """Rewrite a fresh cache's attributes as a schema-3 release wrote them: no decode, split or leaks, and the
+    fingerprint those settings had then."""
+    meta = open_cache(path).meta
+    with h5py.File(path, "r+") as f:
+        for name in ("decode", "split", "leaks"):
+            del f.attrs[name]
+        f.attrs["schema_version"] = 3
+        f.attrs["fingerprint"] = meta.fingerprint_at(3)
+    assert open_cache(path).meta.schema_version == 3
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_an_older_cache_is_reused_only_when_decoding_did_not_change(tmp_path, weights_file, rotated):
+    root = tmp_path / "data"
+    _class_folder(root / "train", per_class=2)
+    _class_folder(root / "test", per_class=1, start=50)
+    if rotated:  # an EXIF orientation: schema 3 ignored it, schema 4 turns the image upright
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        _image(root / "test" / "cat" / "phone.jpg", 9, fmt="JPEG", exif=exif.tobytes())
+    out = tmp_path / "c.h5"
+    assert _extract(root, out, weights_file, "--dataset", "imagefolder").exit_code == 0
+    _as_schema_3(out)
+    before = out.read_bytes()
+    r = _extract(root, out, weights_file, "--dataset", "imagefolder")
+    if rotated:
+        assert clean_failure(r, "exists and was built with other settings; pass --force") is None, r.output
+    else:
+        assert r.exit_code == 0 and "reused" in r.output, r.output
+    assert out.read_bytes() == before
+    assert CacheMeta  # the schema the rewrite imitates is the one cache.py reads
