@@ -22,13 +22,13 @@ test: install
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/fusion-cache extract --out $(CACHE) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
+	$(BIN)/fusion-cache extract --dataset cifar10 --out $(CACHE) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache fit $(CACHE) --head linear --features fused
 
 # Issue 3's reference protocol on three subset draws: linear head, 2 epochs, Adam 1e-3, batch 32, raw features.
 reference: install
 	for s in 0 1 2; do \
-	  $(BIN)/fusion-cache extract --out data/cifar10-paper-s$$s.h5 --seed $$s --data-root $(DATA_ROOT) \
+	  $(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-paper-s$$s.h5 --seed $$s --data-root $(DATA_ROOT) \
 	    --weights $(WEIGHTS) $(EXTRACT_FLAGS) && \
 	  $(BIN)/fusion-cache ablate data/cifar10-paper-s$$s.h5 --views late,features.13+features.18,all \
 	    --heads linear --seeds 0,1,2 --out data/reference-s$$s || exit 1; \
@@ -36,7 +36,7 @@ reference: install
 
 # Issue 4: the case study's subset (5000 / 1000), extract + report (paper and tuned protocols, five figures).
 reproduce: install
-	$(BIN)/fusion-cache extract --out data/cifar10-paper.h5 --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
+	$(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-paper.h5 --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache report data/cifar10-paper.h5 --out data/report-paper --data-root $(DATA_ROOT)
 
 # All 50,000 / 10,000 images; tuned rows for early, late, fused, all and the best early+late pair, 3 seeds.
@@ -44,7 +44,7 @@ reproduce: install
 FULL_POOL ?= avgmax
 FULL_HEADS ?= linear
 reproduce-full: install
-	$(BIN)/fusion-cache extract --out data/cifar10-full-$(FULL_POOL).h5 --train-size all --test-size all \
+	$(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-full-$(FULL_POOL).h5 --train-size all --test-size all \
 	  --pool $(FULL_POOL) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache report data/cifar10-full-$(FULL_POOL).h5 --out data/report-full-$(FULL_POOL) \
 	  --views early,late,fused,all --heads $(FULL_HEADS) --seeds 0,1,2 --data-root $(DATA_ROOT)

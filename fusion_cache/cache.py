@@ -381,6 +381,16 @@ class Cache:
     def indices(self, split: str = "train") -> np.ndarray:
         return self._read(split, "indices")
 
+    def item_names(self, split: str = "train") -> list[str] | None:
+        """Each row's item as the source named it (its file's display path), read from the cache's record of
+        the items planned for `split`; None for a cache without one (pixels, or made before schema 4)."""
+        with self._open() as f:
+            g = f[split].get("items")
+            if g is None:
+                return None
+            where = dict(zip(g["indices"][()].tolist(), (n.decode("utf-8") for n in g["names"][()])))
+            return [where[i] for i in f[split]["indices"][()].tolist()]
+
     def validation_rows(self) -> np.ndarray | None:
         """The train rows that came from the dataset's own validation split (`val/` beside `test/`), which the
         tuned protocol chooses on; None when the dataset has none (tuning then carves one out of train)."""
@@ -568,10 +578,11 @@ class CacheWriter:
     a partial cache) is refused, never deleted. A partial from other settings is replaced only with `force`.
     """
 
-    def __init__(self, path: str | Path, meta: CacheMeta, force: bool = False):
+    def __init__(self, path: str | Path, meta: CacheMeta, force: bool = False, items: dict | None = None):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.meta = meta
+        self.items = items  # {split: (source indices, names)} of the planned items (`write_items`), or None
         self.force = force
         self.sizes = {s: meta.split_size(s) for s in SPLITS}
         self.channels = dict(zip(meta.taps, meta.table.channels(meta.taps, meta.pool)))
@@ -660,6 +671,8 @@ class CacheWriter:
             for tap, c in self.channels.items():
                 rows = max(1, min(n, (1 << 20) // (c * self.dtype.itemsize)))  # ~1 MiB chunks
                 feats.create_dataset(tap, shape=(0, c), maxshape=(None, c), dtype=self.dtype, chunks=(rows, c))
+            if self.items:
+                write_items(g, *self.items[s])
         f.flush()
 
     @contextmanager
@@ -1068,7 +1081,24 @@ def _shard_header(f: h5py.File, meta: CacheMeta, split: str, start: int, stop: i
     return rows, skipped
 
 
-def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard]]) -> CacheMeta:
+def write_items(group: h5py.Group, indices, names) -> None:
+    """`<split>/items/{indices,names}`: the source position and name of every item planned for the split, so
+    that the cache records which items went to which split (rows find theirs through `<split>/indices`)."""
+    g = group.create_group("items")
+    g.create_dataset("indices", data=np.asarray(indices, dtype=np.int64))
+    g.create_dataset("names", data=np.asarray(list(names), dtype=object), dtype=h5py.string_dtype())
+
+
+def read_items(path: Path, split: str) -> tuple[np.ndarray, list[str]] | None:
+    with h5py.File(path, "r") as f:
+        g = f[split].get("items")
+        if g is None:
+            return None
+        return g["indices"][()], [n.decode("utf-8") for n in g["names"][()]]
+
+
+def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard]],
+                        items: dict | None = None) -> CacheMeta:
     """Write the cache `out` (its writer holds the lock) with the given final metadata, its datasets virtual
     over `shards` (in `<out>.shards/`, in position order per split), under `<out>.partial`, renamed when
     complete. Sources are named relative to the cache's folder, as `_check_virtual_sources` requires."""
@@ -1098,6 +1128,8 @@ def write_virtual_cache(out: Path, meta: CacheMeta, shards: dict[str, list[Shard
                             layout[pos : pos + sh.rows] = h5py.VirtualSource(rel, name, shape=src_shape)
                             pos += sh.rows
                     g.create_virtual_dataset(name, layout)
+                if items:
+                    write_items(g, *items[s])
             f.attrs["complete"] = True
         _publish(partial, out)
     except OSError as e:
@@ -1282,7 +1314,9 @@ def consolidate(path: str | Path, out: str | Path, force: bool = False, block: i
     if os.path.lexists(out) and not force:
         raise FusionCacheError(f"{out} exists; pass --force to replace it, or choose another --out")
     meta = dataclasses.replace(src.meta, shards=0, complete=False)
-    with CacheWriter(out, meta, force=force) as w, h5py.File(src.path, "r") as f:
+    items = {s: read_items(src.path, s) for s in SPLITS}
+    with CacheWriter(out, meta, force=force, items=items if all(items.values()) else None) as w, \
+            h5py.File(src.path, "r") as f:
         for s in SPLITS:
             n = meta.split_size(s)
             for lo in range(w.next_position(s), n, block):

@@ -319,13 +319,25 @@ def extract(out, dataset, data_root, train_size, test_size, test_fraction, split
 @main.command(short_help="A cache's provenance and shapes.")
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the attributes and shapes as one JSON object.")
-def info(cache, as_json):
+@click.option("--items", is_flag=True, help="Print each cached image's split and name, one per line (tab-separated): "
+                                              "which images went to train and which to test.")
+def info(cache, as_json, items):
     """Print a cache's provenance (weights, preprocessing, taps, data, versions) and shapes."""
     from .cache import open_cache, shard_folder
     from .leaks import summary as leak_summary
     from .split import describe as split_line
 
     c = open_cache(cache)
+    if items:
+        for split in ("train", "test"):
+            names = c.item_names(split)
+            if names is None:
+                raise FusionCacheError(f"{cache} does not record its items' names (CIFAR-10's pixels, or a cache made "
+                                       "before schema 4); its rows are source positions: see `info --json`")
+            valid = set(c.validation_rows().tolist()) if split == "train" and c.validation_rows() is not None else ()
+            for row, name in enumerate(names):
+                click.echo(f"{'val' if row in valid else split}\t{name}")
+        return
     shapes = c.shapes()
     m = c.meta
     if as_json:

@@ -52,8 +52,12 @@ def read_image(path: str | Path, name: str | None = None, sha256: str | None = N
     CMYK and 16-bit all convert (see `_decode`).
 
     With `reduce_to` (the network's input size), an image whose shorter side is at least `REDUCE_MARGIN` times
-    larger is decoded reduced: a JPEG at a smaller DCT scale (PIL's `draft`), another format box-reduced by
-    an integer factor, so that its shorter side stays at least `REDUCE_MARGIN * reduce_to`.
+    larger is decoded reduced, so that its shorter side stays at least `REDUCE_MARGIN * reduce_to` (and at
+    most twice that): a JPEG (or a camera's MPO) is decoded by libjpeg at the smallest DCT scale that leaves this
+    (1/2, 1/4 or 1/8: PIL's `draft`), then any image is box-reduced (`Image.reduce`) by the integer factor left,
+    after its EXIF orientation and mode conversion, so a tagged file reduces exactly as the same pixels stored
+    upright. The full-size raster of a reduced JPEG is never made; without `reduce_to`, nothing is reduced and
+    the pixels are PIL's full decode made RGB, exactly as before reduced decoding.
 
     Raises `BadImage` ("<name>: <reason>", one printable line; `name` defaults to `display_path(path)`) for
     anything that is not a decodable image: a missing file or broken link, a FIFO, socket or device (never
@@ -151,9 +155,11 @@ def decodes_as_before(path: str | Path, reduce_to: int | None) -> bool:
 
 
 def _decode(f, reduce_to: int | None = None) -> torch.Tensor:
-    """Bytes -> uint8 (3, H, W). Modes become RGB one way: 16- and 32-bit gray scale to 8 bits (by 65535, or by
-    the image's maximum for 32-bit), float by 255; alpha (RGBA, LA, a palette's transparency) is composited
-    on white; everything else is PIL's `convert("RGB")` (CMYK, YCbCr, palette, 1-bit, L)."""
+    """Bytes -> uint8 (3, H, W), in this order: a JPEG's DCT-scale draft (with `reduce_to`), the EXIF orientation,
+    the conversion to RGB, the box reduction left (with `reduce_to`). Modes become RGB one way: 16- and 32-bit
+    gray scale to 8 bits (by 65535, or by the image's maximum for 32-bit), float by 255; alpha (RGBA, LA, a
+    palette's transparency) is composited on white; everything else is PIL's `convert("RGB")` (CMYK, YCbCr,
+    palette, 1-bit, L). A grayscale or CMYK JPEG is drafted in its own mode and converted after."""
     with Image.open(f) as im:
         w, h = im.size
         if w < 1 or h < 1:

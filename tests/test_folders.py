@@ -74,6 +74,10 @@ def test_a_plain_class_folder_extracts_with_no_dataset_and_says_how_it_split(tmp
     assert "made for you from" in info.output and "20% of each class to test" in info.output, info.output
     split = _split_of(out, root)
     assert len(split) == 30 and sum(v == "test" for v in split.values()) == n_test
+    # the cache itself records which image went where, row by row
+    listed = [line.split("\t") for line in run("info", out, "--items").output.splitlines()]
+    assert {name: s for s, name in listed} == split
+    assert [name for s, name in listed if s == "test"] == cache.item_names("test")
 
 
 def test_the_split_follows_the_seed_and_content_only(tmp_path, weights_file):
@@ -188,6 +192,8 @@ def test_a_val_folder_beside_test_is_the_validation_split_tuning_uses(tmp_path, 
     run_ = tune_heads(ViewStore(cache), "late", ["knn"], [0, 1], val_fraction=0.5)
     assert [r.val_rows for r in run_] == [9, 9], "tuning did not choose on the given validation split"
     assert "tuning chooses on it" in run("info", out).output
+    listed = [line.split("\t")[0] for line in run("info", out, "--items").output.splitlines()]
+    assert listed.count("val") == 9 and listed.count("train") == 18 and listed.count("test") == 6
 
 
 def test_two_folders_for_one_split_are_refused(tmp_path, weights_file):

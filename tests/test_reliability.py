@@ -267,7 +267,7 @@ def _corpus(tmp_path: Path, cifar_root: Path, weights_file: Path, tiny_cache: Pa
          "does not exist"),
         ("folder: empty class", [*folder, "--data-root", empty_cls], "holds no images"),
         ("folder: class only in test", [*folder, "--data-root", extra_cls], "is in test but not in train"),
-        ("folder: no train split", [*folder, "--data-root", tmp_path], "is not a folder"),
+        ("folder: datasets taken for classes", [*folder, "--data-root", tmp_path], "is a dataset, not a class"),
         ("cache: newer schema", ["info", _newer_schema(tiny_cache, tmp_path / "new.h5")], "upgrade fusion-cache"),
         ("cache: truncated", ["fit", _truncated_cache(tiny_cache, tmp_path / "trunc.h5")], "damaged or truncated"),
         ("cache: not HDF5", ["ablate", junk], "is not an HDF5 file"),
@@ -378,6 +378,6 @@ def test_size_option_parsing(value):
         assert "positive integer or 'all'" in str(e)
         return
     if value.strip().lower() == "all":
-        assert got is None
+        assert got == "all"  # every image (None is "not given": the source's default)
     else:
         assert got == int(value.strip()) and got > 0

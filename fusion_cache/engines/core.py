@@ -143,6 +143,12 @@ class Plan:
     def counts(self) -> dict[str, int]:
         return {s: len(self.splits[s]) for s in SPLITS}
 
+    def items(self) -> dict[str, tuple[np.ndarray, tuple[str, ...]]] | None:
+        """{split: (source indices, names)} of the planned files, recorded in the cache (None for pixels)."""
+        if any(sp.names is None for sp in self.splits.values()):
+            return None
+        return {s: (sp.indices, sp.names) for s, sp in self.splits.items()}
+
     @property
     def widths(self) -> dict[str, int]:
         return dict(zip(self.meta.taps, self.meta.table.channels(list(self.meta.taps), self.meta.pool)))

@@ -28,7 +28,7 @@ def run(plan: Plan, cfg: ExtractConfig, weights: LoadedWeights) -> ExtractResult
     counts = plan.counts
     start = time.perf_counter()
     processed = 0
-    with cache_mod.CacheWriter(out, plan.meta, force=cfg.force) as writer, ThreadPoolExecutor(1) as pool, \
+    with cache_mod.CacheWriter(out, plan.meta, force=cfg.force, items=plan.items()) as writer, ThreadPoolExecutor(1) as pool, \
             writer.discard_on_error():
         pending: Future | None = None
         total = sum(counts[s] - writer.next_position(s) for s in SPLITS)

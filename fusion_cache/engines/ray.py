@@ -148,7 +148,7 @@ def run(plan: Plan, cfg: ExtractConfig, weights: LoadedWeights) -> ExtractResult
             final = replace(plan.meta, train_size=rows["train"], test_size=rows["test"], skipped=skipped,
                             device="cuda" if cfg.gpus_per_worker > 0 else "cpu", engine="ray",
                             shards=sum(len(v) for v in shards.values()), complete=True)
-            cache_mod.write_virtual_cache(out, final, shards)
+            cache_mod.write_virtual_cache(out, final, shards, plan.items())
             cache_mod.remove_shard_tmp(folder)
     finally:
         if started:

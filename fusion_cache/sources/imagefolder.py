@@ -43,6 +43,14 @@ def split_folders(root: Path) -> dict[str, str] | None:
     return {s: found[s] for s in ("train", "val", "test") if s in found}
 
 
+def split_folders_of(folder: Path) -> bool:
+    """Whether `folder` holds a `train/` folder (a dataset of its own, when it was taken for a class)."""
+    try:
+        return (folder / "train").is_dir()
+    except OSError:
+        return False
+
+
 def detect(root: Path) -> str | None:
     """A folder of class folders, or of split folders that hold class folders."""
     if not root.is_dir():
@@ -77,6 +85,10 @@ def load(root: Path, options=None) -> Listing:
             what = "images but no class folders" if loose else "no class folders"
             raise FusionCacheError(f"{display_path(root)} holds {what}; put each class's images in a folder named "
                                    "after the class (<class>/<image>)")
+        for name in _subfolders(root):
+            if split_folders_of(root / name):
+                raise FusionCacheError(f"class folder {display_path(root / name)} holds split folders (train/, ...): it "
+                                       "is a dataset, not a class; pass it as --data-root")
         return Listing(NAME, {"all": list_class_folder(root, "all")}, {"all": display_path(root) + "/"})
     given = {s: list_class_folder(root / name, s) for s, name in splits.items()}
     return Listing(NAME, given, {s: name + "/" for s, name in splits.items()})
