@@ -121,7 +121,8 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
     sizes = {s: defaults.get(s) if n == "default" else n for s, n in (("train", cfg.train_size),
                                                                         ("test", cfg.test_size))}
     subsets = {s: stratified_subset(sources[s].labels, sizes[s], cfg.seed, s) for s in SPLITS}
-    names = {s: [sources[s].names[i] for i in subsets[s]] for s in SPLITS}
+    all_names = {s: sources[s].names for s in SPLITS}  # a list built once per split
+    names = {s: [all_names[s][i] for i in subsets[s]] for s in SPLITS}
     leaks = leaks_mod.find({s: (names[s], [sources[s].digests[i] for i in subsets[s]], sources[s].labels[subsets[s]])
                             for s in SPLITS if sources[s].digests is not None}, sources["train"].classes)
     for line in leaks_mod.warnings_for(leaks):
@@ -185,10 +186,10 @@ def decision(data_root, dataset: str, found: str | None, splits) -> str:
                f"(--test-fraction {r['test_fraction']:g}, --split-seed {r['seed']}): train {n_train}, test {n_test}")
     elif r.get("validation"):
         n_val = n_train - r["validation_from"]
-        how = (f"train {r['train']} ({r['validation_from']}), validation {r['validation']} ({n_val}, cached with "
-               f"train; tuning chooses on it), test {r['test']} ({n_test})")
+        how = (f"its own splits: train {r['train']} ({r['validation_from']} images), validation {r['validation']} "
+               f"({n_val}, cached with train; tuning chooses on it), test {r['test']} ({n_test})")
     else:
-        how = f"train {r['train']} ({n_train}), test {r['test']} ({n_test})"
+        how = f"its own splits: train {r['train']} ({n_train} images), test {r['test']} ({n_test})"
     return f"{display_path(data_root)}: {what}; {how}"
 
 

@@ -24,6 +24,12 @@ Keys of bench.json (each with the two measurements it divides):
                                  over plain reads, as throughputs, 1.0 = free);
                                  --only-ray measures just these
   imagefolder_vs_backbone_ratio  the same with the subset written out as a folder of JPEGs
+  photos_vs_backbone_ratio       `extract` of a folder of --photos camera-size JPEGs (--photo-size, 12 megapixels;
+                                 made from the real photographs scikit-learn and matplotlib ship, see
+                                 camera_photos) at --photo-image-size px, reduced decoding as by default, vs the
+                                 raw backbone's forward on as many images at that size, in this run;
+                                 photos_full_decode_vs_backbone_ratio: the same extract with --full-decode (every
+                                 photo decoded at full size, as before reduced decoding); --only-photos: just these
   ablation_speedup               a paper-style pipeline (per-image PIL transforms in a DataLoader, torchvision's
                                  MobileNetV2 as it comes, rerun every epoch for every view) vs one extract + the
                                  heads, for views x seeds x 2 epochs. The paper pipeline is timed over one epoch
@@ -244,6 +250,77 @@ def ray_part(a, tmp: Path) -> dict:
     return out
 
 
+def camera_photos(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """An image folder (train/ and test/, one class per source photo) of `n` camera-size JPEGs (n >= 6), a
+    fifth in test: the real photographs that ship with scikit-learn (china, flower) and matplotlib
+    (grace_hopper), each cropped to the camera's aspect ratio at two framings (decode_check.variants), upscaled
+    (Lanczos) to `size` (width x height), given camera-like grain (an unsharp mask and Gaussian noise of sigma 4:
+    a smooth upscale compresses to half the bytes, and JPEG decoding costs by the byte), then written flipped or
+    turned in each of the 8 ways, with a border of 0, 1, ... pixels cropped so that no two files are the same,
+    at quality 88 to 92. About 2 MB per 12-megapixel file; a camera's are 3 to 6 MB, so decoding costs here are,
+    if anything, lower than on real camera files."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from decode_check import source_photos, variants
+
+    rng = np.random.default_rng(seed)
+    bases = []
+    for name, path in source_photos().items():
+        with Image.open(path) as src:
+            for _, im in variants(src.convert("RGB")):
+                big = im.resize(size if im.width >= im.height else size[::-1], Image.Resampling.LANCZOS)
+                sharp = np.asarray(big.filter(ImageFilter.UnsharpMask(radius=2, percent=80, threshold=0)), np.float32)
+                noisy = sharp + rng.normal(0, 4, sharp.shape).astype(np.float32)
+                bases.append((name, Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))))
+    seen: dict[str, int] = {}
+    for i in range(n):
+        name, im = bases[i % len(bases)]
+        seen[name] = seen.get(name, 0) + 1
+        k = i // len(bases)
+        if k % 8:
+            im = im.transpose(list(Image.Transpose)[k % 8 - 1])
+        border = k // 8
+        if border:
+            im = im.crop((border, border, im.width - border, im.height - border))
+        d = root / ("test" if seen[name] % 5 == 2 else "train") / name  # each class's 2nd, 7th, 12th, ...
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{i:04d}.jpg", quality=88 + i % 5)
+    return root
+
+
+def photos_ratio(a, tmp: Path) -> dict:
+    """photos_vs_backbone_ratio and photos_full_decode_vs_backbone_ratio: `extract` of a folder of camera-size
+    JPEGs (reduced decoding, then --full-decode) vs the raw backbone's forward on as many images, already
+    decoded and resized in memory, at --photo-image-size px; all in this run, each extract once, the backbone
+    before and after them (the faster of the two: a slower one is this machine drifting, not the backbone)."""
+    from fusion_cache.decode import read_image
+
+    w, h = (int(v) for v in a.photo_size.lower().split("x"))
+    start = time.perf_counter()
+    folder = camera_photos(tmp / "photos", a.photos, (w, h))
+    files = sorted(folder.rglob("*.jpg"))
+    log(f"  {len(files)} photos of {w}x{h} written in {time.perf_counter() - start:.0f} s, "
+        f"{sum(f.stat().st_size for f in files) / len(files) / 1e6:.1f} MB each")
+    weights = load_weights(a.weights)
+    pre = preprocess_for(resolve(weights.backbone), weights.name, a.photo_image_size)
+    images = torch.stack([pre.resize(read_image(f, reduce_to=pre.image_size)) for f in files])
+    before = backbone_throughput(weights, images, pre, a.batch_size)
+    common = dict(data_root=folder, dataset="imagefolder", weights=a.weights, image_size=pre.image_size,
+                  batch_size=a.batch_size, download=False, progress=False, device="cpu", workers=a.workers,
+                  train_size=None, test_size=None)
+    reduced_ips, _ = timed_extract(ExtractConfig(out=tmp / "photos.h5", **common))
+    full_ips, _ = timed_extract(ExtractConfig(out=tmp / "photos-full.h5", **common, full_decode=True))
+    backbone_ips = max(before, backbone_throughput(weights, images, pre, a.batch_size))  # before and after: drift
+    return {"photos": len(files), "photo_size": [w, h], "photo_image_size": pre.image_size,
+            "photo_mb": sum(f.stat().st_size for f in files) / len(files) / 1e6,
+            "photos_backbone_img_per_s": backbone_ips, "photos_extract_img_per_s": reduced_ips,
+            "photos_full_decode_extract_img_per_s": full_ips,
+            "photos_vs_backbone_ratio": reduced_ips / backbone_ips,
+            "photos_full_decode_vs_backbone_ratio": full_ips / backbone_ips}
+
+
 def write_jpeg_folder(root: Path, sources: dict, subsets: dict) -> Path:
     for split, src in sources.items():
         for i in subsets[split]:
@@ -316,12 +393,19 @@ def main() -> int:
                     help="measure only the resnet50 and vit_small extract ratios and merge them into --out")
     ap.add_argument("--only-ray", action="store_true",
                     help="measure only ray_vs_local_ratio (and the cluster projection's inputs), merge into --out")
+    ap.add_argument("--photos", type=int, default=80, help="camera-size JPEGs of the photos_* keys")
+    ap.add_argument("--photo-size", default="4000x3000", help="their width x height (12 megapixels)")
+    ap.add_argument("--photo-image-size", type=int, default=224, help="the network's input size for the photos")
+    ap.add_argument("--only-photos", action="store_true",
+                    help="measure only the photos_* keys (camera-size JPEGs) and merge them into --out")
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
     a = ap.parse_args()
-    for name in ("threads", "backbone_train_size", "backbone_test_size", "backbone_repeats"):
+    for name in ("threads", "backbone_train_size", "backbone_test_size", "backbone_repeats", "photos"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.photos < 6:
+        ap.error(f"--photos must be at least 6 (each source photo in train and test), got {a.photos}")
     if a.threads > 4 * (os.cpu_count() or 1):
         ap.error(f"--threads must be at most 4 x CPUs ({4 * (os.cpu_count() or 1)}), got {a.threads}")
     warnings.filterwarnings("once", category=UserWarning)  # the local-copy warning, once, not per extract
@@ -340,6 +424,16 @@ def main() -> int:
         res = json.loads(a.out.read_text()) if a.out.exists() else {}
         with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
             res.update(ray_part(a, Path(tmp)))
+        tmp_out = a.out.with_name(a.out.name + ".tmp")
+        tmp_out.write_text(json.dumps(res, indent=2))
+        os.replace(tmp_out, a.out)
+        print(table(res))
+        return 0
+
+    if a.only_photos:
+        res = json.loads(a.out.read_text()) if a.out.exists() else {}
+        with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+            res.update(photos_ratio(a, Path(tmp)))
         tmp_out = a.out.with_name(a.out.name + ".tmp")
         tmp_out.write_text(json.dumps(res, indent=2))
         os.replace(tmp_out, a.out)
@@ -399,6 +493,8 @@ def main() -> int:
         folder_ips, _ = timed_extract(folder_cfg)
         res["imagefolder_img_per_s"] = folder_ips
         res["imagefolder_vs_backbone_ratio"] = folder_ips / backbone_ips
+        log(f"[2b/7] {a.photos} camera-size JPEGs at {a.photo_image_size} px, reduced and full decoding")
+        res.update(photos_ratio(a, tmp))
 
         log(f"[3/7] paper-style pipeline vs cache, {len(views)} views x {len(seeds)} seeds x 2 epochs")
         epoch_s = paper_pipeline_epoch(weights, folder, a.image_size, 32, a.workers, fast=False)
@@ -561,6 +657,8 @@ ROWS = [
     ("ray_vs_local_ratio", ">= 0.8", "{:.2f}"),
     ("jpeg_decode_checked_vs_plain_ratio", ">= 0.9", "{:.2f}"),
     ("imagefolder_vs_backbone_ratio", ">= 0.8", "{:.2f}"),
+    ("photos_vs_backbone_ratio", ">= 0.5", "{:.2f}"),
+    ("photos_full_decode_vs_backbone_ratio", "(full decode)", "{:.2f}"),
     ("ablation_speedup", ">= 15", "{:.1f}"),
     ("ablation_speedup_same_backbone", "(cache alone)", "{:.1f}"),
     ("head_vs_logreg_time_ratio", "<= 0.1", "{:.3f}"),
@@ -578,10 +676,10 @@ ROWS = [
 
 
 def table(res: dict) -> str:
-    lines = [f"{'key':<32} {'value':>10}  target"]
+    lines = [f"{'key':<38} {'value':>10}  target"]
     for key, target, fmt in ROWS:
         value = fmt.format(res[key]) if key in res else "skipped"
-        lines.append(f"{key:<32} {value:>10}  {target}")
+        lines.append(f"{key:<38} {value:>10}  {target}")
     return "\n".join(lines)
 
 

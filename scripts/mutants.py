@@ -153,6 +153,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "np.clip(arr / top * 255.0 + 0.5, 0, 255)", "np.clip(arr / top * 255.0, 0, 255)", ("tests/test_images.py",)),
     Mutant("float-image-truncated", "float images round to the nearest level", "fusion_cache/decode.py",
            "np.clip(arr * 255.0 + 0.5, 0, 255)", "np.clip(arr * 255.0, 0, 255)", ("tests/test_images.py",)),
+    # -- how files become pixels: EXIF orientation, reduced decoding
+    Mutant("exif-ignored", "a file's EXIF orientation is applied (upright, as a person sees it)",
+           "fusion_cache/decode.py", "ImageOps.exif_transpose(im, in_place=True)", "None",
+           ("tests/test_decode.py::test_an_exif_rotated_jpeg_extracts_as_the_rotated_image",
+            "tests/test_decode.py::test_exif_orientation_gives_the_physically_rotated_pixels")),
+    Mutant("reduce-margin-one", "reduced decoding keeps the shorter side at least REDUCE_MARGIN x image_size",
+           "fusion_cache/decode.py", "min(size) // (REDUCE_MARGIN * reduce_to)", "min(size) // reduce_to",
+           ("tests/test_decode.py::test_reduced_decoding_keeps_the_margin_and_no_more",
+            "tests/test_decode.py::test_reduced_network_input_is_close_to_the_full_decode")),
     # -- the layer curve
     Mutant("layer-curve-late", "each point of the layer curve is its own tap", "fusion_cache/compare.py",
            "        data = load_view(cache, tap)\n", '        data = load_view(cache, "late")\n',

@@ -162,7 +162,7 @@ def test_train_and_val_folders_take_val_as_test(tmp_path, weights_file):
     out = tmp_path / "c.h5"
     r = _extract(root, out, weights_file)
     assert r.exit_code == 0, r.output
-    assert "split folders train/, val/" in r.output and "test val/ (6)" in r.output, r.output
+    assert "split folders train/, val/" in r.output and "train train/ (18 images), test val/ (6)" in r.output, r.output
     cache = open_cache(out)
     assert (len(cache.labels("train")), len(cache.labels("test"))) == (18, 6)
     assert cache.validation_rows() is None and cache.meta.split == {"method": "given", "train": "train/",
