@@ -144,14 +144,22 @@ def dct_scale(factor: int) -> int:
 
 def decodes_as_before(path: str | Path, reduce_to: int | None) -> bool:
     """Whether this file decodes to the same pixels as before schema 4 (full size, EXIF ignored): it carries no
-    EXIF rotation and is not reduced. Reads the header only; a file that cannot be opened counts as changed."""
+    EXIF rotation and is not reduced. Reads the header only, of a regular file opened non-blocking (never a
+    FIFO); a file that cannot be opened or read counts as changed."""
     try:
-        with Image.open(path) as im:
-            if im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
-                return False
-            return reduce_factor(im.size, reduce_to) == 1
-    except Exception:
+        fd = os.open(path, OPEN_FLAGS)
+    except OSError:
         return False
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            with Image.open(f) as im:
+                if im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
+                    return False
+                return reduce_factor(im.size, reduce_to) == 1
+        except Exception:
+            return False
 
 
 def _decode(f, reduce_to: int | None = None) -> torch.Tensor:

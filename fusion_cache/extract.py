@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
         warnings.warn(message, IntegrityWarning, stacklevel=2)
     splits = make_splits(listing, cfg.test_fraction, cfg.split_seed)
     sources = {"train": splits.train, "test": splits.test}
+    if cfg.write_manifest is not None and splits.train.images is not None:
+        raise FusionCacheError(f"--write-manifest lists image files, and {dataset} holds its images as pixels; drop "
+                               "--write-manifest")
     if found or splits.record["method"] != "given" or splits.validation_from is not None:
         say(decision(cfg.data_root, dataset, found, splits))  # what auto found, or a split the user did not give
     defaults = DEFAULT_SIZES.get(dataset, {})
@@ -172,6 +176,7 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
     return Plan(meta, spec, cfg.seed, plans), weights
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_SIZES = {"cifar10": {"train": 5000, "test": 1000}}  # the case study's subset; other sources: every image
 PIXELS_AS_STORED = "pixels as the dataset stores them (no file decoding)"
 
@@ -182,8 +187,9 @@ def decision(data_root, dataset: str, found: str | None, splits) -> str:
     r = splits.record
     n_train, n_test = len(splits.train), len(splits.test)
     if r["method"] == "auto":
-        how = (f"no test split, so {100 * r['test_fraction']:g}% of each class went to test by content hash "
-               f"(--test-fraction {r['test_fraction']:g}, --split-seed {r['seed']}): train {n_train}, test {n_test}")
+        how = (f"no test split, so one was made: each image goes to test when a hash of its content falls under "
+               f"--test-fraction {r['test_fraction']:g} (--split-seed {r['seed']}; each class keeps an image on each "
+               f"side): train {n_train}, test {n_test}")
     elif r.get("validation"):
         n_val = n_train - r["validation_from"]
         how = (f"its own splits: train {r['train']} ({r['validation_from']} images), validation {r['validation']} "
@@ -198,6 +204,11 @@ def check_manifest_output(cfg: ExtractConfig) -> None:
     existing manifest with the same content is left as it is (a rerun after a failure), so this is checked
     again, on the content, when it is written."""
     out = Path(cfg.write_manifest)
+    for other, flag in ((cfg.out, "--out"), (cfg.data_root, "--data-root")):
+        if os.path.abspath(out) == os.path.abspath(other) or (out.exists() and Path(other).exists()
+                                                                and out.resolve() == Path(other).resolve()):
+            raise FusionCacheError(f"--write-manifest and {flag} name the same file ({display_path(out)}); choose "
+                                   "another name for the manifest")
     if out.exists() and not cfg.force and is_manifest_like(out):
         check_output_file(out, True, inputs=(cfg.data_root, cfg.out), what="--write-manifest")
         return
@@ -249,7 +260,8 @@ def preprocess_for(bb, weights_name: str, image_size: int | None) -> Preprocess:
 def decoded_as_before(the_plan: Plan) -> bool:
     """Whether every planned file decodes as it did before schema 4 (no EXIF rotation, nothing reduced), so an
     older cache with the same older fingerprint holds these features. Reads image headers only."""
-    return all(decodes_as_before(f, sp.reduce_to) for sp in the_plan.splits.values() for f in (sp.files or ()))
+    return all(decodes_as_before(f, sp.reduce_to) for sp in the_plan.splits.values()
+               for f, digest in zip(sp.files or (), sp.digests or ()) if _SHA256.match(digest))  # unreadable: as then
 
 
 def hash_indices(indices: np.ndarray) -> str:

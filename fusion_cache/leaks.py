@@ -45,6 +45,8 @@ def find(splits: dict[str, tuple[list[str], list[str], np.ndarray]], classes: li
         train = first["train"]
         names, digests, _ = splits["test"]
         leaked = [f"{n} = {train[d]}" for n, d in zip(names, digests) if d in train]
+        if any(a == b for a, b in (x.split(" = ") for x in leaked[:EXAMPLES])):  # names relative to each split
+            leaked = [f"test {n} = train {train[d]}" for n, d in zip(names, digests) if d in train]
         record |= {"train_test": len(leaked), "train_test_examples": leaked[:EXAMPLES]}
     conflicts = [by_label for by_label in labels_of.values() if len(by_label) > 1]
     record["label_conflicts"] = len(conflicts)

@@ -9,8 +9,10 @@ A dataset without a test split is split for you: an item goes to test when a has
 content digest falls under the test fraction. Each item's place is a function of its own bytes and the seed
 alone, so adding images never moves existing ones, and the same image twice (a duplicate) always lands on
 one side. Every class is split at the same rate (stratified in expectation, not in exact counts); a class
-that would otherwise have no train image, or (with 2 or more images) no test image, gets one: its item with
-the highest (lowest) hash moves, and may move back once the class grows.
+that would otherwise have no train image, or (with 2 or more distinct images) no test image, gets one: its
+image with the highest (lowest) hash moves, with every copy of it, and may move back once the class grows.
+(No rule can both keep each class's counts exact and never move an image when others are added: the first
+image of a class must be in train, and then every image would be.)
 """
 
 from __future__ import annotations
@@ -67,12 +69,12 @@ def auto_test_mask(digests: list[str], names: list[str], labels: np.ndarray, fra
     u = keys(digests, names, seed)
     test = u < fraction
     labels = np.asarray(labels)
-    for c in np.unique(labels):
+    for c in np.unique(labels):  # copies of one image share a key, and move together
         members = np.flatnonzero(labels == c)
         if test[members].all():  # no train image: the highest key goes back to train
-            test[members[np.argmax(u[members])]] = False
-        if len(members) >= 2 and not test[members].any():  # no test image: the lowest key goes to test
-            test[members[np.argmin(u[members])]] = True
+            test[u == u[members].max()] = False
+        if len(np.unique(u[members])) >= 2 and not test[members].any():  # no test image: the lowest key goes to test
+            test[u == u[members].min()] = True
     return test
 
 
@@ -132,9 +134,12 @@ def describe(record: dict) -> str:
 
 
 def as_recorded(listing: Listing, record: dict) -> Splits:
-    """The splits a cache's `split` record describes, made again from `listing` (an older cache: the given ones)."""
+    """The splits a cache's `split` record describes, made again from `listing`. An older cache (no record)
+    had its dataset's train and test only: a val/ beside them was not read then, and is not joined now."""
     if record.get("method") == "auto":
         return make_splits(listing, float(record["test_fraction"]), int(record["seed"]))
+    if not record and "train" in listing.given and "test" in listing.given:
+        return Splits(listing.given["train"], listing.given["test"], {})
     return make_splits(listing)
 
 

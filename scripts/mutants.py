@@ -198,6 +198,25 @@ MUTANTS: tuple[Mutant, ...] = (
            "fusion_cache/extract.py", "data_root = Path.cwd() / cfg.data_root",
            "data_root = Path(cfg.data_root).resolve()",
            ("tests/test_hostile_plan.py::test_a_linked_manifest_reads_the_images_beside_the_link",)),
+    # -- your folder as it is
+    Mutant("split-by-name", "an image's side of the split follows its content, not its name", "fusion_cache/split.py",
+           r'what = digest if len(digest) == _SHA256_HEX else f"{digest}\0{name}"', "what = name",
+           ("tests/test_folders.py::test_the_split_follows_the_seed_and_content_only",)),
+    Mutant("split-moves-on-add", "adding images never moves existing ones", "fusion_cache/split.py",
+           r'{seed}\n{what}".encode(', r'{seed}\n{what}{len(digests)}".encode(',
+           ("tests/test_folders.py::test_adding_images_never_moves_existing_ones",)),
+    Mutant("given-validation-ignored", "tuning chooses on the dataset's own val/ split", "fusion_cache/selection.py",
+           "validation_split(data.y_train, val_fraction, seed, data.val_rows)",
+           "validation_split(data.y_train, val_fraction, seed)",
+           ("tests/test_folders.py::test_a_val_folder_beside_test_is_the_validation_split_tuning_uses",)),
+    Mutant("leak-unseen", "test images whose content is in train are reported", "fusion_cache/leaks.py",
+           'leaked = [f"{n} = {train[d]}" for n, d in zip(names, digests) if d in train]', "leaked = []",
+           ("tests/test_folders.py::test_leaks_and_duplicates_are_warned_recorded_and_shown",
+            "tests/test_folders.py::test_on_leak_fail_stops_before_writing")),
+    Mutant("older-cache-always-reused", "a schema-3 cache is reused only when decoding did not change",
+           "fusion_cache/extract.py", "    return all(decodes_as_before(f, sp.reduce_to)",
+           "    return True or all(decodes_as_before(f, sp.reduce_to)",
+           ("tests/test_folders.py::test_an_older_cache_is_reused_only_when_decoding_did_not_change[True]",)),
 )
 
 

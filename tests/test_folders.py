@@ -58,9 +58,9 @@ def test_a_plain_class_folder_extracts_with_no_dataset_and_says_how_it_split(tmp
     out = tmp_path / "p.h5"
     r = _extract(root, out, weights_file, "--write-manifest", out.with_suffix(".csv"))
     assert r.exit_code == 0, r.output
-    said = [line for line in r.output.splitlines() if "went to test" in line]
+    said = [line for line in r.output.splitlines() if "goes to test" in line]
     assert len(said) == 1 and "an image folder of 3 class folders (imagefolder)" in said[0], r.output
-    assert "--test-fraction 0.2, --split-seed 0" in said[0]
+    assert "--test-fraction 0.2 (--split-seed 0;" in said[0]
     assert snapshot(root) == before, "extract wrote into the user's folder"
     cache = open_cache(out)
     assert cache.meta.dataset == "imagefolder" and cache.meta.split["method"] == "auto"
@@ -219,7 +219,7 @@ def test_auto_reads_cifar_and_manifests_by_their_rules(tmp_path, cifar_root, wei
     manifest.write_text("path,label\n" + "".join(f"imgs/{c}/{i:03d}.png,{c}\n" for c in CLASSES for i in range(3)))
     r = _extract(manifest, tmp_path / "m.h5", weights_file)
     assert r.exit_code == 0, r.output
-    assert "a CSV manifest (manifest)" in r.output and "went to test" in r.output
+    assert "a CSV manifest (manifest)" in r.output and "goes to test" in r.output
     assert folder.is_dir()
 
 
@@ -359,3 +359,99 @@ def test_an_older_cache_is_reused_only_when_decoding_did_not_change(tmp_path, we
         assert r.exit_code == 0 and "reused" in r.output, r.output
     assert out.read_bytes() == before
     assert CacheMeta  # the schema the rewrite imitates is the one cache.py reads
+
+
+# ---------------------------------------------------------------------------------------------- review findings
+
+
+def test_split_folders_in_any_case_and_their_strays(tmp_path, weights_file):
+    root = tmp_path / "data"
+    _class_folder(root / "Train", per_class=3)
+    _class_folder(root / "TEST", per_class=1, start=50)
+    (root / ".ipynb_checkpoints").mkdir()
+    _class_folder(root / "__MACOSX" / "train", per_class=1)
+    r = _extract(root, tmp_path / "c.h5", weights_file)
+    assert r.exit_code == 0 and "split folders Train/, TEST/" in r.output, r.output
+    assert open_cache(tmp_path / "c.h5").meta.classes == CLASSES  # not Train/TEST, not the hidden folders
+    _class_folder(root / "samples", per_class=1)
+    r = _extract(root, tmp_path / "d.h5", weights_file)
+    assert clean_failure(r, "and samples/, which is none of them; move samples/ out") is None, r.output
+    # a class that happens to be called train, among other classes, is a class
+    vehicles = _class_folder(tmp_path / "vehicles", per_class=4, classes=("bus", "car", "train"))
+    r = _extract(vehicles, tmp_path / "v.h5", weights_file)
+    assert r.exit_code == 0 and open_cache(tmp_path / "v.h5").meta.classes == ("bus", "car", "train"), r.output
+
+
+def test_a_moved_dataset_reuses_its_auto_split_cache(tmp_path, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=4)
+    out = tmp_path / "p.h5"
+    assert _extract(root, out, weights_file).exit_code == 0
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    r = _extract(moved, out, weights_file)
+    assert r.exit_code == 0 and "reused" in r.output, r.output
+
+
+def test_copies_of_one_image_never_straddle_the_split_made_for_you(tmp_path, weights_file):
+    root = tmp_path / "same"
+    for c in ("a", "b"):
+        for i in range(3):
+            _image(root / c / f"{i}.png", seed=7)  # every image the same bytes
+    r = _extract(root, tmp_path / "c.h5", weights_file, "--on-leak", "fail")
+    assert "have the same content as a train image" not in r.output, r.output
+
+
+def test_write_manifest_refusals(tmp_path, cifar_root, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=2)
+    out = tmp_path / "c.h5"
+    r = _extract(root, out, weights_file, "--write-manifest", out)
+    assert clean_failure(r, "--write-manifest and --out name the same file") is None, r.output
+    assert not out.exists()
+    r = _extract(cifar_root, tmp_path / "x.h5", weights_file, "--train-size", 20, "--test-size", 10,
+                 "--skip-integrity-check", "--write-manifest", tmp_path / "x.csv")
+    assert clean_failure(r, "--write-manifest lists image files, and cifar10 holds its images as pixels") is None, \
+        r.output
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.h5").exists()
+
+
+def test_a_manifest_split_value_must_be_a_split(tmp_path, weights_file):
+    _class_folder(tmp_path / "imgs", per_class=2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f"imgs/{c}/{i:03d}.png,{c},{'TRAIN' if i == 0 else 'all'}\n" for c in CLASSES for i in range(2)))
+    r = _extract(manifest, tmp_path / "c.h5", weights_file)
+    assert clean_failure(r, "has the split 'all'; use train, test or val") is None, r.output
+
+
+def test_an_older_cache_beside_a_val_folder_finds_its_images_again(tmp_path):
+    from fusion_cache.sources import load
+    from fusion_cache.split import as_recorded, make_splits
+
+    root = tmp_path / "data"
+    _class_folder(root / "train", per_class=2)
+    _class_folder(root / "val", per_class=1, start=50)
+    _class_folder(root / "test", per_class=1, start=80)
+    listing = load("imagefolder", root)
+    older = as_recorded(listing, {})  # schema 3 read train/ and test/ only
+    assert (len(older.train), len(older.test)) == (6, 3) and older.train.identity == listing.given["train"].identity
+    now = make_splits(listing)
+    assert as_recorded(listing, now.record).train.identity == now.train.identity and len(now.train) == 9
+
+
+def test_an_older_cache_with_a_fifo_does_not_hang(tmp_path, weights_file):
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    _class_folder(root / "train", per_class=2)
+    _class_folder(root / "test", per_class=1, start=50)
+    os.mkfifo(root / "train" / "cat" / "pipe.png")
+    out = tmp_path / "c.h5"
+    args = [sys.executable, "-m", "fusion_cache", "extract", "--data-root", root, "--out", out, "--weights",
+            weights_file, "--image-size", SIZE, "--taps", "late", "--no-progress", "--workers", 0,
+            "--on-bad-image", "skip"]
+    assert subprocess.run([str(a) for a in args], capture_output=True, timeout=120).returncode == 0
+    _as_schema_3(out)
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)  # hung before
+    assert p.returncode == 0 and "reused" in p.stdout, p.stdout + p.stderr

@@ -16,7 +16,8 @@ from ..errors import FusionCacheError
 
 SPLITS = ("train", "test")  # the splits a cache holds
 GIVEN_SPLITS = ("all", "train", "test", "val")  # what a source can list: "all" when it has no split at all
-SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}  # folder/row names
+SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test", "val": "val", "valid": "val",
+               "validation": "val"}  # folder and manifest names of the splits, lower case (matched in any case)
 
 
 class IntegrityWarning(UserWarning):

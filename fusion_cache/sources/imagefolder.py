@@ -17,29 +17,61 @@ from .base import SPLIT_NAMES, Listing, Source
 NAME = "imagefolder"
 
 
+IGNORED = ("__MACOSX",)  # with hidden folders (.ipynb_checkpoints, .git): never a class or a split
+
+
+def ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED
+
+
 def _subfolders(root: Path) -> list[str]:
+    """The folders in `root` that can be classes or splits: not hidden, not __MACOSX."""
     try:
         with os.scandir(root) as it:
-            return sorted(e.name for e in it if is_dir(e))
+            return sorted(e.name for e in it if is_dir(e) and not ignored(e.name))
     except OSError as e:
         raise FusionCacheError(f"cannot read folder {display_path(root)} ({reason(e)}); fix its permissions") from None
 
 
+def _holds_classes(folder: Path) -> bool:
+    """Whether `folder` holds class folders and no loose images (a split folder, not a class)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError:
+        return False
+    loose = any(has_image_extension(e.name) and not is_dir(e) for e in entries)
+    return not loose and any(is_dir(e) and not ignored(e.name) for e in entries)
+
+
 def split_folders(root: Path) -> dict[str, str] | None:
-    """{given split: folder name} when `root` holds split folders (`train/` and only split names beside it),
-    None when its folders are classes. Two folders for one split (val/ and validation/) are an error."""
+    """{given split: folder name} when `root` holds split folders, None when its folders are classes.
+
+    Split folders are named train, test, val, valid or validation (training and testing too; any case). The
+    layout is one of split folders when a train folder sits beside another split folder, or holds class
+    folders of its own; a folder named train among other classes, holding images, is a class. Beside split
+    folders, any other folder is an error (it would be neither), as are two folders for one split."""
     names = _subfolders(root)
-    if not names or any(n not in SPLIT_NAMES for n in names):
+    splits = {n: SPLIT_NAMES[n.lower()] for n in names if n.lower() in SPLIT_NAMES}
+    trains = [n for n, s in splits.items() if s == "train"]
+    if not trains:
+        if names and len(splits) == len(names):
+            raise FusionCacheError(f"{display_path(root)} holds {', '.join(n + '/' for n in names)} but no train/; "
+                                   "add train/<class>/<image>, or put class folders straight in it")
         return None
+    if len(splits) == 1 and not _holds_classes(root / trains[0]):
+        return None  # a class that happens to be called train
     found: dict[str, str] = {}
-    for n in names:
-        if SPLIT_NAMES[n] in found:
-            raise FusionCacheError(f"{display_path(root)} holds both {found[SPLIT_NAMES[n]]}/ and {n}/ for one split; "
-                                   "keep one of them")
-        found[SPLIT_NAMES[n]] = n
-    if "train" not in found:
-        raise FusionCacheError(f"{display_path(root)} holds {', '.join(n + '/' for n in names)} but no train/; add "
-                               "train/<class>/<image>, or put class folders straight in it")
+    for n, s in splits.items():
+        if s in found:
+            raise FusionCacheError(f"{display_path(root)} holds both {found[s]}/ and {n}/ for one split; keep one "
+                                   "of them")
+        found[s] = n
+    stray = [n for n in names if n not in splits]
+    if stray:
+        raise FusionCacheError(f"{display_path(root)} holds split folders ({', '.join(f + '/' for f in found.values())}"
+                               f") and {stray[0]}/, which is none of them; move {stray[0]}/ out, or name it train, "
+                               "test or val")
     return {s: found[s] for s in ("train", "val", "test") if s in found}
 
 
@@ -89,7 +121,7 @@ def load(root: Path, options=None) -> Listing:
             if split_folders_of(root / name):
                 raise FusionCacheError(f"class folder {display_path(root / name)} holds split folders (train/, ...): it "
                                        "is a dataset, not a class; pass it as --data-root")
-        return Listing(NAME, {"all": list_class_folder(root, "all")}, {"all": display_path(root) + "/"})
+        return Listing(NAME, {"all": list_class_folder(root, "all")}, {"all": "the class folders"})
     given = {s: list_class_folder(root / name, s) for s, name in splits.items()}
     return Listing(NAME, given, {s: name + "/" for s, name in splits.items()})
 
@@ -137,10 +169,14 @@ def list_class_folder(folder: Path, split: str) -> Source:
     boundary = os.path.realpath(top)
     try:
         with os.scandir(top) as it:
-            class_entries = sorted((e for e in it if is_dir(e)), key=lambda e: e.name)
+            entries = list(it)
     except OSError as e:
         raise FusionCacheError(f"cannot read folder {shown} ({reason(e)}); fix its permissions") from None
+    class_entries = sorted((e for e in entries if is_dir(e) and not ignored(e.name)), key=lambda e: e.name)
     if not class_entries:
+        if any(has_image_extension(e.name) for e in entries):
+            raise FusionCacheError(f"{shown} holds images but no class folders; put each class's images in a folder "
+                                   "named after the class (<class>/<image>)")
         raise FusionCacheError(f"no images found under {shown} (no class folders); add <class>/<image> files")
     classes = [e.name for e in class_entries]
     shown_classes = [display_path(c) for c in classes]

@@ -150,10 +150,10 @@ def _read_manifest(path: Path) -> list[_Row]:
             if display_path(label) != label:
                 raise FusionCacheError(f"{where} has a label with a control character ({_short(label)}); "
                                        "use a printable class name")
-            if split != "all" and split not in SPLIT_NAMES:
+            if "split" in at and split.lower() not in SPLIT_NAMES:
                 raise FusionCacheError(f"{where} has the split '{_short(split)}'; use train, test or val (or "
                                        "drop the split column to have the rows split for you)")
-            rows.append(_Row(p, label, SPLIT_NAMES.get(split, split), _manifest_entry(folder, p, where)))
+            rows.append(_Row(p, label, SPLIT_NAMES.get(split.lower(), split), _manifest_entry(folder, p, where)))
     if not rows:
         raise FusionCacheError(f"manifest {shown} has a header but no rows; add one row per image: path,label,split")
     if "split" in at and not any(r.split == "train" for r in rows):
@@ -257,13 +257,14 @@ def write(out: Path, rows: list[tuple[str, str, str]], replace: bool = False) ->
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)
     for path, label, split in rows:
-        writer.writerow([path[len(prefix):] if path.startswith(prefix) else path, label, split])
-    try:
-        data = buf.getvalue().encode("utf-8")
-    except UnicodeEncodeError as e:
-        bad = buf.getvalue()[max(0, e.start - 40): e.end + 10]
-        raise FusionCacheError(f"a file name is not UTF-8 ({_short(bad)}), so it cannot be written to a manifest; "
-                               "rename the file") from None
+        shown = path[len(prefix):] if path.startswith(prefix) else path
+        try:
+            shown.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FusionCacheError(f"the file name {_short(shown)} is not UTF-8, so it cannot be written to a manifest "
+                                   "(a UTF-8 CSV); rename the file, or drop --write-manifest") from None
+        writer.writerow([shown, label, split])
+    data = buf.getvalue().encode("utf-8")
     try:
         if out.is_file() and out.read_bytes() == data:
             return out
