@@ -284,7 +284,13 @@ def conv_bn_pairs(name: str) -> list[list[str]]:
 
 
 def _shapes(name: str, size: int) -> dict:
-    """node -> output shape at an input of `size` px (meta tensors: no compute)."""
+    """node -> output shape at an input of `size` px (meta tensors: no compute). A copy of one worked out
+    once per process: the tap table and the image-size check ask for the same one (224 px)."""
+    return dict(_shapes_once(name, size))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes_once(name: str, size: int) -> dict:
     from torch.fx.passes.shape_prop import ShapeProp
 
     model, graph, _ = _traced(name)
