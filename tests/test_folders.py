@@ -455,3 +455,39 @@ def test_an_older_cache_with_a_fifo_does_not_hang(tmp_path, weights_file):
     _as_schema_3(out)
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)  # hung before
     assert p.returncode == 0 and "reused" in p.stdout, p.stdout + p.stderr
+
+
+def test_predict_decodes_new_photos_as_the_cache_decoded_its_own(tmp_path, weights_file):
+    """A head fitted on a cache of large JPEGs (decoded reduced) gives, through `predict` on those same files,
+    the logits it gives on their cached features: predict reduces them the same way."""
+    from fusion_cache.headfile import load_head
+    from fusion_cache.predict import build_deployed, predict
+
+    root = tmp_path / "data"
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(3):
+            _image(root / "train" / name / f"{i}.jpg", 10 * c + i, size=(1600, 1200), fmt="JPEG")
+            _image(root / "test" / name / f"{i}.jpg", 100 + 10 * c + i, size=(1600, 1200), fmt="JPEG")
+    out = tmp_path / "c.h5"
+    assert _extract(root, out, weights_file).exit_code == 0
+    assert "reduced" in open_cache(out).meta.decode
+    head_dir = tmp_path / "head"
+    assert run("fit", out, "--features", "late", "--head", "logreg", "--out", head_dir).exit_code == 0
+    head = load_head(head_dir)
+    files = sorted((root / "test").rglob("*.jpg"))
+    results = list(predict(build_deployed(head, str(weights_file)), head, files, progress=False))
+    got = {Path(item["path"]).relative_to(root / "test").as_posix(): np.asarray(item["logits"]) for item in results}
+    cache = open_cache(out)
+    X = (cache.features("features.18", "test") - head.mean) / head.scale
+    want = X @ head.coef.T + head.intercept
+    for name, logits in zip(cache.item_names("test"), want):
+        np.testing.assert_allclose(got[name], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_readme_table_of_layouts_is_the_registry():
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("| `--dataset` | `--data-root` is |")
+    rows = text[start:text.index("\n\n", start)].splitlines()[2:]
+    assert [re.match(r"\s*\| `([^`]+)` \|", row)[1] for row in rows] == list(SOURCES)
