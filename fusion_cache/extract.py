@@ -129,10 +129,9 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
     names = {s: [all_names[s][i] for i in subsets[s]] for s in SPLITS}
     leaks = leaks_mod.find({s: (names[s], [sources[s].digests[i] for i in subsets[s]], sources[s].labels[subsets[s]])
                             for s in SPLITS if sources[s].digests is not None}, sources["train"].classes)
+    if cfg.on_leak == "fail" and leaks_mod.leak_line(leaks):
+        raise FusionCacheError(leaks_mod.leak_line(leaks, fail=True))
     for line in leaks_mod.warnings_for(leaks):
-        if cfg.on_leak == "fail" and leaks.get("train_test") and line.startswith(f"{leaks['train_test']} test"):
-            raise FusionCacheError(line.replace("or pass --on-leak fail to stop on this",
-                                                "or drop --on-leak fail to extract anyway"))
         warnings.warn(line, LeakWarning, stacklevel=2)
     files = sources["train"].images is None
     reduce_to = None if cfg.full_decode or not files else pre.image_size

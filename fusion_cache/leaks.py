@@ -55,13 +55,19 @@ def find(splits: dict[str, tuple[list[str], list[str], np.ndarray]], classes: li
     return record
 
 
+def leak_line(record: dict, fail: bool = False) -> str | None:
+    """The train/test finding in one line (None without one): a warning, or with `fail` the error of
+    --on-leak fail."""
+    if not record.get("train_test"):
+        return None
+    fix = "or drop --on-leak fail to extract anyway" if fail else "or pass --on-leak fail to stop on this"
+    return (f"{record['train_test']} test image(s) have the same content as a train image (a leak: "
+            f"{'; '.join(record['train_test_examples'])}); remove them from one split, {fix}")
+
+
 def warnings_for(record: dict) -> list[str]:
     """One line per finding, for the command line."""
-    out = []
-    if record.get("train_test"):
-        out.append(f"{record['train_test']} test image(s) have the same content as a train image (a leak: "
-                   f"{'; '.join(record['train_test_examples'])}); remove them from one split, or pass --on-leak "
-                   "fail to stop on this")
+    out = [leak_line(record)] if record.get("train_test") else []
     dup = {s: n for s, n in record.get("duplicates", {}).items() if n}
     if dup:
         out.append("the same content appears more than once within a split (" +

@@ -193,7 +193,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- one plan, executed as planned
     Mutant("plan-bytes-unchecked", "every file's bytes are checked against the plan's digest", "fusion_cache/decode.py",
            "            if got != sha256:\n", "            if False:\n",
-           ("tests/test_hostile_plan.py::test_other_bytes_under_a_planned_name_are_an_error_and_no_cache[local]",)),
+           ("tests/test_hostile_plan.py::test_other_bytes_under_a_planned_name_are_an_error_and_no_cache[local-bytes]",)),
     Mutant("manifest-link-resolved", "a linked manifest's relative paths start at the link's folder",
            "fusion_cache/extract.py", "data_root = Path.cwd() / cfg.data_root",
            "data_root = Path(cfg.data_root).resolve()",
