@@ -110,8 +110,8 @@ def make_splits(listing: Listing, test_fraction: float | None = None, split_seed
                                "add images")
     test_mask = auto_test_mask(whole.digests, whole.names, whole.labels, fraction, seed)
     if not test_mask.any():
-        raise FusionCacheError(f"{where[name]}: no class has 2 or more images, so none is left for test; add "
-                               "images")
+        raise FusionCacheError(f"{where[name]}: no class has 2 or more distinct images, so none is left for test; "
+                               "add images")
     train = whole.take(np.flatnonzero(~test_mask), "train")
     test = whole.take(np.flatnonzero(test_mask), "test")
     record = {"method": "auto", "from": where[name], "test_fraction": fraction, "seed": seed,
