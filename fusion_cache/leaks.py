@@ -44,9 +44,9 @@ def find(splits: dict[str, tuple[list[str], list[str], np.ndarray]], classes: li
     if "train" in splits and "test" in splits:
         train = first["train"]
         names, digests, _ = splits["test"]
-        leaked = [f"{n} = {train[d]}" for n, d in zip(names, digests) if d in train]
-        if any(a == b for a, b in (x.split(" = ") for x in leaked[:EXAMPLES])):  # names relative to each split
-            leaked = [f"test {n} = train {train[d]}" for n, d in zip(names, digests) if d in train]
+        pairs = [(n, train[d]) for n, d in zip(names, digests) if d in train]
+        side = any(a == b for a, b in pairs[:EXAMPLES])  # names relative to each split's folder: say which is which
+        leaked = [f"test {a} = train {b}" if side else f"{a} = {b}" for a, b in pairs]
         record |= {"train_test": len(leaked), "train_test_examples": leaked[:EXAMPLES]}
     conflicts = [by_label for by_label in labels_of.values() if len(by_label) > 1]
     record["label_conflicts"] = len(conflicts)

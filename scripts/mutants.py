@@ -210,7 +210,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "validation_split(data.y_train, val_fraction, seed)",
            ("tests/test_folders.py::test_a_val_folder_beside_test_is_the_validation_split_tuning_uses",)),
     Mutant("leak-unseen", "test images whose content is in train are reported", "fusion_cache/leaks.py",
-           'leaked = [f"{n} = {train[d]}" for n, d in zip(names, digests) if d in train]', "leaked = []",
+           "pairs = [(n, train[d]) for n, d in zip(names, digests) if d in train]", "pairs = []",
            ("tests/test_folders.py::test_leaks_and_duplicates_are_warned_recorded_and_shown",
             "tests/test_folders.py::test_on_leak_fail_stops_before_writing")),
     Mutant("older-cache-always-reused", "a schema-3 cache is reused only when decoding did not change",

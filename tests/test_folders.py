@@ -491,3 +491,13 @@ def test_the_readme_table_of_layouts_is_the_registry():
     start = text.index("| `--dataset` | `--data-root` is |")
     rows = text[start:text.index("\n\n", start)].splitlines()[2:]
     assert [re.match(r"\s*\| `([^`]+)` \|", row)[1] for row in rows] == list(SOURCES)
+
+
+def test_a_leak_between_files_of_the_same_relative_name_says_which_split_is_which():
+    from fusion_cache.leaks import find
+
+    d = "ab" * 32
+    record = find({"train": (["a/0.png", "a/1.png"], [d, "cd" * 32], np.array([0, 0])),
+                   "test": (["a/0.png"], [d], np.array([0]))}, ["a"])
+    assert record["train_test"] == 1 and record["train_test_examples"] == ["test a/0.png = train a/0.png"]
+    assert record["duplicates"] == {"train": 0, "test": 0} and record["label_conflicts"] == 0
