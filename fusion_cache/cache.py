@@ -388,8 +388,12 @@ class Cache:
             g = f[split].get("items")
             if g is None:
                 return None
-            where = dict(zip(g["indices"][()].tolist(), (n.decode("utf-8") for n in g["names"][()])))
-            return [where[i] for i in f[split]["indices"][()].tolist()]
+            try:
+                where = dict(zip(g["indices"][()].tolist(), (n.decode("utf-8") for n in g["names"][()])))
+                return [where[i] for i in f[split]["indices"][()].tolist()]
+            except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+                raise FusionCacheError(f"{self.path}: dataset {split}/items does not list every cached row; "
+                                       f"{_REBUILD}") from None
 
     def validation_rows(self) -> np.ndarray | None:
         """The train rows that came from the dataset's own validation split (`val/` beside `test/`), which the

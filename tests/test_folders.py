@@ -501,3 +501,14 @@ def test_a_leak_between_files_of_the_same_relative_name_says_which_split_is_whic
                    "test": (["a/0.png"], [d], np.array([0]))}, ["a"])
     assert record["train_test"] == 1 and record["train_test_examples"] == ["test a/0.png = train a/0.png"]
     assert record["duplicates"] == {"train": 0, "test": 0} and record["label_conflicts"] == 0
+
+
+def test_info_items_on_a_cache_whose_items_were_tampered_with(tmp_path, weights_file):
+    root = _class_folder(tmp_path / "photos", per_class=3)
+    out = tmp_path / "p.h5"
+    assert _extract(root, out, weights_file).exit_code == 0
+    with h5py.File(out, "r+") as f:
+        del f["train/items/indices"]
+        f["train/items"].create_dataset("indices", data=np.arange(2))
+    r = run("info", out, "--items")
+    assert clean_failure(r, "dataset train/items does not list every cached row; rebuild it") is None, r.output
