@@ -92,6 +92,12 @@ def validate(cfg: ExtractConfig) -> None:
         check_manifest_output(cfg)
     # a file for a folder dataset, a missing manifest, a folder auto cannot read: before the weights
     sources_mod.check_root(cfg.dataset, Path(cfg.data_root))
+    if cfg.test_fraction is not None or cfg.split_seed is not None:
+        where = sources_mod.test_split(cfg.dataset, Path(cfg.data_root))
+        if where is not None:
+            flag = "--test-fraction" if cfg.test_fraction is not None else "--split-seed"
+            raise FusionCacheError(f"{flag} applies to a dataset without a test split, and this one has one "
+                                   f"({where}); drop {flag}")
 
 
 def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:

@@ -512,3 +512,19 @@ def test_info_items_on_a_cache_whose_items_were_tampered_with(tmp_path, weights_
         f["train/items"].create_dataset("indices", data=np.arange(2))
     r = run("info", out, "--items")
     assert clean_failure(r, "dataset train/items does not list every cached row; rebuild it") is None, r.output
+
+
+def test_split_options_on_a_dataset_with_a_test_split_are_refused_before_anything_is_read(tmp_path):
+    """Refused in validation: before the weights (here a file that does not exist) are loaded or a file hashed."""
+    root = tmp_path / "data"
+    _class_folder(root / "train", per_class=2)
+    _class_folder(root / "test", per_class=1, start=50)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "".join(f"data/train/{c}/000.png,{c},train\n" for c in CLASSES)
+                        + "".join(f"data/test/{c}/050.png,{c},TEST\n" for c in CLASSES))
+    missing = tmp_path / "no-such-weights.pth"
+    for data_root, flag, where in ((root, "--test-fraction", "test/"), (manifest, "--split-seed", "the test rows"),
+                                   (root, "--split-seed", "test/")):
+        r = _extract(data_root, tmp_path / "c.h5", missing, flag, "0.3" if flag == "--test-fraction" else "3")
+        assert clean_failure(r, f"{flag} applies to a dataset without a test split, and this one has one ({where}); "
+                                f"drop {flag}") is None, r.output

@@ -1,8 +1,9 @@
 """The registry of image sources: one module each, behind one small interface.
 
 A source module has `NAME`, `detect(root) -> str | None` (what it recognizes at --data-root, in a few words),
-`check_root(root)` (fail fast on the wrong kind of path) and `load(root, options) -> Listing` (the splits it ships
-with, every item labelled and content-hashed). The registry gives `--dataset` its choices and help, `auto` its
+`check_root(root)` (fail fast on the wrong kind of path), `test_split(root) -> str | None` (where its own test
+split is, found without hashing anything; None when it has none) and `load(root, options) -> Listing` (the
+splits it ships with, every item labelled and content-hashed). The registry gives `--dataset` its choices and help, `auto` its
 rules (tried in registry order) and the docs their table; adding a source is one module and one line here.
 Modules are imported when used, so the command line starts without torch.
 """
@@ -95,6 +96,12 @@ def check_root(dataset: str, root: Path) -> None:
     """Fail fast when --data-root is the wrong kind of path for `dataset` (auto: when nothing matches)."""
     name, _ = resolve(dataset, root)
     SOURCES[name].impl.check_root(root)
+
+
+def test_split(dataset: str, root: Path) -> str | None:
+    """Where the dataset's own test split is (None: it has none, and one will be made), before any hashing."""
+    name, _ = resolve(dataset, root)
+    return SOURCES[name].impl.test_split(root)
 
 
 def load(dataset: str, root: Path, options: LoadOptions = LoadOptions()):

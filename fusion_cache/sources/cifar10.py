@@ -46,6 +46,10 @@ def check_root(root: Path) -> None:
                                "a folder, or --dataset manifest for a CSV list of images")
 
 
+def test_split(root: Path) -> str | None:
+    return "test batch"
+
+
 def load(root: Path, options) -> Listing:
     """Both splits (`options`: a `sources.LoadOptions`); the train split first, so a download happens once."""
     check_root(root)

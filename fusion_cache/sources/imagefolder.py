@@ -107,6 +107,13 @@ def check_root(root: Path) -> None:
         )
 
 
+def test_split(root: Path) -> str | None:
+    splits = split_folders(root) if os.path.isdir(root) else None
+    if not splits:
+        return None
+    return next((splits[s] + "/" for s in ("test", "val") if s in splits), None)
+
+
 def load(root: Path, options=None) -> Listing:
     """The class folders of `root`, or of each of its split folders."""
     check_root(root)

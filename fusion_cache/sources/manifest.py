@@ -189,6 +189,11 @@ def _manifest_entry(folder: Path, path: str, where: str) -> str:
     return "" if stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
 
 
+def test_split(path: Path) -> str | None:
+    splits = {r.split for r in _read_manifest(Path(path))}
+    return next((f"the {s} rows" for s in ("test", "val") if s in splits), None)
+
+
 def load(path: Path, options=None) -> Listing:
     """Every split the manifest's rows name (`all` when it has no split column)."""
     rows = _read_manifest(Path(path))
