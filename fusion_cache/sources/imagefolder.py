@@ -1,6 +1,7 @@
 """Image folders: one folder per class (`photos/<class>/*.jpg`), with or without split folders (`train/`, and
-`test/`, `val/`, `valid/` or `validation/` beside it), listed the way torchvision's ImageFolder lists them, but
-safely: no loops, nothing opened while listing, every file hashed."""
+`test/`, `val/`, `valid/` or `validation/` beside it; any case, `training/` and `testing/` too), listed the way
+torchvision's ImageFolder lists them, but safely: no loops, nothing opened while listing, every file hashed.
+Hidden folders and `__MACOSX` are never classes or splits."""
 
 from __future__ import annotations
 
