@@ -334,7 +334,8 @@ def info(cache, as_json, items):
             if names is None:
                 raise FusionCacheError(f"{cache} does not record its items' names (CIFAR-10's pixels, or a cache made "
                                        "before schema 4); its rows are source positions: see `info --json`")
-            valid = set(c.validation_rows().tolist()) if split == "train" and c.validation_rows() is not None else ()
+            rows = c.validation_rows() if split == "train" else None
+            valid = set(rows.tolist()) if rows is not None else ()
             for row, name in enumerate(names):
                 click.echo(f"{'val' if row in valid else split}\t{name}")
         return

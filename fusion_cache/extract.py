@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from . import leaks as leaks_mod
 from . import sources as sources_mod
 from .decode import decodes_as_before
 from .decode import describe as describe_decode
-from .files import display_path
+from .files import display_path, is_content_digest
 from .io import check_output_file
 from .leaks import LeakWarning
 from .sampler import SPLITS, stratified_subset
@@ -181,7 +180,6 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
     return Plan(meta, spec, cfg.seed, plans), weights
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_SIZES = {"cifar10": {"train": 5000, "test": 1000}}  # the case study's subset; other sources: every image
 PIXELS_AS_STORED = "pixels as the dataset stores them (no file decoding)"
 
@@ -266,7 +264,7 @@ def decoded_as_before(the_plan: Plan) -> bool:
     """Whether every planned file decodes as it did before schema 4 (no EXIF rotation, nothing reduced), so an
     older cache with the same older fingerprint holds these features. Reads image headers only."""
     return all(decodes_as_before(f, sp.reduce_to) for sp in the_plan.splits.values()
-               for f, digest in zip(sp.files or (), sp.digests or ()) if _SHA256.match(digest))  # unreadable: as then
+               for f, digest in zip(sp.files or (), sp.digests or ()) if is_content_digest(digest))  # unreadable: as then
 
 
 def hash_indices(indices: np.ndarray) -> str:

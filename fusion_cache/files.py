@@ -128,6 +128,14 @@ def classify(path: str) -> tuple[str, tuple | None, bool]:
     return "", (st.st_dev, st.st_ino), link
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_content_digest(value: str) -> bool:
+    """Whether a listed digest is a file's sha256, not a marker for a file that could not be read (`digest`)."""
+    return bool(_SHA256.match(value))
+
+
 def digest(path: str) -> str:
     """sha256 of a regular file's content, or a marker for one that cannot be read. Opened non-blocking and
     checked with fstat, so a file swapped for a FIFO after listing cannot hang the hash."""

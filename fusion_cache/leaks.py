@@ -3,13 +3,13 @@ the test score is not a test), the same bytes twice within a split, and the same
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import numpy as np
 
+from .files import is_content_digest
+
 EXAMPLES = 3  # names shown in a warning and kept in the cache's record, per finding
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class LeakWarning(UserWarning):
@@ -31,7 +31,7 @@ def find(splits: dict[str, tuple[list[str], list[str], np.ndarray]], classes: li
         seen: dict[str, str] = {}
         twice = 0
         for name, digest, label in zip(names, digests, np.asarray(labels).tolist()):
-            if not _SHA256.match(digest):
+            if not is_content_digest(digest):
                 continue
             if digest in seen:
                 twice += 1

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FusionCacheError, quote
+from .files import is_content_digest
 from .sources.base import Listing, Source
 
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_SPLIT_SEED = 0
-_SHA256_HEX = 64
 
 
 @dataclass
@@ -57,7 +57,7 @@ def keys(digests: list[str], names: list[str], seed: int) -> np.ndarray:
     digest because it could not be read), as a fraction."""
     out = np.empty(len(digests), dtype=np.float64)
     for i, (digest, name) in enumerate(zip(digests, names)):
-        what = digest if len(digest) == _SHA256_HEX else f"{digest}\0{name}"
+        what = digest if is_content_digest(digest) else f"{digest}\0{name}"
         h = hashlib.sha256(f"fusion-cache split 1\n{seed}\n{what}".encode("utf-8", "surrogatepass")).digest()
         out[i] = int.from_bytes(h[:8], "big") / 2.0**64
     return out

@@ -97,6 +97,23 @@ def backbone_throughput(weights, images: torch.Tensor, pre: Preprocess, batch: i
     return len(x_all) / (time.perf_counter() - start)
 
 
+def write_json(out: Path, res: dict) -> None:
+    """`res` as `out`, written whole or not at all."""
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(res, indent=2))
+    os.replace(tmp_out, out)
+
+
+def merge_part(out: Path, measure) -> int:
+    """An --only-* run: `measure(scratch folder)`'s keys merged into the JSON already at `out`, the table printed."""
+    res = json.loads(out.read_text()) if out.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+        res.update(measure(Path(tmp)))
+    write_json(out, res)
+    print(table(res))
+    return 0
+
+
 def timed_extract(cfg: ExtractConfig) -> tuple[float, float]:
     """(images/s end to end, seconds) of one extract call that builds the cache from nothing."""
     start = time.perf_counter()
@@ -412,44 +429,17 @@ def main() -> int:
     if a.only_heads:
         if not a.full_cache:
             ap.error("--only-heads needs --full-cache")
-        res = json.loads(a.out.read_text()) if a.out.exists() else {}
-        res.update(tuned_heads(a.full_cache, threads=a.threads))
-        tmp_out = a.out.with_name(a.out.name + ".tmp")
-        tmp_out.write_text(json.dumps(res, indent=2))
-        os.replace(tmp_out, a.out)
-        print(table(res))
-        return 0
+        return merge_part(a.out, lambda tmp: tuned_heads(a.full_cache, threads=a.threads))
 
     if a.only_ray:
-        res = json.loads(a.out.read_text()) if a.out.exists() else {}
-        with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
-            res.update(ray_part(a, Path(tmp)))
-        tmp_out = a.out.with_name(a.out.name + ".tmp")
-        tmp_out.write_text(json.dumps(res, indent=2))
-        os.replace(tmp_out, a.out)
-        print(table(res))
-        return 0
+        return merge_part(a.out, lambda tmp: ray_part(a, tmp))
 
     if a.only_photos:
-        res = json.loads(a.out.read_text()) if a.out.exists() else {}
-        with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
-            res.update(photos_ratio(a, Path(tmp)))
-        tmp_out = a.out.with_name(a.out.name + ".tmp")
-        tmp_out.write_text(json.dumps(res, indent=2))
-        os.replace(tmp_out, a.out)
-        print(table(res))
-        return 0
+        return merge_part(a.out, lambda tmp: photos_ratio(a, tmp))
 
     if a.only_backbones:
-        res = json.loads(a.out.read_text()) if a.out.exists() else {}
         sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
-        with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
-            res.update(backbone_ratios(a, sources, Path(tmp)))
-        tmp_out = a.out.with_name(a.out.name + ".tmp")
-        tmp_out.write_text(json.dumps(res, indent=2))
-        os.replace(tmp_out, a.out)
-        print(table(res))
-        return 0
+        return merge_part(a.out, lambda tmp: backbone_ratios(a, sources, tmp))
 
     views, seeds = a.views.split(","), [int(s) for s in a.seeds.split(",")]
     weights = load_weights(a.weights)
@@ -554,9 +544,7 @@ def main() -> int:
     else:
         log("[7/8] [8/8] skipped head_vs_logreg and tuned heads: pass --full-cache")
 
-    tmp_out = a.out.with_name(a.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(res, indent=2))
-    os.replace(tmp_out, a.out)
+    write_json(a.out, res)
     print(table(res))
     return 0
 

@@ -200,7 +200,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_hostile_plan.py::test_a_linked_manifest_reads_the_images_beside_the_link",)),
     # -- your folder as it is
     Mutant("split-by-name", "an image's side of the split follows its content, not its name", "fusion_cache/split.py",
-           r'what = digest if len(digest) == _SHA256_HEX else f"{digest}\0{name}"', "what = name",
+           r'what = digest if is_content_digest(digest) else f"{digest}\0{name}"', "what = name",
            ("tests/test_folders.py::test_the_split_follows_the_seed_and_content_only",)),
     Mutant("split-moves-on-add", "adding images never moves existing ones", "fusion_cache/split.py",
            r'{seed}\n{what}".encode(', r'{seed}\n{what}{len(digests)}".encode(',

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from ..backbones import DEFAULT_BACKBONE, resolve
 from ..decode import BadImage, ChangedImage, read_image
 from ..sampler import SPLITS
 from ..errors import FusionCacheError
+from ..files import is_content_digest
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -123,7 +122,7 @@ class SplitPlan:
         if self.pixels is not None:
             return torch.from_numpy(self.pixels[position])
         digest = self.digests[position]
-        if not _SHA256.match(digest):  # unreadable when listed: read as is, and it fails as it failed then
+        if not is_content_digest(digest):  # unreadable when listed: read as is, and it fails as it failed then
             read_image(self.files[position], name=self.names[position], reduce_to=self.reduce_to)
             raise ChangedImage(f"{self.names[position]} was unreadable when listed ({digest}) but reads now")
         return read_image(self.files[position], name=self.names[position], sha256=digest, reduce_to=self.reduce_to)

@@ -45,14 +45,15 @@ def _holds_classes(folder: Path) -> bool:
     return not loose and any(is_dir(e) and not ignored(e.name) for e in entries)
 
 
-def split_folders(root: Path) -> dict[str, str] | None:
+def split_folders(root: Path, names: list[str] | None = None) -> dict[str, str] | None:
     """{given split: folder name} when `root` holds split folders, None when its folders are classes.
 
     Split folders are named train, test, val, valid or validation (training and testing too; any case). The
     layout is one of split folders when a train folder sits beside another split folder, or holds class
     folders of its own; a folder named train among other classes, holding images, is a class. Beside split
-    folders, any other folder is an error (it would be neither), as are two folders for one split."""
-    names = _subfolders(root)
+    folders, any other folder is an error (it would be neither), as are two folders for one split. `names`:
+    `_subfolders(root)`, when the caller has it."""
+    names = _subfolders(root) if names is None else names
     splits = {n: SPLIT_NAMES[n.lower()] for n in names if n.lower() in SPLIT_NAMES}
     trains = [n for n, s in splits.items() if s == "train"]
     if not trains:
@@ -91,7 +92,7 @@ def detect(root: Path) -> str | None:
     names = _subfolders(root)
     if not names:
         return None
-    splits = split_folders(root)
+    splits = split_folders(root, names)
     if splits:
         return "an image folder with split folders " + ", ".join(f + "/" for f in splits.values())
     return f"an image folder of {len(names)} class folders"
@@ -118,14 +119,15 @@ def test_split(root: Path) -> str | None:
 def load(root: Path, options=None) -> Listing:
     """The class folders of `root`, or of each of its split folders."""
     check_root(root)
-    splits = split_folders(root)
+    names = _subfolders(root)
+    splits = split_folders(root, names)
     if splits is None:
-        if not _subfolders(root):
+        if not names:
             loose = any(has_image_extension(e.name) for e in os.scandir(root))
             what = "images but no class folders" if loose else "no class folders"
             raise FusionCacheError(f"{display_path(root)} holds {what}; put each class's images in a folder named "
                                    "after the class (<class>/<image>)")
-        for name in _subfolders(root):
+        for name in names:
             if split_folders_of(root / name):
                 raise FusionCacheError(f"class folder {display_path(root / name)} holds split folders (train/, ...): it "
                                        "is a dataset, not a class; pass it as --data-root")
