@@ -213,9 +213,9 @@ def check_manifest_output(cfg: ExtractConfig) -> None:
             raise FusionCacheError(f"--write-manifest and {flag} name the same file ({display_path(out)}); choose "
                                    "another name for the manifest")
     if out.exists() and not cfg.force and is_manifest_like(out):
-        check_output_file(out, True, inputs=(cfg.data_root, cfg.out), what="--write-manifest")
+        check_output_file(out, True, inputs=(cfg.data_root, cfg.out), what="--write-manifest", example="split.csv")
         return
-    check_output_file(out, cfg.force, inputs=(cfg.data_root, cfg.out), what="--write-manifest")
+    check_output_file(out, cfg.force, inputs=(cfg.data_root, cfg.out), what="--write-manifest", example="split.csv")
 
 
 def is_manifest_like(path: Path) -> bool:

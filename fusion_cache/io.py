@@ -114,12 +114,13 @@ def write_error(path: Path, e: OSError, done: int | None = None) -> FusionCacheE
 # ---------------------------------------------------------------------------------------------- output files
 
 
-def check_output_file(out: str | Path, force: bool, inputs: Iterable[str | Path] = (), what: str = "--out") -> Path:
+def check_output_file(out: str | Path, force: bool, inputs: Iterable[str | Path] = (), what: str = "--out",
+                      example: str = "model.pt2") -> Path:
     """Refuse an output file that would destroy something: one of the command's inputs (always), an HDF5
     cache (always), or any existing file (unless `force`). Its folder must exist."""
     out = Path(out)
     if out.is_dir():
-        raise FusionCacheError(f"{what} {out} is a folder; pass a file name such as {out / 'model.pt2'}")
+        raise FusionCacheError(f"{what} {out} is a folder; pass a file name such as {out / example}")
     if not out.parent.is_dir():
         raise FusionCacheError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     if out.exists() or out.is_symlink():
