@@ -123,6 +123,8 @@ class CacheMeta:
     engine: str = _attr("str", default="local")  # local | ray (the datasets are then virtual, over shard files)
     shards: int = _attr("int", default=0)  # shard files a ray cache reads (0: one self-contained file)
     leaks: dict = _attr("json", default_factory=dict)  # leaks.py: the same content in train and test, duplicates
+    source_options: dict = _attr("json", default_factory=dict)  # the source's options as given (--image-column, ...;
+    #                      their effect on the items is in data_identity), so that report reads the source the same way
     # -- state
     schema_version: int = _attr("int", default=SCHEMA_VERSION)
     complete: bool = _attr("bool", default=False)
@@ -277,7 +279,7 @@ class CacheMeta:
         for name in ("train_size", "test_size", "train_source_size", "test_source_size", "seed", "shards"):
             if getattr(self, name) < 0:
                 bad(name, f"is negative ({getattr(self, name)})")
-        for name in ("data_identity", "subset", "versions", "skipped", "split", "leaks"):
+        for name in ("data_identity", "subset", "versions", "skipped", "split", "leaks", "source_options"):
             if not isinstance(getattr(self, name), dict):
                 bad(name, "is not a JSON object")
 

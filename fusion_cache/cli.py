@@ -216,6 +216,15 @@ def main():
 @click.option("--on-leak", type=click.Choice(["warn", "fail"]), default="warn", show_default=True,
               help="What to do when a test image has the same content as a train image (duplicates within a "
                    "split and one content under two labels are always warned about).")
+@click.option("--image-column", default=None, metavar="NAME",
+              help="parquet and hf: the column that holds the images (HF Image structs or raw bytes) [default: image].")
+@click.option("--label-column", default=None, metavar="NAME",
+              help="parquet and hf: the column that holds the labels (ClassLabel ints, ints or names) [default: label].")
+@click.option("--label-key", default=None, metavar="KEY",
+              help="wds: the sample's member that holds its label (cls, txt, ...), or the field of its json member "
+                   "[default: cls, else json's label].")
+@click.option("--label-set", type=click.Choice(["fine", "coarse"]), default=None,
+              help="cifar100: the 100 fine classes or the 20 coarse superclasses [default: fine].")
 @click.option("--full-decode", is_flag=True,
               help="Decode every image at full size. By default an image over twice the input size is decoded "
                    "reduced (JPEG at a smaller DCT scale), much faster for camera photos; see the README.")
@@ -272,7 +281,7 @@ def main():
               help="Images per shard, the Ray engine's unit of work and of resumption; a multiple of --batch-size "
                    "[default: about 1/64 of the images, 1 to 64 batches].")
 def extract(out, dataset, data_root, train_size, test_size, test_fraction, split_seed, write_manifest, on_leak,
-            full_decode, seed, backbone, weights, image_size, taps, batch_size,
+            image_column, label_column, label_key, label_set, full_decode, seed, backbone, weights, image_size, taps, batch_size,
             device, precision, pool, dtype, workers, on_bad_image, no_download, skip_integrity_check, compile_, force,
             progress, engine, ray_address, num_workers, gpus_per_worker, cpus_per_worker, shard_size):
     """Run the frozen backbone once and cache pooled features of every tap.
@@ -295,7 +304,8 @@ def extract(out, dataset, data_root, train_size, test_size, test_fraction, split
         out=out, dataset=dataset, data_root=data_root, seed=seed,
         train_size=_size(train_size), test_size=_size(test_size),
         test_fraction=test_fraction, split_seed=split_seed, write_manifest=write_manifest, on_leak=on_leak,
-        full_decode=full_decode,
+        full_decode=full_decode, image_column=image_column, label_column=label_column, label_key=label_key,
+        label_set=label_set,
         backbone=backbone, weights=weights, image_size=image_size, taps=tuple(_csv(taps, "--taps")),
         batch_size=batch_size, device=device,
         precision=precision, pool=pool, dtype=dtype, download=not no_download, skip_integrity_check=skip_integrity_check,

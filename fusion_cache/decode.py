@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import mmap
 import os
 import re
@@ -103,25 +104,44 @@ def read_image(path: str | Path, name: str | None = None, sha256: str | None = N
                                    f"the plan's {sha256[:12]}…")
         if st.st_size == 0:
             raise BadImage(f"{shown}: empty file (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return _decode(source, reduce_to)
-        except _TooLarge as e:
-            raise BadImage(f"{shown}: {e}") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            m = re.search(r"\((\d+) pixels\)", str(e))
-            size = f"{int(m[1]) / 1e6:.0f} megapixels" if m else "too many pixels"
-            raise BadImage(f"{shown}: image of {size}, over the {MAX_PIXELS / 1e6:.0f}-megapixel limit "
-                           "(a decompression bomb?)") from None
-        except UnidentifiedImageError:
-            raise BadImage(f"{shown}: not an image PIL can decode (unknown or damaged format)") from None
-        except MemoryError:
-            raise BadImage(f"{shown}: too large to decode in memory") from None
-        except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
-            text = display_path(str(e))[:200]
-            raise BadImage(f"{shown}: {type(e).__name__}: {text}") from None
+        return _decode_checked(source, shown, reduce_to)
+
+
+def decode_bytes(data: bytes, name: str, sha256: str | None = None, reduce_to: int | None = None) -> torch.Tensor:
+    """An image's bytes (an item inside a container: a parquet cell, a tar member) -> uint8 (3, H, W) RGB, decoded
+    exactly as `read_image` decodes the same bytes in a file. With `sha256` (the plan's digest), other bytes raise
+    `ChangedImage`; undecodable bytes raise `BadImage` ("<name>: <reason>")."""
+    if sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise ChangedImage(f"{name} is not the image that was planned: its content has sha256 {got[:12]}…, "
+                               f"the plan's {sha256[:12]}…")
+    if not len(data):
+        raise BadImage(f"{name}: empty image (0 bytes)")
+    return _decode_checked(io.BytesIO(data), name, reduce_to)
+
+
+def _decode_checked(source, shown: str, reduce_to: int | None) -> torch.Tensor:
+    """`_decode` of a file object or mapping, every failure a one-line `BadImage`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(source, reduce_to)
+    except _TooLarge as e:
+        raise BadImage(f"{shown}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(m[1]) / 1e6:.0f} megapixels" if m else "too many pixels"
+        raise BadImage(f"{shown}: image of {size}, over the {MAX_PIXELS / 1e6:.0f}-megapixel limit "
+                       "(a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"{shown}: not an image PIL can decode (unknown or damaged format)") from None
+    except MemoryError:
+        raise BadImage(f"{shown}: too large to decode in memory") from None
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+        text = display_path(str(e))[:200]
+        raise BadImage(f"{shown}: {type(e).__name__}: {text}") from None
 
 
 class _TooLarge(Exception):

@@ -7,6 +7,7 @@ the cache writer (`cache.py`). Engines execute the Plan as it is; none of them p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -91,12 +92,18 @@ def validate(cfg: ExtractConfig) -> None:
         check_manifest_output(cfg)
     # a file for a folder dataset, a missing manifest, a folder auto cannot read: before the weights
     sources_mod.check_root(cfg.dataset, Path(cfg.data_root))
+    sources_mod.check_options(cfg.dataset, Path(cfg.data_root), load_options(cfg))
     if cfg.test_fraction is not None or cfg.split_seed is not None:
         where = sources_mod.test_split(cfg.dataset, Path(cfg.data_root))
         if where is not None:
             flag = "--test-fraction" if cfg.test_fraction is not None else "--split-seed"
             raise FusionCacheError(f"{flag} applies to a dataset without a test split, and this one has one "
                                    f"({where}); drop {flag}")
+
+
+def load_options(cfg: ExtractConfig) -> LoadOptions:
+    return LoadOptions(cfg.download, cfg.skip_integrity_check, image_column=cfg.image_column,
+                       label_column=cfg.label_column, label_key=cfg.label_key, label_set=cfg.label_set)
 
 
 def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
@@ -116,13 +123,14 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
     dataset, found = sources_mod.resolve(cfg.dataset, data_root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        listing = sources_mod.load(dataset, data_root, LoadOptions(cfg.download, cfg.skip_integrity_check))
+        listing = sources_mod.load(dataset, data_root, load_options(cfg))
     for message in dict.fromkeys(str(w.message) for w in caught):  # both splits share a tarball: warn once
         warnings.warn(message, IntegrityWarning, stacklevel=2)
     splits = make_splits(listing, cfg.test_fraction, cfg.split_seed)
     sources = {"train": splits.train, "test": splits.test}
-    if cfg.write_manifest is not None and splits.train.images is not None:
-        raise FusionCacheError(f"--write-manifest lists image files, and {dataset} holds its images as pixels; drop "
+    if cfg.write_manifest is not None and (splits.train.images is not None or splits.train.reader is not None):
+        how = "as pixels" if splits.train.images is not None else "inside its files"
+        raise FusionCacheError(f"--write-manifest lists image files, and {dataset} holds its images {how}; drop "
                                "--write-manifest")
     if found or splits.record["method"] != "given" or splits.validation_from is not None:
         say(decision(cfg.data_root, dataset, found, splits))  # what auto found, or a split the user did not give
@@ -161,6 +169,8 @@ def plan(cfg: ExtractConfig, say=None) -> tuple[Plan, object]:
         decode=describe_decode(not cfg.full_decode) if files else PIXELS_AS_STORED,
         split=splits.record,
         leaks=leaks,
+        source_options={k: v for k, v in dataclasses.asdict(load_options(cfg)).items()
+                        if k in sources_mod.OPTION_FLAGS and v is not None},
         weights=weights.name,
         data_root=display_path(data_root),
         classes=tuple(sources["train"].classes),
@@ -243,6 +253,10 @@ def split_plan(src: Source, chosen: np.ndarray, reduce_to: int | None = None) ->
     labels = np.ascontiguousarray(src.labels[chosen])
     if src.images is not None:
         return SplitPlan(src.split, chosen, labels, pixels=np.ascontiguousarray(src.images[chosen]))
+    if src.reader is not None:
+        return SplitPlan(src.split, chosen, labels, names=tuple(src.paths[i] for i in chosen),
+                         digests=tuple(src.digests[i] for i in chosen), reduce_to=reduce_to, reader=src.reader,
+                         keys=tuple(src.keys[i] for i in chosen))
     return SplitPlan(src.split, chosen, labels, names=tuple(src.paths[i] for i in chosen),
                      files=tuple(src.file(i) for i in chosen), digests=tuple(src.digests[i] for i in chosen),
                      reduce_to=reduce_to)

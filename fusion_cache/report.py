@@ -230,7 +230,7 @@ def figure_sources(cache: Cache, data_root: str | Path | None = None) -> dict:
     try:
         with warnings.catch_warnings():  # the identity check below is stricter than the release checksums
             warnings.simplefilter("ignore", IntegrityWarning)
-            listing = sources_mod.load(meta.dataset, root, sources_mod.LoadOptions(False, True))
+            listing = sources_mod.load(meta.dataset, root, sources_mod.LoadOptions(False, True, **meta.source_options))
             made = as_recorded(listing, meta.split)
     except FusionCacheError as e:
         raise FusionCacheError(f"the figures need the images the cache came from ({e}); pass --data-root") from None

@@ -21,7 +21,7 @@ import torch
 from .. import cache as cache_mod
 from ..backbone import PRECISIONS, LoadedWeights, PooledExtractor, Preprocess, build_model, load_weights, resolve_device
 from ..backbones import DEFAULT_BACKBONE, resolve
-from ..decode import BadImage, ChangedImage, read_image
+from ..decode import BadImage, ChangedImage, decode_bytes, read_image
 from ..sampler import SPLITS
 from ..errors import FusionCacheError
 from ..files import is_content_digest
@@ -42,6 +42,10 @@ class ExtractConfig:
     write_manifest: Path | None = None  # write the split as a CSV manifest (path,label,split)
     on_leak: str = "warn"  # warn | fail, when the same content is in train and test
     full_decode: bool = False  # decode every image at full size (default: large ones reduced, see decode.py)
+    image_column: str | None = None  # parquet, hf: the image column (None: image)
+    label_column: str | None = None  # parquet, hf: the label column (None: label)
+    label_key: str | None = None  # wds: the label's member or json field (None: cls, else json's label)
+    label_set: str | None = None  # cifar100: fine | coarse (None: fine)
     seed: int = 0  # draws the stratified subset (and the weights when --weights random)
     backbone: str = DEFAULT_BACKBONE  # a `backbones` name: mobilenet_v2, resnet50, timm:vit_small_patch16_224, ...
     weights: str | None = None  # None: the backbone's default (mobilenet_v2: imagenet1k_v1) | a name | random | PATH
@@ -102,7 +106,8 @@ class ExtractResult:
 @dataclass(frozen=True)
 class SplitPlan:
     """The items of one split an engine reads, in cache order: position p is the cache's row p (before
-    skipped unreadable images are dropped). Files are absolute paths as given (links not resolved)."""
+    skipped unreadable images are dropped). Files are absolute paths as given (links not resolved); items
+    inside containers are keys that the source's reader reads."""
 
     split: str
     indices: np.ndarray  # (n,) int64 positions in the source split (the cache's `indices`)
@@ -112,6 +117,8 @@ class SplitPlan:
     digests: tuple[str, ...] | None = None  # file sources: sha256 of each file as listed, or why it is unreadable
     pixels: np.ndarray | None = None  # in-memory sources (CIFAR-10): (n, 3, H, W) uint8, the images themselves
     reduce_to: int | None = None  # file sources: decode large images reduced for this input size (None: full)
+    reader: object | None = None  # containers (parquet, hf, wds): a `sources.base.ItemReader` of the bytes
+    keys: tuple | None = None  # containers: each item's key for `reader` (names and digests as for files)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -121,6 +128,9 @@ class SplitPlan:
         digest (`ChangedImage` when they differ); an undecodable one raises `BadImage`."""
         if self.pixels is not None:
             return torch.from_numpy(self.pixels[position])
+        if self.reader is not None:  # an item inside a container: its bytes, checked against the planned digest
+            return decode_bytes(self.reader.read(self.keys[position]), self.names[position],
+                                sha256=self.digests[position], reduce_to=self.reduce_to)
         digest = self.digests[position]
         if not is_content_digest(digest):  # unreadable when listed: read as is, and it fails as it failed then
             read_image(self.files[position], name=self.names[position], reduce_to=self.reduce_to)

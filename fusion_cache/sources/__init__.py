@@ -23,6 +23,7 @@ class SourceEntry:
     name: str
     module: str
     layout: str  # what --data-root is, for --help and the docs
+    options: tuple[str, ...] = ()  # the `LoadOptions` fields beyond download and integrity that it reads
 
     @property
     def impl(self):
@@ -33,6 +34,14 @@ class SourceEntry:
 class LoadOptions:
     download: bool = True  # sources that can download (CIFAR-10) do so only into a missing or empty folder
     skip_integrity_check: bool = False
+    image_column: str | None = None  # parquet, hf: the column of images (None: "image")
+    label_column: str | None = None  # parquet, hf: the column of labels (None: "label")
+    label_key: str | None = None  # wds: the member (or json field) that holds the label (None: cls, else json's label)
+    label_set: str | None = None  # cifar100: fine | coarse (None: fine)
+
+
+OPTION_FLAGS = {"image_column": "--image-column", "label_column": "--label-column", "label_key": "--label-key",
+                "label_set": "--label-set"}
 
 
 SOURCES = {e.name: e for e in (
@@ -96,6 +105,16 @@ def check_root(dataset: str, root: Path) -> None:
     """Fail fast when --data-root is the wrong kind of path for `dataset` (auto: when nothing matches)."""
     name, _ = resolve(dataset, root)
     SOURCES[name].impl.check_root(root)
+
+
+def check_options(dataset: str, root: Path, options: LoadOptions) -> None:
+    """Fail fast on a source option (--image-column, --label-set, ...) that the dataset at `root` does not read."""
+    name, _ = resolve(dataset, root)
+    for field, flag in OPTION_FLAGS.items():
+        if getattr(options, field) is not None and field not in SOURCES[name].options:
+            takers = [e.name for e in SOURCES.values() if field in e.options]
+            raise FusionCacheError(f"{flag} applies to --dataset {' or '.join(takers)}, and this --data-root is "
+                                   f"{name}; drop {flag}")
 
 
 def test_split(dataset: str, root: Path) -> str | None:

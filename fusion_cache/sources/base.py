@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..decode import read_image
+from ..decode import decode_bytes, read_image
 from ..errors import FusionCacheError
 
 SPLITS = ("train", "test")  # the splits a cache holds
@@ -41,6 +41,8 @@ class Source:
     files: list[str] | None = None  # image folders: the real relative file names (os.fsdecode'd), to open
     digests: list[str] | None = None  # each item's sha256 as listed (files: or why it cannot be read; pixels: of them)
     roots: list[Path] | None = None  # per item, when items come from several folders (train/ and val/ joined)
+    reader: "ItemReader | None" = None  # containers (parquet, hf, wds): reads an item's bytes by its key
+    keys: list | None = None  # containers: each item's key for `reader` (where in which file its bytes are)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,6 +58,8 @@ class Source:
         """The source image at `index` as uint8 (3, H, W) RGB; raises BadImage for undecodable files."""
         if self.images is not None:
             return torch.from_numpy(self.images[index])
+        if self.reader is not None:
+            return decode_bytes(self.reader.read(self.keys[index]), self.paths[index])
         return read_image(self.file(index), name=self.paths[index])
 
     def take(self, indices: np.ndarray, split: str) -> "Source":
@@ -66,23 +70,26 @@ class Source:
         identity = hashlib.sha256(f"take {split}\n{self.identity}\n".encode() + idx.tobytes()).hexdigest()
         return replace(self, split=split, labels=self.labels[idx], identity=identity,
                        images=None if self.images is None else self.images[idx], paths=pick(self.paths),
-                       files=pick(self.files), digests=pick(self.digests), roots=pick(self.roots))
+                       files=pick(self.files), digests=pick(self.digests), roots=pick(self.roots), keys=pick(self.keys))
 
     def join(self, other: "Source", split: str) -> "Source":
         """This source's items, then `other`'s (same classes), as one source named `split`."""
         if self.classes != other.classes:
             raise FusionCacheError(f"the {self.split} and {other.split} splits hold different classes; "
                                    "give every split the same class folders")
-        if (self.images is None) != (other.images is None):
-            raise FusionCacheError("cannot join a split of pixels with a split of files")
+        if (self.images is None) != (other.images is None) or self.reader != other.reader:
+            raise FusionCacheError(f"the {self.split} and {other.split} splits are stored in different ways; store "
+                                   "them alike")
         identity = hashlib.sha256(f"join {split}\n{self.identity}\n{other.identity}\n".encode()).hexdigest()
         both = (lambda a, b: None if a is None or b is None else list(a) + list(b))
         roots = [self.root] * len(self) if self.roots is None else self.roots
         other_roots = [other.root] * len(other) if other.roots is None else other.roots
         images = None if self.images is None else np.concatenate([self.images, other.images])
+        files = images is None and self.reader is None
         return replace(self, split=split, labels=np.concatenate([self.labels, other.labels]), identity=identity,
                        images=images, paths=both(self.paths, other.paths), files=both(self.files, other.files),
-                       digests=both(self.digests, other.digests), roots=None if images is not None else roots + other_roots,
+                       digests=both(self.digests, other.digests), roots=roots + other_roots if files else None,
+                       keys=both(self.keys, other.keys),
                        notes=list(dict.fromkeys(self.notes + other.notes)))
 
     @property
@@ -91,6 +98,28 @@ class Source:
         if self.paths is not None:
             return list(self.paths)
         return [f"{self.split}[{i}]" for i in range(len(self))]
+
+
+class ItemReader:
+    """Reads the bytes of items that live inside container files (a parquet row, a tar member, a row of a
+    `save_to_disk` folder), given each item's key. One subclass per container, owned by its source module. It
+    pickles (a Ray worker and each DataLoader worker gets a copy) and keeps open files and the last chunk read
+    per process, never pickled: items read in plan order stream through each file once."""
+
+    def read(self, key) -> bytes:
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.__getstate__() == other.__getstate__()
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(self.__getstate__().items()))))
 
 
 @dataclass
