@@ -20,6 +20,7 @@ from sklearn.metrics import log_loss
 
 from .cache import Cache
 from .errors import FusionCacheError, quote
+from .fewshot import header as fewshot_line
 from .headfile import HEAD_FILE, HeadFile
 from .headfile import save_head as write_head_file
 from .heads import HEAD_SPECS, HEADS, check_can_fit, divergence_advice, linear_form
@@ -81,10 +82,13 @@ class FitResult:
     fingerprint: str
     provenance: dict = field(default_factory=dict)
     estimator: object = field(default=None, repr=False)
+    fewshot: dict | None = None  # the draw the head trained on (fewshot.Draw.record); None: all of train
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("estimator")
+        if d["fewshot"] is None:
+            d.pop("fewshot")
         return d
 
 
@@ -117,7 +121,10 @@ class ViewData:
     y_train: np.ndarray  # (n,) int64 class indices
     X_test: np.ndarray
     y_test: np.ndarray
-    val_rows: np.ndarray | None = None  # train rows of the dataset's own validation split (None: none given)
+    val_rows: np.ndarray | None = None  # train rows of the dataset's own validation split (None: none given);
+    # for a few-shot draw (fewshot.TuningDraw), the rows of the draw's validation that choose the tuned parameter
+    refit_rows: np.ndarray | None = None  # the train rows the tuned protocol's final head trains on and takes its
+    # standardization statistics from (None: all of them); a few-shot draw beside the dataset's own validation split
 
     @property
     def dim(self) -> int:
@@ -209,6 +216,37 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
                      test_acc, seconds, cache.fingerprint, provenance(cache), est)
 
 
+def check_fewshot(cache: Cache, heads: list[str], params: HeadParams | None, fewshot, seeds: list[int],
+                  offered=None) -> dict:
+    """The few-shot protocol's preconditions from the cache's labels alone (no features): K and N are valid, every
+    class holds K train images outside the dataset's own validation split, and every head can be fit on a draw
+    (K rows a class) with the options `params` gives it. Returns {(seed, draw): fewshot.Draw}."""
+    draws = fewshot.draws_of(cache, seeds)
+    values = None if params is None else {h: params.for_head(h) for h in heads if h in HEAD_SPECS}
+    check_can_fit(heads, fewshot.labels(len(cache.classes)), values, offered=offered,
+                  where=f"a draw of {fewshot.train_per_class} images a class (--train-per-class)")
+    return draws
+
+
+def fit_draws(cache: Cache, view: str, head: str, params: HeadParams | None, seed: int, fewshot,
+              offered=None) -> list[FitResult]:
+    """`fit_head` on each draw 0 .. N-1 of `seed` (fewshot.FewShot): K train images a class each; every result
+    records its draw (FitResult.fewshot). The head's standardization statistics, where it takes them, are
+    those of the drawn rows, the only rows it sees."""
+    params = params or HeadParams()
+    params.check()
+    head_spec(head)
+    check_heads(cache, [head], params, offered, where=f"'{view}'")
+    draws = check_fewshot(cache, [head], params, fewshot, [seed], offered)
+    full = load_view(cache, view)
+    results = []
+    for d in range(fewshot.draws):
+        r = fit_head(cache, view, head, params, seed, data=draws[seed, d].data(full), offered=offered)
+        r.fewshot = draws[seed, d].record()
+        results.append(r)
+    return results
+
+
 def _check_converged(head: str, epochs: list[dict], est, params: HeadParams, offered=None) -> None:
     """A diverged fit is an error, never a number: NaN or inf in the loss or the weights, or a final training
     loss far above that of predicting uniformly at random (10 x ln k for k classes)."""
@@ -258,9 +296,13 @@ def save_head(result: FitResult, out_dir: str | Path, force: bool = False) -> Pa
 
 
 def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], params: HeadParams | None = None,
-           progress=None, offered=None) -> list[dict]:
+           progress=None, offered=None, fewshot=None) -> list[dict]:
     """Every view x head x seed from the one cache. Returns one row per run; a head whose fit does not depend
-    on the seed (HeadSpec.seeded False) is fitted once a view and its row repeated for each seed."""
+    on the seed (HeadSpec.seeded False) is fitted once a view and its row repeated for each seed.
+
+    With `fewshot` (fewshot.FewShot: K images a class, N draws), every seed runs draws 0 .. N-1 of its own,
+    each head on the drawn rows only (a seed-independent head too: each draw is other rows): one row per
+    view x head x seed x draw, carrying `draw`, `train_per_class`, `draw_seed` and `draw_rows_sha256`."""
     params = params or HeadParams()
     params.check()
     if not views or not heads or not seeds:
@@ -271,7 +313,10 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
     for v in views:  # every view resolves, and every head can run, before any features are read
         cache.view_taps(v)
     check_heads(cache, heads, params, offered)
+    draws = None if fewshot is None else check_fewshot(cache, heads, params, fewshot, seeds, offered)
     data = {v: load_view(cache, v) for v in views}  # validates every view's features before any training
+    if draws is not None:
+        return _ablate_draws(cache, views, heads, seeds, params, data, draws, fewshot.draws, progress, offered)
     rows = []
     for view in views:
         for head in heads:
@@ -284,6 +329,25 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
                              "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs})
                 if progress:
                     progress(rows[-1])
+    return rows
+
+
+def _ablate_draws(cache, views, heads, seeds, params, data, draws, n_draws, progress, offered) -> list[dict]:
+    """`ablate`'s few-shot runs: view x head x seed x draw, each fit on its draw's rows."""
+    rows = []
+    for view in views:
+        drawn = {key: d.data(data[view]) for key, d in draws.items()}  # each draw's rows of the view, once
+        for head in heads:
+            for seed in seeds:
+                for i in range(n_draws):
+                    r = fit_head(cache, view, head, params, seed, data=drawn[seed, i], offered=offered)
+                    rows.append({"view": view, "head": head, "seed": seed, **draws[seed, i].record(),
+                                 "taps": ",".join(r.features), "dim": r.dim, "train_acc": r.train_acc,
+                                 "test_acc": r.test_acc, "train_loss": r.train_loss, "test_loss": r.test_loss,
+                                 "fit_seconds": r.fit_seconds, "epochs": r.epochs})
+                    if progress:
+                        progress(rows[-1])
+        del drawn
     return rows
 
 
@@ -304,13 +368,16 @@ def check_same_data(caches: list[Cache]) -> None:
 
 
 def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],
-                  params: HeadParams | None = None, progress=None, offered=None) -> list[dict]:
-    """`ablate` on each cache (one backbone each, the same images), rows tagged with backbone and cache."""
+                  params: HeadParams | None = None, progress=None, offered=None, fewshot=None) -> list[dict]:
+    """`ablate` on each cache (one backbone each, the same images), rows tagged with backbone and cache. With
+    `fewshot`, the caches' labels being the same, draw d of seed s is the same images in every cache."""
     check_same_data(caches)
     for c in caches:  # every view of every cache, and every head's preconditions, before any training
         for v in views:
             c.view_taps(v)
         check_heads(c, heads, params or HeadParams(), offered)
+        if fewshot is not None:
+            check_fewshot(c, heads, params or HeadParams(), fewshot, seeds, offered)
     from .io import cache_labels
 
     rows = []
@@ -318,12 +385,14 @@ def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds
         tag = {"backbone": c.backbone, "cache": str(c.path), "label": label}  # label: the table's unique row name
         rows += [{**tag, **r} for r in ablate(c, views, heads, seeds, params,
                                              progress=(lambda r, tag=tag: progress({**tag, **r})) if progress else None,
-                                             offered=offered)]
+                                             offered=offered, fewshot=fewshot)]
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and std (over seeds) per view x head (x cache, for rows of several), in the order the rows came."""
+    """Mean and std (over seeds) per view x head (x cache, for rows of several), in the order the rows came.
+    Few-shot rows (with a `draw`) are (seed, draw) runs: the mean and sample std are over all of them, and the
+    summary counts the seeds, draws and runs."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("cache", ""), r["view"], r["head"]), []).append(r)
@@ -333,7 +402,10 @@ def summarize(rows: list[dict]) -> list[dict]:
         train = None if any(r["train_acc"] is None for r in rs) else np.array([r["train_acc"] for r in rs])
         tag = {"backbone": rs[0]["backbone"], "cache": cache, "label": rs[0].get("label", rs[0]["backbone"])} \
             if cache else {}
-        out.append({**tag, "view": view, "head": head, "dim": rs[0]["dim"], "n_seeds": len(rs),
+        counts = {"n_seeds": len(rs)} if "draw" not in rs[0] else {  # few-shot: runs are (seed, draw) pairs
+            "n_seeds": len({r["seed"] for r in rs}), "n_draws": len({r["draw"] for r in rs}), "n_runs": len(rs),
+            "train_per_class": rs[0]["train_per_class"]}
+        out.append({**tag, "view": view, "head": head, "dim": rs[0]["dim"], **counts,
                     "test_acc_mean": float(test.mean()), "test_acc_std": float(test.std(ddof=1) if len(rs) > 1 else 0.0),
                     "train_acc_mean": None if train is None else float(train.mean()),
                     "train_acc_std": None if train is None else float(train.std(ddof=1) if len(rs) > 1 else 0.0)})
@@ -343,17 +415,21 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown_table(summary: list[dict]) -> str:
     """One table; a backbone column first when the rows come from several caches."""
     several = any("backbone" in s for s in summary)
-    lines = [("| backbone " if several else "") + "| view | head | dim | test acc (%) | train acc, final epoch (%) | seeds |",
+    fewshot = any("n_draws" in s for s in summary)  # few-shot: mean ± std over seeds x draws runs
+    lines = [("| backbone " if several else "") + "| view | head | dim | test acc (%) | train acc, final epoch (%) | "
+             + ("seeds x draws |" if fewshot else "seeds |"),
              ("|---" if several else "") + "|---|---|---:|---:|---:|---:|"]
     for s in summary:
         train = (f"{100 * s['train_acc_mean']:.2f} ± {100 * s['train_acc_std']:.2f}"
                  if HEAD_SPECS[s["head"]].records_epochs else "—")  # a train column only for per-epoch heads
         lines.append((f"| {s.get('label', s['backbone'])} " if several else "") + f"| {s['view']} | {s['head']} | {s['dim']} | "
-                     f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f} | {train} | {s['n_seeds']} |")
+                     f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f} | {train} | "
+                     + (f"{s['n_seeds']} x {s['n_draws']} |" if fewshot else f"{s['n_seeds']} |"))
     return "\n".join(lines)
 
 
 ABLATION_FILES = ("results.json", "results.csv", "results.md")
+
 
 
 def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: bool = False) -> Path:
@@ -362,13 +438,15 @@ def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: boo
     summary = summarize(rows)
     buf = io.StringIO()
     cols = (["backbone", "cache"] if rows and "backbone" in rows[0] else []) + \
-        ["view", "head", "seed", "taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
+        ["view", "head", "seed"] + (["draw", "train_per_class"] if rows and "draw" in rows[0] else []) + \
+        ["taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     caches = meta.get("caches") or [{"cache": meta["cache"], "fingerprint": meta["fingerprint"]}]
     md = ("# Ablation\n\n" + ", ".join(f"Cache `{c['cache']}` (fingerprint `{c['fingerprint'][:16]}`)" for c in caches) + ", "
           f"command `{meta['command']}`.\nAccuracies in percent, mean ± std over seeds {meta['seeds']}.\n\n"
+          + (fewshot_line(meta["fewshot"]) + "\n\n" if meta.get("fewshot") else "")
           + markdown_table(summary) + "\n")
     with staged_folder(out_dir, force, lambda name: name in ABLATION_FILES) as tmp:
         atomic_write_text(tmp / "results.json", dumps_json({**meta, "rows": rows, "summary": summary}, indent=2))

@@ -48,6 +48,25 @@ SOURCES = {e.name: e for e in (
     SourceEntry("cifar10", "fusion_cache.sources.cifar10",
                 "CIFAR-10: a folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz (downloaded into a "
                 "missing or empty folder when named explicitly)"),
+    SourceEntry("cifar100", "fusion_cache.sources.cifar100",
+                "CIFAR-100: a folder holding cifar-100-python/ or cifar-100-python.tar.gz (downloaded into a "
+                "missing or empty folder when named explicitly); --label-set fine (100 classes, the default) or "
+                "coarse (20 superclasses)", options=("label_set",)),
+    SourceEntry("stl10", "fusion_cache.sources.stl10",
+                "STL-10: a folder holding stl10_binary/ (its labelled train and test splits; the "
+                "stl10_binary.tar.gz archive is downloaded and extracted into a missing or empty folder when named "
+                "explicitly)"),
+    SourceEntry("hf", "fusion_cache.sources.hf",
+                "a Hugging Face save_to_disk folder (a Dataset, or a DatasetDict of train, test, validation): an "
+                "image column and a label column (needs `pip install 'fusion-cache[hf]'`)",
+                options=("image_column", "label_column")),
+    SourceEntry("parquet", "fusion_cache.sources.parquet",
+                "parquet files, or a folder of them as the Hugging Face Hub ships them (data/train-*.parquet, "
+                "test-*, validation-*): an image column (HF Image structs or bytes) and a label column",
+                options=("image_column", "label_column")),
+    SourceEntry("wds", "fusion_cache.sources.wds",
+                "WebDataset shards: .tar files (train-000000.tar, test-*.tar, ...), each sample an image (jpg, jpeg, "
+                "png or webp) with a cls member or a json label", options=("label_key",)),
     SourceEntry("manifest", "fusion_cache.sources.manifest",
                 "a CSV file with the header path,label[,split], one row per image (path absolute or relative "
                 "to the CSV's folder; split train, test or val)"),
