@@ -470,6 +470,36 @@ def _head_options(f):
 HEAD_OPTIONS = ("epochs", "lr", "batch_size", "weight_decay", "standardize", "solver", "C", "k")
 
 
+def _fewshot_options(f):
+    """--train-per-class and --draws, shared by `fit`, `ablate` and `report` (the few-shot protocol)."""
+    options = [
+        click.option("--train-per-class", type=click.IntRange(1, 1 << 30), default=None, metavar="K",
+                     help="Few-shot: train each head on K images of each class drawn (seeded) from the cache's "
+                          "train split, outside its own validation split [default: all of train]."),
+        click.option("--draws", type=click.IntRange(1, 10_000), default=1, show_default=True, metavar="N",
+                     help="Few-shot: repeat the draw N times per seed (with --train-per-class); tables give "
+                          "mean ± std over all (seed, draw) runs."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _fewshot(train_per_class, draws):
+    """FewShot from the options, or None; --draws without --train-per-class is a usage error."""
+    from .fewshot import FewShot
+
+    ctx = click.get_current_context()
+    if train_per_class is None:
+        if ctx.get_parameter_source("draws") not in (click.core.ParameterSource.DEFAULT, None):
+            raise click.UsageError("--draws repeats a few-shot draw and needs --train-per-class K; pass "
+                                   "--train-per-class, or leave --draws out")
+        return None
+    fs = FewShot(train_per_class, draws)
+    fs.check()
+    return fs
+
+
 def _params(heads: list[str], **values):
     """HeadParams from the head options; an option given on the command line that none of `heads` takes is
     an error (e.g. `--head knn --solver lbfgs`), not something to ignore."""
@@ -518,8 +548,9 @@ def _command_line() -> str:
               help="Folder to save the head in (head.pt: weights, feature statistics, taps, classes, fingerprint) "
                    "and metrics.json.")
 @click.option("--force", is_flag=True, help="Replace a head already saved in --out.")
+@_fewshot_options
 def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, seed, as_json, out,
-        force):
+        force, train_per_class, draws):
     """Train a head on a view of CACHE and report train and test accuracy per epoch.
 
     \b
@@ -532,12 +563,20 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
 
     params = _params([head], epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                      standardize=standardize, solver=solver, C=C, k=k)
+    fewshot = _fewshot(train_per_class, draws)
     _features(view)
+    if out and fewshot is not None and fewshot.draws > 1:
+        raise click.UsageError(f"--out saves one head, and --draws {fewshot.draws} fits {fewshot.draws}; pass "
+                               "--draws 1 to save the head of draw 0, or leave --out out")
     c = open_cache(cache)
     if out:
         check_saveable(head)
         check_output_folder(out, force, lambda name: name in HEAD_FILES)  # before the work, not after
-    r = fit_head(c, view, head, params, seed, offered={p.name for p in click.get_current_context().command.params})
+    offered = {p.name for p in click.get_current_context().command.params}
+    if fewshot is not None:
+        _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, force)
+        return
+    r = fit_head(c, view, head, params, seed, offered=offered)
     if out:
         save_head(r, out, force)
     if as_json:
@@ -554,6 +593,47 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
 
 
+def _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, force):
+    """`fit --train-per-class K [--draws N]`: one fit per draw of `seed`; its table, or one JSON object whose
+    `runs` are the draws and whose test_acc is their mean (test_acc_std their sample std)."""
+    import numpy as np
+
+    from .fewshot import header
+    from .fit import fit_draws, save_head
+
+    results = fit_draws(c, view, head, params, seed, fewshot, offered)
+    if out:
+        save_head(results[0], out, force)
+    test = np.array([r.test_acc for r in results])
+    train = None if any(r.train_acc is None for r in results) else np.array([r.train_acc for r in results])
+    std = lambda a: float(a.std(ddof=1)) if len(a) > 1 else 0.0  # noqa: E731
+    if as_json:
+        first = results[0].to_json()
+        click.echo(dumps_json({
+            **{k: first[k] for k in ("head", "view", "features", "dim", "seed", "params")},
+            "train_per_class": fewshot.train_per_class, "draws": fewshot.draws, "combine": fewshot.record()["combine"],
+            "runs": [{**r.fewshot, "epochs": r.epochs, "train_acc": r.train_acc, "test_acc": r.test_acc,
+                      "fit_seconds": r.fit_seconds} for r in results],
+            "train_acc": None if train is None else float(train.mean()),
+            "train_acc_std": None if train is None else std(train),
+            "test_acc": float(test.mean()), "test_acc_std": std(test),
+            "fit_seconds": float(sum(r.fit_seconds for r in results)),
+            "fingerprint": first["fingerprint"], "provenance": first["provenance"]}))
+        return
+    r0 = results[0]
+    click.echo(f"{head} head on '{view}' ({', '.join(r0.features)}; {r0.dim} dims), seed {seed}")
+    click.echo(header(fewshot.record()))
+    click.echo(f"{'draw':>4} {'train rows':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}  rows sha256")
+    n_rows = fewshot.train_per_class * len(c.classes)
+    for r in results:
+        tr = f"{'—':>11}" if r.train_acc is None else f"{100 * r.train_acc:>11.2f}"
+        click.echo(f"{r.fewshot['draw']:>4} {n_rows:>10} {tr} {r.test_loss:>9.4f} {100 * r.test_acc:>10.2f}  "
+                   f"{r.fewshot['draw_rows_sha256'][:16]}")
+    click.echo(f"test accuracy {100 * test.mean():.2f} ± {100 * std(test):.2f} % over {len(results)} draw"
+               f"{'s' if len(results) != 1 else ''} in {sum(r.fit_seconds for r in results):.2f} s"
+               + (f"; saved the head of draw 0 to {out}" if out else ""))
+
+
 @main.command(short_help="Views x heads x seeds from one cache, or one per backbone.")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--views", default="early,late,fused,all", show_default=True,
@@ -565,8 +645,9 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
               help="Folder for results.json (one row per run), results.csv and results.md.")
 @click.option("--force", is_flag=True, help="Replace the results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
+@_fewshot_options
 def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
-           as_json):
+           as_json, train_per_class, draws):
     """Compare views x heads x seeds on CACHES, with no re-extraction.
 
     Several caches (one per backbone, extracted from the same images) give one
@@ -587,6 +668,7 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
     head_list = list(dict.fromkeys(_csv(heads, "--heads")))
     params = _params(head_list, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                      standardize=standardize, solver=solver, C=C, k=k)
+    fewshot = _fewshot(train_per_class, draws)
     opened = [open_cache(c) for c in caches]
     if len(opened) > 1:
         from .fit import check_same_data
@@ -599,18 +681,22 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
     def tick(row):
         if not as_json:
             who = f"{row['backbone']} " if "backbone" in row else ""
-            click.echo(f"  {who}{row['view']:<10} {row['head']:<7} seed {row['seed']}: test "
+            draw = f" draw {row['draw']}" if "draw" in row else ""
+            click.echo(f"  {who}{row['view']:<10} {row['head']:<7} seed {row['seed']}{draw}: test "
                        f"{100 * row['test_acc']:.2f} % ({row['fit_seconds']:.1f} s)", err=True)
 
     if len(opened) == 1:
         c = opened[0]
-        rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick, offered=offered)
+        rows = run_ablate(c, view_list, head_list, seed_list, params, progress=tick, offered=offered, fewshot=fewshot)
     else:
-        rows = ablate_caches(opened, view_list, head_list, seed_list, params, progress=tick, offered=offered)
+        rows = ablate_caches(opened, view_list, head_list, seed_list, params, progress=tick, offered=offered,
+                             fewshot=fewshot)
     from dataclasses import asdict
 
     meta = {"cache": str(opened[0].path), "fingerprint": opened[0].fingerprint, "command": _command_line(),
             "seeds": seed_list, "params": asdict(params)}
+    if fewshot is not None:
+        meta["fewshot"] = fewshot.record()
     if len(opened) > 1:
         meta["caches"] = [{"cache": str(c.path), "fingerprint": c.fingerprint, "backbone": c.backbone} for c in opened]
     if out:
@@ -618,6 +704,10 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
     if as_json:
         click.echo(dumps_json({**meta, "rows": rows, "summary": summarize(rows)}))
         return
+    if fewshot is not None:
+        from .fewshot import header
+
+        click.echo(header(meta["fewshot"]))
     click.echo(markdown_table(summarize(rows)))
     if out:
         click.echo(f"wrote {out}/results.json, results.csv, results.md")
@@ -649,7 +739,9 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
                    "in one table, and the layer curve (a head on each single tap against its relative depth). "
                    "Implied by several caches; works on one cache too.")
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
-def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, layer_curve, force):
+@_fewshot_options
+def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, layer_curve, force,
+           train_per_class, draws):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
 
     
@@ -672,7 +764,8 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
     from .report import REPORT_FILES, ReportConfig, figure_sources, render_figures, run_report, write_report
 
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
-                       seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter)
+                       seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter,
+                       fewshot=_fewshot(train_per_class, draws))
     cfg.check()
     offered = {p.name for p in click.get_current_context().command.params}  # advice names only these options
     machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
@@ -692,7 +785,7 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
         ours = lambda name: name in COMPARE_FILES  # noqa: E731
         check_output_folder(out, force, ours)
         result = run_comparison(opened, cfg.views, cfg.heads, cfg.seeds, progress=lambda m: click.echo(m, err=True),
-                                offered=offered)
+                                offered=offered, fewshot=cfg.fewshot)
         with staged_folder(out, force, ours) as tmp:
             write_comparison(result, tmp, _command_line(), machine)
         for cache_rows in [[r for r in result["layer_curve"]["rows"] if r["cache"] == str(c.path)] for c in opened]:
@@ -711,6 +804,10 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
         render_figures(r, c, tmp, sources)
         write_report(r, tmp, _command_line(), machine)
     best = r.best
+    if cfg.fewshot is not None:
+        from .fewshot import header
+
+        click.echo(header(cfg.fewshot.record()))
     click.echo(f"best view (tuned): {best['view']} with {best['head']}, "
                f"{100 * best['test_acc_mean']:.2f} ± {100 * best['test_acc_std']:.2f} % test accuracy "
                f"(tuned protocol {r.seconds['pair_search'] + r.seconds['tuned']:.0f} s, paper protocol "

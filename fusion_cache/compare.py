@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .cache import Cache
-from .fit import HeadParams, ablate_caches, check_heads, fit_head, load_view, markdown_table, summarize
+from .fewshot import header as fewshot_header
+from .fit import HeadParams, ablate_caches, check_fewshot, check_heads, fit_head, load_view, markdown_table, summarize
 from .io import atomic_write_text, cache_labels, dumps_json
 
 # The head of the layer curve: linear, standardized (taps differ in scale by orders of magnitude), Adam 1e-3,
@@ -22,18 +23,27 @@ CURVE_PARAMS = HeadParams(epochs=10, standardize=True)
 COMPARE_FILES = ("report.md", "report.json", "layer_curve.png")
 
 
-def layer_curve(cache: Cache, seeds: list[int], params: HeadParams = CURVE_PARAMS, progress=None) -> list[dict]:
+def layer_curve(cache: Cache, seeds: list[int], params: HeadParams = CURVE_PARAMS, progress=None,
+                fewshot=None) -> list[dict]:
     """One row per tap of the cache: its relative depth and the test accuracy (mean, std over seeds) of a
-    linear head trained on that tap alone."""
+    linear head trained on that tap alone. With `fewshot` (fewshot.FewShot), each seed's draws: the mean and
+    std are over all (seed, draw) runs."""
     rows = []
     table = cache.table
+    draws = None if fewshot is None else check_fewshot(cache, [CURVE_HEAD], params, fewshot, seeds)
     for tap in cache.taps:
         data = load_view(cache, tap)
-        accs = [fit_head(cache, tap, CURVE_HEAD, params, s, data=data).test_acc for s in seeds]
+        if draws is None:
+            accs = [fit_head(cache, tap, CURVE_HEAD, params, s, data=data).test_acc for s in seeds]
+        else:
+            accs = [fit_head(cache, tap, CURVE_HEAD, params, s, data=draws[s, i].data(data)).test_acc
+                    for s in seeds for i in range(fewshot.draws)]
         t = table.tap(tap)
         rows.append({"backbone": cache.backbone, "cache": str(cache.path), "tap": tap, "kind": t.kind,
                      "depth": t.depth, "dim": data.dim, "test_acc_mean": float(np.mean(accs)),
                      "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
+        if draws is not None:
+            rows[-1].update(train_per_class=fewshot.train_per_class, n_draws=fewshot.draws, n_runs=len(accs))
         if progress:
             progress(rows[-1])
     return rows
@@ -64,22 +74,26 @@ def draw_layer_curve(rows: list[dict], path: Path, title: str = "") -> None:
 
 
 def run_comparison(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],
-                   progress=None, offered=None) -> dict:
+                   progress=None, offered=None, fewshot=None) -> dict:
     """The case study's protocol on every cache (one table) and every cache's layer curve: report.json.
-    `offered`: the options of the command that runs it, so that advice names only those."""
+    `offered`: the options of the command that runs it, so that advice names only those. With `fewshot`, both
+    run on each seed's draws of K train images a class (the same images in every cache)."""
     say = progress or (lambda msg: None)
     for c in caches:  # the layer curve's head can run on every cache, before any training
         check_heads(c, [CURVE_HEAD], CURVE_PARAMS, offered)
+        if fewshot is not None:
+            check_fewshot(c, [CURVE_HEAD], CURVE_PARAMS, fewshot, seeds, offered)
     rows = ablate_caches(  # checks the caches hold the same data, every view resolves and every head can run,
         caches, views, heads, seeds, HeadParams(),  # before any training
-        progress=lambda r: say(f"  paper {r['backbone']} {r['view']} {r['head']} seed {r['seed']}: "
-                               f"test {100 * r['test_acc']:.2f} %"), offered=offered)
+        progress=lambda r: say(f"  paper {r['backbone']} {r['view']} {r['head']} seed {r['seed']}"
+                               + (f" draw {r['draw']}" if "draw" in r else "") + ": "
+                               f"test {100 * r['test_acc']:.2f} %"), offered=offered, fewshot=fewshot)
     curve = []
     for c, label in zip(caches, cache_labels([c.path for c in caches], [c.backbone for c in caches])):
         say(f"layer curve {c.backbone}: {len(c.taps)} taps x {len(seeds)} seeds")
         curve += [{**r, "label": label} for r in layer_curve(
             c, seeds, progress=lambda r: say(f"  {r['backbone']} {r['tap']} (depth {r['depth']:.2f}): "
-                                             f"test {100 * r['test_acc_mean']:.2f} %"))]
+                                             f"test {100 * r['test_acc_mean']:.2f} %"), fewshot=fewshot)]
     m = caches[0].meta
     return {"caches": [{"cache": str(c.path), "fingerprint": c.fingerprint, "backbone": c.backbone,
                         "weights": c.meta.weights, "weights_sha256": c.meta.weights_sha256,
@@ -87,7 +101,8 @@ def run_comparison(caches: list[Cache], views: list[str], heads: list[str], seed
             "data": {"dataset": m.dataset, "train_size": m.train_size, "test_size": m.test_size, "seed": m.seed},
             "seeds": seeds, "views": views, "heads": heads,
             "paper": {"params": asdict(HeadParams()), "rows": rows, "summary": summarize(rows)},
-            "layer_curve": {"params": asdict(CURVE_PARAMS), "rows": curve}}
+            "layer_curve": {"params": asdict(CURVE_PARAMS), "rows": curve},
+            **({"fewshot": fewshot.record()} if fewshot is not None else {})}
 
 
 def comparison_markdown(result: dict, command: str, machine: str) -> str:
@@ -95,6 +110,7 @@ def comparison_markdown(result: dict, command: str, machine: str) -> str:
     lines = ["# fusion-cache report: backbones compared", "", f"Command: `{command}`", "",
              f"{d['dataset']}, train {d['train_size']} / test {d['test_size']} images (subset seed {d['seed']}). "
              f"Machine: {machine}. Accuracies in percent, mean ± std over seeds {result['seeds']}.", "",
+             *([fewshot_header(result["fewshot"]), ""] if result.get("fewshot") else []),
              "| backbone | cache | weights | image size | pool |", "|---|---|---|---:|---|"]
     for c in result["caches"]:
         lines.append(f"| {c['backbone']} | `{c['cache']}` | `{c['weights']}` (sha256 `{c['weights_sha256'][:12]}…`) | "

@@ -431,7 +431,6 @@ def markdown_table(summary: list[dict]) -> str:
 ABLATION_FILES = ("results.json", "results.csv", "results.md")
 
 
-
 def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: bool = False) -> Path:
     """results.json (meta + one row per run), results.csv and results.md, written into a fresh folder that
     replaces `out_dir` only when all three are complete."""

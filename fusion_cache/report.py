@@ -5,6 +5,11 @@ them as Markdown, JSON and figures.
   exactly as `ablate` runs them, over seeds.
 - tuned: model selection (selection.py) chooses each head's parameter on a validation split of train, refits
   on all of train, and reads the test split once for the final number.
+
+With `ReportConfig.fewshot` (`--train-per-class K --draws N`), both protocols run on each seed's N draws of K
+train images a class (fewshot.py): the paper protocol trains on the draw; the tuned one chooses on a validation
+split carved from the draw (or on the dataset's own validation split) and refits on the draw alone. Tables are
+mean ± std over all (seed, draw) runs.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import numpy as np
 
 from .cache import Cache
 from .errors import FusionCacheError, quote
-from .fit import HeadParams, ablate, check_heads, provenance, summarize
-from .heads import HEAD_SPECS
+from .fewshot import FewShot, check_carve, tuning_draw, validation_count
+from .fewshot import header as fewshot_header
+from .fit import HeadParams, ablate, check_fewshot, check_heads, provenance, summarize
+from .heads import HEAD_SPECS, check_can_fit
 from .io import atomic_write_text, dumps_json
 from .selection import TunedRun, ViewStore, best_pair, check_tuned, pair_taps, tune_heads
 
@@ -36,6 +43,7 @@ class ReportConfig:
     pair_search: bool = True  # also tune the best tap + late pair (features.i + features.18), chosen on validation
     max_iter: int = 200  # L-BFGS iterations of the tuned linear head (it stops earlier once converged)
     device: str = "cpu"
+    fewshot: FewShot | None = None  # K train images a class, N draws a seed (None: all of train)
 
     def check(self, cache: Cache | None = None, offered=None) -> None:
         """The settings; with a cache, also everything both protocols need of it, from its labels and taps
@@ -49,15 +57,40 @@ class ReportConfig:
         for head in self.heads:
             if head not in HEAD_SPECS:
                 raise FusionCacheError(f"unknown head {quote(head)}; use one of {', '.join(HEAD_SPECS)}")
+        if self.fewshot is not None:
+            self.fewshot.check()
         if cache is None:
             return
         for view in self.views:
             cache.view_taps(view)
         check_heads(cache, self.heads, HeadParams(), offered)
+        if self.fewshot is not None:
+            self.check_fewshot(cache, offered)
+            if self.pair_search:
+                pair_taps(cache)
+            return
         check_tuned(cache.labels("train"), self.heads, self.seeds, self.val_fraction, str(cache.path), offered,
                     cache.validation_rows())
         if self.pair_search:
             pair_taps(cache)
+
+    def check_fewshot(self, cache: Cache, offered=None) -> dict:
+        """The few-shot preconditions of both protocols, from the labels: every class holds K train images (outside
+        the dataset's own validation split), every head can be fit on a draw (paper) and on a draw's fit rows
+        (tuned), and, without the dataset's own validation split, --val-fraction of K leaves every class a
+        validation image and a fit image. Returns {(seed, draw): fewshot.TuningDraw}."""
+        k = self.fewshot.train_per_class
+        draws = check_fewshot(cache, self.heads, HeadParams(), self.fewshot, self.seeds, offered)
+        given = cache.validation_rows()
+        if given is None:
+            check_carve(k, self.val_fraction)
+            fit_k = k - validation_count(k, self.val_fraction)
+        else:
+            fit_k = k
+        check_can_fit(self.heads, np.repeat(np.arange(len(cache.classes)), fit_k), None, rows="fit",
+                      where=f"the tuned protocol's fit rows of a draw of {k} images a class", offered=offered)
+        y = cache.labels("train")
+        return {key: tuning_draw(d, y, self.val_fraction, given) for key, d in draws.items()}
 
 
 @dataclass
@@ -112,6 +145,7 @@ class ReportResult:
             "seeds": self.cfg.seeds, "views": self.cfg.views, "heads": self.cfg.heads,
             "best_view": best["view"], "best_head": best["head"], "best_test_acc": best["test_acc_mean"],
             "best_test_acc_std": best["test_acc_std"], "seconds": self.seconds,
+            **({"fewshot": self.cfg.fewshot.record()} if self.cfg.fewshot is not None else {}),
         }
 
 
@@ -121,16 +155,20 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> 
 
     cfg.check(cache, offered)  # every view, head and the pair search, now, not after minutes of fitting
     say = progress or (lambda msg: None)
+    tunings = None if cfg.fewshot is None else cfg.check_fewshot(cache, offered)
     t0 = time.perf_counter()
-    say("paper protocol")
+    say("paper protocol" + ("" if tunings is None else f" ({fewshot_header(cfg.fewshot.record())})"))
     paper_rows = ablate(cache, cfg.views, cfg.heads, cfg.seeds, HeadParams(),
-                        progress=lambda r: say(f"  paper {r['view']} {r['head']} seed {r['seed']}: "
-                                               f"test {100 * r['test_acc']:.2f} %"), offered=offered)
+                        progress=lambda r: say(f"  paper {r['view']} {r['head']} seed {r['seed']}"
+                                               + (f" draw {r['draw']}" if "draw" in r else "") + ": "
+                                               f"test {100 * r['test_acc']:.2f} %"), offered=offered,
+                        fewshot=cfg.fewshot)
     t1 = time.perf_counter()
     tuned_views = list(cfg.views)
     pair_scores = None
     if cfg.pair_search:
-        pair, pair_scores = best_pair(cache, cfg.seeds[0], cfg.val_fraction, cfg.device, cfg.max_iter)
+        pair, pair_scores = best_pair(cache, cfg.seeds[0], cfg.val_fraction, cfg.device, cfg.max_iter,
+                                      tuning=None if tunings is None else tunings[cfg.seeds[0], 0])
         say(f"best early+late pair on validation: {pair}")
         if pair not in tuned_views:
             tuned_views.append(pair)
@@ -139,9 +177,12 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> 
     runs = []
     for view in tuned_views:
         # every head and seed of one view in one call: the L2 heads of all seeds share the stacked fits
-        for run in tune_heads(store, view, cfg.heads, cfg.seeds, cfg.val_fraction, cfg.max_iter):
+        view_runs = (tune_heads(store, view, cfg.heads, cfg.seeds, cfg.val_fraction, cfg.max_iter) if tunings is None
+                     else _tune_draws(store, view, cfg, tunings))
+        for run in view_runs:
             runs.append(run)
-            say(f"  tuned {view} {run.head} seed {run.seed}: {run.param} {run.value:g}, val {100 * run.val_acc:.2f} %, "
+            say(f"  tuned {view} {run.head} seed {run.seed}" + (f" draw {run.fewshot['draw']}" if run.fewshot else "")
+                + f": {run.param} {run.value:g}, val {100 * run.val_acc:.2f} %, "
                 f"test {100 * run.test_acc:.2f} % ({run.fit_seconds:.1f} s)")
         store.drop(view)  # one view's matrices in memory at a time
     t3 = time.perf_counter()
@@ -152,6 +193,22 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> 
     return ReportResult(str(cache.path), cache.fingerprint, {**provenance(cache), "taps": cache.taps, "late": late},
                         paper_rows,
                         runs, pair_scores, cfg, {"paper": t1 - t0, "pair_search": t2 - t1, "tuned": t3 - t2})
+
+
+def _tune_draws(store: ViewStore, view: str, cfg: ReportConfig, tunings: dict) -> list[TunedRun]:
+    """The tuned protocol on each (seed, draw) of a few-shot report: each draw's rows in a store of their own
+    (standardized with the draw's statistics), chosen on the draw's validation rows, refit on the draw. Runs
+    come back head by head, seeds in order, draws in order."""
+    full = store.data(view)
+    runs = []
+    for (seed, i), tuning in tunings.items():
+        drawn = ViewStore(store.cache, store.device)
+        drawn.put(view, tuning.data(full))
+        for run in tune_heads(drawn, view, cfg.heads, [seed], cfg.val_fraction, cfg.max_iter):
+            run.fewshot = tuning.draw.record()
+            runs.append(run)
+    order = {h: n for n, h in enumerate(cfg.heads)}
+    return sorted(runs, key=lambda r: (order[r.head], cfg.seeds.index(r.seed), r.fewshot["draw"]))
 
 
 def markdown(report: dict, command: str, machine: str) -> str:
@@ -170,6 +227,7 @@ def markdown(report: dict, command: str, machine: str) -> str:
         f"{len(p['taps'])} taps. Machine: {machine}.", "",
         f"Split: {split_line(p.get('split', {}))}. Leaks: {leak_line(p.get('leaks', {}))}.", "",
         f"Accuracies in percent, mean ± std over seeds {report['seeds']}.", "",
+        *([fewshot_header(report["fewshot"]), ""] if report.get("fewshot") else []),
         "## The case study's protocol", "",
         "2 epochs, Adam lr 1e-3, batch 32, raw features (`linear`); standardized logistic regression, C = 0.1 "
         "(`logreg`). Training accuracy is measured over each epoch's mini-batches, as the case study does.", "",
@@ -189,20 +247,37 @@ def markdown(report: dict, command: str, machine: str) -> str:
             e1, e2 = "—", _pm([r["train_acc"] for r in rows])
         lines.append(f"| {view} | {head} | {e1} | {e2} | {_pm([r['test_acc'] for r in rows])} |")
     lines += ["", "For `logreg` the train column is the converged fit's training accuracy; it has no epochs."]
-    lines += ["", "## Tuned on a validation split", "",
-              (f"The dataset's own validation split ({report['tuned']['validation']}, cached with train) chooses "
-               if report["tuned"].get("validation") else
-               f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) to choose ")
-              + "each head's parameter: "
-              + "; ".join(f"`{h}`: {g['param']} in {g['values']}" for h, g in report["tuned"]["grids"].items())
-              + ". `linear` is trained on features standardized with train statistics, all grid points as one "
-              "stacked model (L-BFGS per head, one matrix product per pass); the chosen one is refit on all of "
-              "train. The test split is used only for the final number.", "",
+    grids = "; ".join(f"`{h}`: {g['param']} in {g['values']}" for h, g in report["tuned"]["grids"].items())
+    fs = report.get("fewshot")
+    if fs:  # few-shot: chosen on the draw's validation, refit on the draw
+        k = fs["train_per_class"]
+        n_val = validation_count(k, report["tuned"]["val_fraction"])
+        how = ((f"The dataset's own validation split ({report['tuned']['validation']}, cached with train; never "
+                "drawn from) chooses ") if report["tuned"].get("validation") else
+               (f"{100 * report['tuned']['val_fraction']:g} % of each draw (round({report['tuned']['val_fraction']:g}"
+                f" x {k}) = {n_val} of its {k} images a class, seeded per seed and draw) is held out to choose "))
+        tuned_text = (how + f"each head's parameter: {grids}. `linear` is trained on features standardized with the "
+                      f"draw's statistics; the chosen one is refit on the draw's {k} images a class and nothing "
+                      "else. The test split is used only for the final number.")
+    else:
+        tuned_text = ((f"The dataset's own validation split ({report['tuned']['validation']}, cached with train) chooses "
+                       if report["tuned"].get("validation") else
+                       f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) to choose ")
+                      + "each head's parameter: " + grids
+                      + ". `linear` is trained on features standardized with train statistics, all grid points as one "
+                      "stacked model (L-BFGS per head, one matrix product per pass); the chosen one is refit on all of "
+                      "train. The test split is used only for the final number.")
+    lines += ["", "## Tuned on a validation split", "", tuned_text, "",
               "| view | head | dim | chosen | val acc | test acc |", "|---|---|---:|---|---:|---:|"]
     for s in report["tuned"]["summary"]:
         rows = [r for r in report["tuned"]["rows"] if r["view"] == s["view"] and r["head"] == s["head"]]
         key = report["tuned"]["grids"][s["head"]]["param"]
         chosen = ", ".join(f"{r[key]:g}" for r in rows)
+        if fs:  # seeds x draws choices: each value once, with how often it was chosen
+            counts = {}
+            for r in rows:
+                counts[r[key]] = counts.get(r[key], 0) + 1
+            chosen = ", ".join(f"{v:g} ×{n}" for v, n in counts.items())
         lines.append(f"| {s['view']} | {s['head']} | {s['dim']} | {key} {chosen} | "
                      f"{_pm([r['val_acc'] for r in rows])} | {_pm([r['test_acc'] for r in rows])} |")
     lines += ["", f"**Best (tuned): `{report['best_view']}` with `{report['best_head']}`, "
@@ -212,7 +287,8 @@ def markdown(report: dict, command: str, machine: str) -> str:
         top = sorted(ps.items(), key=lambda kv: -kv[1])[:5]
         late = report["tuned"].get("pair_late", "features.18")
         lines += [f"Taps paired with the late view ({late}), validation accuracy (seed "
-                  f"{report['seeds'][0]}): " + ", ".join(f"{t} {100 * v:.2f}" for t, v in top) + ".", ""]
+                  f"{report['seeds'][0]}{', draw 0' if fs else ''}): "
+                  + ", ".join(f"{t} {100 * v:.2f}" for t, v in top) + ".", ""]
     lines += ["## Figures", "", "![samples](samples.png)", "", "![curves](curves.png)", "",
               "![predictions](predictions.png)", "", "![confusion](confusion.png)", "", "![per class](per_class.png)", ""]
     return "\n".join(lines)

@@ -12,10 +12,16 @@ tap + late pair search, and the refit on all of train. The test split is read on
 Which parameter a head tunes, over which grid, and with which solver family (`family`: "l2" or "neighbours"),
 comes from its declaration in heads.HEAD_SPECS. `check_tuned` and `pair_taps` check, from the cache's labels and
 taps alone, that every seed's split, every head and the pair search can run, before any features are read.
+
+Few-shot (fewshot.py): a draw's ViewData (fewshot.TuningDraw.data) holds only the draw's rows (and the dataset's
+own validation rows, where it has them) and names the rows that choose (`val_rows`) and the rows the final head
+trains on (`refit_rows`); standardization statistics and the refit then use those rows only, and the test
+split still gives only the final number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -79,9 +85,13 @@ def check_tuned(y: np.ndarray, heads: list[str], seeds: list[int], val_fraction:
 
 def standardize(data: ViewData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(X_train, X_test, mean, scale): both splits standardized with train statistics, once per view (the
-    statistics LinearHead(standardize=True) would compute on the same rows)."""
+    statistics LinearHead(standardize=True) would compute on the same rows): those of the rows the final head
+    trains on (`refit_rows`, a few-shot draw; all train rows without)."""
+    full = data
+    if data.refit_rows is not None:
+        data = dataclasses.replace(data, X_train=data.X_train[data.refit_rows])
     mean, scale = train_statistics(data.X_train)
-    return (data.X_train - mean) / scale, (data.X_test - mean) / scale, mean, scale
+    return (full.X_train - mean) / scale, (full.X_test - mean) / scale, mean, scale
 
 
 def train_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +120,11 @@ class TunedRun:
     val_rows: int
     fit_rows: int
     estimator: object = field(default=None, repr=False)  # the refit head, for the figures
+    fewshot: dict | None = None  # the draw it ran on (fewshot.Draw.record); None: all of train
 
     def row(self) -> dict:
-        return {"view": self.view, "head": self.head, "seed": self.seed, "taps": self.taps, "dim": self.dim,
+        return {"view": self.view, "head": self.head, "seed": self.seed, **(self.fewshot or {}), "taps": self.taps,
+                "dim": self.dim,
                 self.param: self.value, "grid": self.grid, "val_acc": self.val_acc, "train_acc": self.train_acc,
                 "test_acc": self.test_acc, "fit_seconds": self.fit_seconds, "val_rows": self.val_rows,
                 "fit_rows": self.fit_rows}
@@ -143,11 +155,12 @@ class ViewStore:
     def rotated(self, view: str) -> tuple[torch.Tensor, Eigenbasis]:
         """(X_train V, basis): the standardized train split in the eigenbasis of its covariance, where the
         L-BFGS preconditioner is diagonal. Built once per view and shared by every seed, head and refit; the
-        covariance is of the train split's features (no labels, never test), and it changes only the
-        optimizer's path, never an optimum."""
+        covariance is of the train split's features (no labels, never test; a few-shot draw's refit rows), and
+        it changes only the optimizer's path, never an optimum."""
         if view not in self._rot:
             Xtr = self.standardized(view)[0]
-            basis = Eigenbasis.of(Xtr, device=self.device)
+            refit = self.data(view).refit_rows
+            basis = Eigenbasis.of(Xtr if refit is None else Xtr[torch.from_numpy(refit)], device=self.device)
             self._rot[view] = (basis.rotate(Xtr), basis)
         return self._rot[view]
 
@@ -195,9 +208,12 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
             raise FusionCacheError(f"tuning the {'/'.join(l2)} head on '{view}' failed: {e}") from None
         share = (time.perf_counter() - start) / len(fitted)
         Xtr, Xte, _, _ = store.standardized(view)
+        ytr = data.y_train
+        if data.refit_rows is not None:  # a few-shot draw: the training score is on the rows the head trained on
+            Xtr, ytr = Xtr[torch.from_numpy(data.refit_rows)], ytr[data.refit_rows]
         for (head, seed), (est, scores) in fitted.items():
             runs[head, seed] = _run(view, head, seed, data, grids[head], est, scores, share, *splits[seed],
-                                    float(est.score_standardized(Xtr, data.y_train)),
+                                    float(est.score_standardized(Xtr, ytr)),
                                     float(est.score_standardized(Xte, data.y_test)))
     for head in (h for h in heads if HEAD_SPECS[h].family == "neighbours"):
         for seed in seeds:
@@ -284,12 +300,16 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
             val = correct[val_rows][:, gs].mean(0)
             scores[h, seed] = val
             chosen.append((h, seed, gs[int(np.argmax(val))]))  # first of the best: grids are strongest first
-    final_wds = [weight_decay(h, grids[h][members[g][2]], n) for h, seed, g in chosen]
+    Xr, yr, n_refit = Xtr, y, n  # the refit: on all of train, or on a few-shot draw's refit rows
+    if data.refit_rows is not None:
+        r = torch.from_numpy(data.refit_rows)
+        Xr, yr, n_refit = Xtr[r.to(Xtr.device)], y[r], len(data.refit_rows)
+    final_wds = [weight_decay(h, grids[h][members[g][2]], n_refit) for h, seed, g in chosen]
     # The refit on all of train has one optimum per weight decay (the loss is strictly convex), whichever seed
     # chose it: each distinct strength is refit once, warm-started from the first grid head that chose it.
     distinct = list(dict.fromkeys(final_wds))
     first = [next(g for (_, _, g), wd in zip(chosen, final_wds) if wd == w) for w in distinct]
-    final = fit_l2_grid(Xtr, y, k, distinct, init=(fit.coef[first], fit.intercept[first]), **opts)
+    final = fit_l2_grid(Xr, yr, k, distinct, init=(fit.coef[first], fit.intercept[first]), **opts)
     out = {}
     for (head, seed, g), wd in zip(chosen, final_wds):
         j = distinct.index(wd)
@@ -311,7 +331,8 @@ def _tune_knn(data, fit_rows, val_rows, grid):
     probe = KNNHead(k=min(ks)).fit(data.X_train[fit_rows], data.y_train[fit_rows])
     by_k = probe.score_ks(data.X_train[val_rows], data.y_train[val_rows], ks)
     scores = np.array([by_k[k] for k in ks])
-    est = KNNHead(k=ks[int(np.argmax(scores))]).fit(data.X_train, data.y_train)
+    refit = slice(None) if data.refit_rows is None else data.refit_rows  # a few-shot draw: its own rows only
+    est = KNNHead(k=ks[int(np.argmax(scores))]).fit(data.X_train[refit], data.y_train[refit])
     return est, scores
 
 
@@ -330,24 +351,34 @@ def pair_taps(cache: Cache) -> tuple[list[str], list[str]]:
 
 
 def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
-              max_iter: int = PAIR_MAX_ITER) -> tuple[str, dict[str, float]]:
+              max_iter: int = PAIR_MAX_ITER, tuning=None) -> tuple[str, dict[str, float]]:
     """The tap that best complements the backbone's `late` view (features.18 for MobileNetV2), judged on
     validation accuracy only. Each candidate is a linear head at one mid-grid strength on its standardized
     [tap, late] columns. Every tap is read, standardized and rotated into its own eigenbasis once; all
     candidates train together as one stacked model over all taps, each masked to its own columns (one wide
     product per pass). The basis of a pair is block-diagonal: the preconditioner ignores the
-    cross-covariance, which changes only the path. Returns ("tap,late...", {tap: validation accuracy})."""
+    cross-covariance, which changes only the path. Returns ("tap,late...", {tap: validation accuracy}).
+
+    With `tuning` (a few-shot draw, fewshot.TuningDraw), only the draw's rows are read: the candidates fit on
+    its fit rows, are judged on its validation rows, and take their statistics from the draw's refit rows."""
     late, candidates = pair_taps(cache)
     y = cache.labels("train")
-    fit_rows, val_rows = validation_split(y, val_fraction, seed, cache.validation_rows())
+    keep = stats = None
+    if tuning is None:
+        fit_rows, val_rows = validation_split(y, val_fraction, seed, cache.validation_rows())
+    else:
+        keep, stats, y = tuning.keep, tuning.refit, y[tuning.keep]
+        fit_rows, val_rows = validation_split(y, val_fraction, seed, tuning.val)
     f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     taps = list(cache.taps)
     blocks, lams, cols = [], [], {}
     for tap in taps:
         X = cache.features(tap, "train").astype(np.float32)
-        mean, scale = train_statistics(X)
+        if keep is not None:
+            X = X[keep]
+        mean, scale = train_statistics(X if stats is None else X[stats])
         X = torch.from_numpy((X - mean) / scale).to(device)
-        basis = Eigenbasis.of(X, device=device)
+        basis = Eigenbasis.of(X if stats is None else X[torch.from_numpy(stats)], device=device)
         start = sum(b.shape[1] for b in blocks)
         cols[tap] = slice(start, start + X.shape[1])
         blocks.append(basis.rotate(X))

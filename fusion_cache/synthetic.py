@@ -123,3 +123,72 @@ def calibrate_batchnorm(model, image_size: int, seed: int = 0, batches: int = 1,
         model.eval()
         torch.set_num_threads(threads)
     return model
+
+
+# ---------------------------------------------------------------------------------------------- containers
+# The same image bytes in the containers that Hugging Face and WebDataset ship, for tests and the benchmark:
+# `items` is a list of (class name, file name, image bytes), as `folder_items` reads an image folder.
+
+
+def folder_items(folder: str | Path) -> list[tuple[str, str, bytes]]:
+    """(class, file name, bytes) of every image of `folder/<class>/<image>`, in an image folder's listing order."""
+    folder = Path(folder)
+    return [(c.name, f.name, f.read_bytes()) for c in sorted(folder.iterdir()) if c.is_dir()
+            for f in sorted(c.iterdir()) if f.is_file()]
+
+
+def write_parquet(items, root: str | Path, split: str = "train", files: int = 1, class_label: bool = True,
+                  names_as_labels: bool = False, row_group_size: int = 100, classes=None) -> list[Path]:
+    """`items` as the Hugging Face Hub ships them: root/data/<split>-0000i-of-0000n.parquet, an `image` column
+    of Image structs (bytes, path) and a `label` column; with `class_label`, the HF features in the schema's
+    metadata name the classes (else the labels are the class indices, or with `names_as_labels` the names).
+    Row groups of `row_group_size` rows, as `datasets` writes image datasets (100). `classes`: the ClassLabel
+    names (default: the items' classes, sorted)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    classes = list(classes) if classes is not None else sorted({c for c, _, _ in items})
+    folder = Path(root) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    features = {"image": {"_type": "Image"},
+                "label": {"_type": "ClassLabel", "names": classes} if class_label else
+                {"_type": "Value", "dtype": "string" if names_as_labels else "int64"}}
+    written = []
+    for i in range(files):
+        part = items[i::files] if files > 1 else items
+        labels = [c if names_as_labels else classes.index(c) for c, _, _ in part]
+        table = pa.table({"image": [{"bytes": data, "path": name} for _, name, data in part], "label": labels})
+        table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+        path = folder / f"{split}-{i:05d}-of-{files:05d}.parquet"
+        pq.write_table(table, path, row_group_size=row_group_size)
+        written.append(path)
+    return written
+
+
+def write_shards(items, root: str | Path, split: str = "train", per_shard: int = 100, label: str = "cls",
+                 classes=None) -> list[Path]:
+    """`items` as WebDataset shards root/<split>-00000i.tar: per sample `<key>.<ext>` and its label, a `cls`
+    member (the class index in `classes`, default the items' classes sorted) or, with label="json", a `json`
+    member {"label": class name}."""
+    import io
+    import json
+    import tarfile
+
+    classes = list(classes) if classes is not None else sorted({c for c, _, _ in items})
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for s, lo in enumerate(range(0, len(items), per_shard)):
+        path = root / f"{split}-{s:06d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for k, (c, name, data) in enumerate(items[lo : lo + per_shard]):
+                key = f"{lo + k:08d}"
+                meta = str(classes.index(c)).encode() if label == "cls" else json.dumps({"label": c}).encode()
+                for member, blob in ((f"{key}.{name.rsplit('.', 1)[-1].lower()}", data), (f"{key}.{label}", meta)):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
+        written.append(path)
+    return written

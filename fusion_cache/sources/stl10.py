@@ -33,7 +33,12 @@ def _fetch(root: Path) -> None:
 
 
 RELEASE = release.Release(NAME, "STL-10", STL10, _fetch)
-FILES = {"train": (STL10.train_list[0], STL10.train_list[1]), "test": (STL10.test_list[0], STL10.test_list[1])}
+
+
+def files(split: str) -> tuple[list, list]:
+    """([images file, md5], [labels file, md5]) of a labelled split, as torchvision lists them."""
+    listed = STL10.train_list if split == "train" else STL10.test_list
+    return listed[0], listed[1]
 
 
 def detect(root: Path) -> str | None:
@@ -46,7 +51,7 @@ def check_root(root: Path) -> None:
 
 
 def test_split(root: Path) -> str | None:
-    return FILES["test"][0][0]
+    return files("test")[0][0]
 
 
 def load(root: Path, options) -> Listing:
@@ -60,11 +65,11 @@ def load(root: Path, options) -> Listing:
                                f"is not read as it is; extract it there (tar xzf {RELEASE.tarball}) and run again")
     classes = _classes(release.present(RELEASE, folder / STL10.class_names_file, folder))
     given = {s: load_split(folder, s, classes, options.skip_integrity_check) for s in ("train", "test")}
-    return Listing(NAME, given, {s: FILES[s][0][0] for s in given}, downloadable=True)
+    return Listing(NAME, given, {s: files(s)[0][0] for s in given}, downloadable=True)
 
 
 def load_split(folder: Path, split: str, classes: list[str], skip_integrity_check: bool) -> Source:
-    (x_name, x_md5), (y_name, y_md5) = FILES[split]
+    (x_name, x_md5), (y_name, y_md5) = files(split)
     x_path, y_path = (release.present(RELEASE, folder / n, folder) for n in (x_name, y_name))
     bad = [p.name for p, md5 in ((x_path, x_md5), (y_path, y_md5)) if _md5(p) != md5]
     notes = release.integrity(RELEASE, bad, {p.name: str(p) for p in (x_path, y_path)}, folder, folder,
