@@ -23,7 +23,7 @@ from .errors import FusionCacheError, quote
 from .fewshot import header as fewshot_line
 from .headfile import HEAD_FILE, HeadFile
 from .headfile import save_head as write_head_file
-from .heads import HEAD_SPECS, HEADS, check_can_fit, divergence_advice, linear_form
+from .heads import HEAD_SPECS, HEADS, check_can_fit, divergence_advice, drop_advice, flag, linear_form, offers
 from .io import atomic_write_text, dumps_json, staged_folder
 
 
@@ -223,9 +223,33 @@ def check_fewshot(cache: Cache, heads: list[str], params: HeadParams | None, few
     (K rows a class) with the options `params` gives it. Returns {(seed, draw): fewshot.Draw}."""
     draws = fewshot.draws_of(cache, seeds)
     values = None if params is None else {h: params.for_head(h) for h in heads if h in HEAD_SPECS}
-    check_can_fit(heads, fewshot.labels(len(cache.classes)), values, offered=offered,
-                  where=f"a draw of {fewshot.train_per_class} images a class (--train-per-class)")
+    k, n_classes = fewshot.train_per_class, len(cache.classes)
+    check_draw_rows(heads, values, k * n_classes, k, lambda value: -(-value // n_classes), offered)
+    check_can_fit(heads, fewshot.labels(n_classes), values, offered=offered,
+                  where=f"a draw of {k} images a class (--train-per-class)")
     return draws
+
+
+def check_draw_rows(heads: list[str], values: dict | None, n_rows: int, k: int, k_for, offered=None,
+                    rows: str = "training") -> None:
+    """An option bounded by the rows a head fits on (knn's k; `values` None: the smallest of its tuned grid)
+    against the `n_rows` rows of a few-shot draw of K images a class; the fix names the K that fits
+    (`k_for(value)`), and the option itself where the command has it."""
+    for h in heads:
+        spec = HEAD_SPECS.get(h)
+        option = spec.rows_option if spec else None
+        if option is None:
+            continue
+        value = min(spec.grid) if values is None else values.get(h, {}).get(option)
+        if value is None or value <= n_rows:
+            continue
+        own = values is not None and offers(offered, option)
+        what = (f"{flag(option)} {value}" if own else f"the {h} head's {option} = {value:g}" if values is not None
+                else f"the smallest {option} of the {h} grid ({value:g})")
+        fixes = ([f"pass {flag(option)} {n_rows} or less"] if own else []) + [f"pass --train-per-class {k_for(value)} or more"]
+        drop = drop_advice(h, [x for x in HEADS if x != h], offered)
+        raise FusionCacheError(f"{what} is larger than the {n_rows} {rows} rows of a draw of {k} images a class; "
+                               + ", or ".join(fixes + ([drop] if drop else [])))
 
 
 def fit_draws(cache: Cache, view: str, head: str, params: HeadParams | None, seed: int, fewshot,

@@ -24,7 +24,7 @@ from .cache import Cache
 from .errors import FusionCacheError, quote
 from .fewshot import FewShot, check_carve, tuning_draw, validation_count
 from .fewshot import header as fewshot_header
-from .fit import HeadParams, ablate, check_fewshot, check_heads, provenance, summarize
+from .fit import HeadParams, ablate, check_draw_rows, check_fewshot, check_heads, provenance, summarize
 from .heads import HEAD_SPECS, check_can_fit
 from .io import atomic_write_text, dumps_json
 from .selection import TunedRun, ViewStore, best_pair, check_tuned, pair_taps, tune_heads
@@ -87,6 +87,15 @@ class ReportConfig:
             fit_k = k - validation_count(k, self.val_fraction)
         else:
             fit_k = k
+        n = len(cache.classes)
+
+        def k_for(value):  # the smallest K whose fit rows hold `value`
+            k2 = k
+            while (k2 - (0 if given is not None else validation_count(k2, self.val_fraction))) * n < value:
+                k2 += 1
+            return k2
+
+        check_draw_rows(self.heads, None, fit_k * n, k, k_for, offered, rows="fit")
         check_can_fit(self.heads, np.repeat(np.arange(len(cache.classes)), fit_k), None, rows="fit",
                       where=f"the tuned protocol's fit rows of a draw of {k} images a class", offered=offered)
         y = cache.labels("train")

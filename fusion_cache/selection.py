@@ -371,6 +371,9 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
         fit_rows, val_rows = validation_split(y, val_fraction, seed, tuning.val)
     f, v = torch.from_numpy(fit_rows), torch.from_numpy(val_rows)
     taps = list(cache.taps)
+    # A few-shot draw has fewer fit rows than a pair has columns: no preconditioner, so no eigenbasis to compute
+    rotate = tuning is None or len(fit_rows) >= max(
+        cache.meta.width(t) + sum(cache.meta.width(x) for x in late) for t in candidates)
     blocks, lams, cols = [], [], {}
     for tap in taps:
         X = cache.features(tap, "train").astype(np.float32)
@@ -378,9 +381,12 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
             X = X[keep]
         mean, scale = train_statistics(X if stats is None else X[stats])
         X = torch.from_numpy((X - mean) / scale).to(device)
-        basis = Eigenbasis.of(X if stats is None else X[torch.from_numpy(stats)], device=device)
         start = sum(b.shape[1] for b in blocks)
         cols[tap] = slice(start, start + X.shape[1])
+        if not rotate:
+            blocks.append(X)
+            continue
+        basis = Eigenbasis.of(X if stats is None else X[torch.from_numpy(stats)], device=device)
         blocks.append(basis.rotate(X))
         lams.append(basis.lam)
     X = torch.cat(blocks, dim=1)
@@ -393,7 +399,7 @@ def best_pair(cache: Cache, seed: int, val_fraction: float, device: str = "cpu",
     yt = torch.from_numpy(y).to(device)
     k = int(y.max()) + 1
     opts = dict(precondition=False)
-    if len(fit_rows) >= int(masks.sum(1).max()):
+    if rotate and len(fit_rows) >= int(masks.sum(1).max()):
         opts = dict(precondition=Eigenbasis(None, torch.cat(lams)), rotated=True,  # only the scores are needed,
                     tol=ROTATED_TOL, refresh=JACOBI_REFRESH)  # never the heads rotated back: no d x d basis
     fit = fit_l2_grid(X[f], yt[f], k, [PAIR_WEIGHT_DECAY] * len(candidates), max_iter=min(max_iter, PAIR_MAX_ITER),

@@ -24,6 +24,12 @@ Keys of bench.json (each with the two measurements it divides):
                                  over plain reads, as throughputs, 1.0 = free);
                                  --only-ray measures just these
   imagefolder_vs_backbone_ratio  the same with the subset written out as a folder of JPEGs
+  parquet_vs_imagefolder_ratio, wds_vs_imagefolder_ratio
+                                 `extract` of the subset's JPEG bytes from parquet files (the Hub layout, 100-row
+                                 groups) and from WebDataset shards (1000 samples each) vs the same bytes in a
+                                 folder, in turns, best of two each; parquet_rss_ratio, wds_rss_ratio: peak RSS of
+                                 an extract from each container of --container-rss-images vs a tenth of them;
+                                 --only-containers: just these
   photos_vs_backbone_ratio       `extract` of a folder of --photos camera-size JPEGs (--photo-size, 12 megapixels;
                                  made from the real photographs scikit-learn and matplotlib ship, see
                                  camera_photos) at --photo-image-size px, reduced decoding as by default, vs the
@@ -51,6 +57,7 @@ Smaller sizes (--train-size, --image-size, ...) make a quick run; the test suite
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -68,6 +75,7 @@ from fusion_cache.backbone import PRECISIONS, Preprocess, PooledExtractor, build
 from fusion_cache.backbones import resolve
 from fusion_cache.cache import open_cache
 from fusion_cache.sampler import stratified_subset
+from fusion_cache.synthetic import write_parquet, write_shards
 from fusion_cache.sources import LoadOptions
 from fusion_cache.sources import load as load_listing
 from fusion_cache.extract import ExtractConfig, extract, preprocess_for
@@ -338,6 +346,65 @@ def photos_ratio(a, tmp: Path) -> dict:
             "photos_full_decode_vs_backbone_ratio": full_ips / backbone_ips}
 
 
+def jpeg_items(src, indices) -> list[tuple[str, str, bytes]]:
+    """(class, file name, JPEG bytes) of the source's images at `indices`, as write_jpeg_folder writes them."""
+    out = []
+    for i in indices:
+        buf = io.BytesIO()
+        Image.fromarray(src.images[i].transpose(1, 2, 0)).save(buf, "JPEG", quality=95)
+        out.append((src.classes[src.labels[i]], f"{i:05d}.jpg", buf.getvalue()))
+    return out
+
+
+def write_containers(root: Path, items: dict) -> dict[str, Path]:
+    """{"parquet": folder, "wds": folder} holding `items` ({split: [(class, name, bytes)]}) as the Hub's parquet
+    layout (100-row groups, as datasets writes images) and as WebDataset shards of 1000 samples."""
+    classes = sorted({c for its in items.values() for c, _, _ in its})
+    for split, its in items.items():
+        write_parquet(its, root / "parquet", split=split, classes=classes)
+        write_shards(its, root / "wds", split=split, per_shard=1000, classes=classes)
+    return {"parquet": root / "parquet", "wds": root / "wds"}
+
+
+def containers_part(a, sources: dict, subsets: dict, tmp: Path) -> dict:
+    """parquet_vs_imagefolder_ratio and wds_vs_imagefolder_ratio: `extract` of the same JPEG bytes from parquet
+    files and from tar shards vs from a folder, in this run, in turns (folder, parquet, wds, twice; the best of
+    each); parquet_rss_ratio and wds_rss_ratio: the peak RSS of an extract of --container-rss-images from each
+    container vs a tenth of them (at --rss-image-size: memory, not speed)."""
+    items = {s: jpeg_items(sources[s], subsets[s]) for s in ("train", "test")}
+    roots = {"imagefolder": tmp / "c-folder"}
+    for split, its in items.items():
+        for c, name, data in its:
+            (roots["imagefolder"] / split / c).mkdir(parents=True, exist_ok=True)
+            (roots["imagefolder"] / split / c / name).write_bytes(data)
+    roots.update(write_containers(tmp / "c", items))
+    common = dict(weights=a.weights, image_size=a.image_size, batch_size=a.batch_size, download=False,
+                  progress=False, device="cpu", workers=a.workers, train_size=None, test_size=None)
+    ips: dict[str, float] = {}
+    for round_ in range(2):
+        for kind, root in roots.items():
+            got, _ = timed_extract(ExtractConfig(out=tmp / f"c-{kind}-{round_}.h5", data_root=root, **common))
+            ips[kind] = max(ips.get(kind, 0.0), got)
+    res = {f"{k}_img_per_s": v for k, v in ips.items()}
+    res |= {f"{k}_vs_imagefolder_ratio": ips[k] / ips["imagefolder"] for k in ("parquet", "wds")}
+    big = a.container_rss_images
+    sizes = {"small": max(2, big // 10), "large": big}
+    rss: dict = {}
+    src = sources["train"]
+    for size_name, n in sizes.items():
+        its = jpeg_items(src, stratified_subset(src.labels, min(n, len(src)), 1, "train"))
+        cut = max(1, len(its) // 6)
+        made = write_containers(tmp / f"rss-{size_name}", {"train": its[cut:], "test": its[:cut]})
+        for kind, root in made.items():
+            rss.setdefault(kind, {})[size_name] = peak_rss_mb([
+                "--data-root", str(root), "--out", str(tmp / f"rss-{kind}-{size_name}.h5"), "--weights",
+                str(a.weights), "--image-size", str(a.rss_image_size), "--no-progress", "--device", "cpu"])
+    res["container_rss_images"] = {k: min(n, len(src)) for k, n in sizes.items()}
+    res["container_rss_mb"] = rss
+    res |= {f"{k}_rss_ratio": v["large"] / v["small"] for k, v in rss.items()}
+    return res
+
+
 def write_jpeg_folder(root: Path, sources: dict, subsets: dict) -> Path:
     for split, src in sources.items():
         for i in subsets[split]:
@@ -415,12 +482,18 @@ def main() -> int:
     ap.add_argument("--photo-image-size", type=int, default=224, help="the network's input size for the photos")
     ap.add_argument("--only-photos", action="store_true",
                     help="measure only the photos_* keys (camera-size JPEGs) and merge them into --out")
+    ap.add_argument("--container-rss-images", type=int, default=6000,
+                    help="images of the larger parquet and wds RSS runs (the smaller: a tenth)")
+    ap.add_argument("--only-containers", action="store_true",
+                    help="measure only the parquet_* and wds_* keys and merge them into --out")
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
     a = ap.parse_args()
     for name in ("threads", "backbone_train_size", "backbone_test_size", "backbone_repeats", "photos"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.container_rss_images < 20:
+        ap.error(f"--container-rss-images must be at least 20, got {a.container_rss_images}")
     if a.photos < 6:
         ap.error(f"--photos must be at least 6 (each source photo in train and test), got {a.photos}")
     if a.threads > 4 * (os.cpu_count() or 1):
@@ -436,6 +509,12 @@ def main() -> int:
 
     if a.only_photos:
         return merge_part(a.out, lambda tmp: photos_ratio(a, tmp))
+
+    if a.only_containers:
+        sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
+        subsets = {s: stratified_subset(sources[s].labels, n, 0, s) for s, n in (("train", a.train_size),
+                                                                                 ("test", a.test_size))}
+        return merge_part(a.out, lambda tmp: containers_part(a, sources, subsets, tmp))
 
     if a.only_backbones:
         sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
@@ -483,6 +562,8 @@ def main() -> int:
         folder_ips, _ = timed_extract(folder_cfg)
         res["imagefolder_img_per_s"] = folder_ips
         res["imagefolder_vs_backbone_ratio"] = folder_ips / backbone_ips
+        log("[2a/7] the same JPEGs as parquet files and WebDataset shards; peak RSS of each at 1x and 10x")
+        res.update(containers_part(a, sources, subsets, tmp))
         log(f"[2b/7] {a.photos} camera-size JPEGs at {a.photo_image_size} px, reduced and full decoding")
         res.update(photos_ratio(a, tmp))
 
@@ -645,6 +726,10 @@ ROWS = [
     ("ray_vs_local_ratio", ">= 0.8", "{:.2f}"),
     ("jpeg_decode_checked_vs_plain_ratio", ">= 0.9", "{:.2f}"),
     ("imagefolder_vs_backbone_ratio", ">= 0.8", "{:.2f}"),
+    ("parquet_vs_imagefolder_ratio", ">= 0.9", "{:.2f}"),
+    ("wds_vs_imagefolder_ratio", ">= 0.9", "{:.2f}"),
+    ("parquet_rss_ratio", "<= 1.1", "{:.2f}"),
+    ("wds_rss_ratio", "<= 1.1", "{:.2f}"),
     ("photos_vs_backbone_ratio", ">= 0.5", "{:.2f}"),
     ("photos_full_decode_vs_backbone_ratio", "(full decode)", "{:.2f}"),
     ("ablation_speedup", ">= 15", "{:.1f}"),

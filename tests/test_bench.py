@@ -14,7 +14,8 @@ KEYS = ("extract_vs_backbone_ratio", "extract_vs_backbone_ratio_resnet50", "extr
         "ablation_speedup", "ablation_speedup_same_backbone", "head_vs_logreg_time_ratio",
         "head_vs_logreg_acc_delta", "rss_ratio", "bf16_speedup", "bf16_acc_delta", "float16_cache_size_ratio",
         "float16_cache_acc_delta", "tuned_grid_vs_one_fit", "tuned_vs_sklearn_grid", "tuned_vs_sklearn_acc_delta",
-        "knn_seconds_full")
+        "knn_seconds_full", "parquet_vs_imagefolder_ratio", "wds_vs_imagefolder_ratio", "parquet_rss_ratio",
+        "wds_rss_ratio")
 
 
 def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
@@ -25,6 +26,7 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
                         "--batch-size", "8", "--views", "early,fused", "--seeds", "0", "--rss-images", "120",
                         "--backbone-train-size", "10", "--backbone-test-size", "10", "--backbone-repeats", "1",
                         "--workers", "0", "--photos", "6", "--photo-size", "640x480", "--photo-image-size", "32",
+                        "--container-rss-images", "40",
                         "--full-cache", str(tiny_cache), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -38,3 +40,4 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
     assert not list(tmp_path.glob("*.tmp"))
     assert res["ray_vs_local_max_rel_diff"] < 1e-5 and res["ray_shards"] >= 1  # the same features, sharded
     assert res["photos"] == 6 and res["photo_size"] == [640, 480]
+    assert res["container_rss_images"] == {"small": 4, "large": 40}

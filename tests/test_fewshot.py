@@ -182,15 +182,15 @@ def test_the_test_split_and_train_rows_outside_the_draw_never_change_a_choice(tm
     """Two caches that agree on the drawn rows only: the tuned protocol's choices (the pair search included),
     validation scores and training scores are identical; the test numbers are not (test is read, once)."""
     a_path = _cache(tmp_path / "a.h5")
-    cfg = ReportConfig(views=["early", "fused"], heads=["linear", "logreg"], seeds=[0, 1], val_fraction=0.2,
-                       max_iter=30, fewshot=FewShot(5, 2))
+    cfg = ReportConfig(views=["early"], heads=["linear", "logreg"], seeds=[0, 1], val_fraction=0.2,
+                       max_iter=20, fewshot=FewShot(5, 2))
     tunings = cfg.check_fewshot(open_cache(a_path))
     keep = np.unique(np.concatenate([t.keep for t in tunings.values()]))
     assert len(keep) < sum(TRAIN)  # something outside the draws to scramble
     b_path = _cache(tmp_path / "b.h5", scramble_seed=1, keep=keep)
     a, b = run_report(open_cache(a_path), cfg), run_report(open_cache(b_path), cfg)
     assert a.pair_scores == b.pair_scores
-    assert len(a.tuned_runs) == len(b.tuned_runs) == 3 * 2 * 2 * 2  # views (with the pair) x heads x seeds x draws
+    assert len(a.tuned_runs) == len(b.tuned_runs) == 2 * 2 * 2 * 2  # views (with the pair) x heads x seeds x draws
     for ra, rb in zip(a.tuned_rows, b.tuned_rows):
         same = {k: v for k, v in ra.items() if k not in ("test_acc", "fit_seconds")}
         assert same == {k: v for k, v in rb.items() if k not in ("test_acc", "fit_seconds")}
@@ -202,11 +202,11 @@ def test_the_test_split_and_train_rows_outside_the_draw_never_change_a_choice(tm
     # and _tune_draws, the report's tuned step, on a store whose test split is noise: the same choices
     cache = open_cache(a_path)
     store = ViewStore(cache)
-    full = store.data("fused")
+    full = store.data("early")
     rng = np.random.default_rng(5)
-    store.put("fused", dataclasses.replace(full, X_test=rng.normal(size=full.X_test.shape).astype(np.float32)))
-    scrambled = _tune_draws(store, "fused", cfg, tunings)
-    ours = [r for r in a.tuned_runs if r.view == "fused"]
+    store.put("early", dataclasses.replace(full, X_test=rng.normal(size=full.X_test.shape).astype(np.float32)))
+    scrambled = _tune_draws(store, "early", cfg, tunings)
+    ours = [r for r in a.tuned_runs if r.view == "early"]
     assert [(r.head, r.seed, r.fewshot["draw"], r.value, r.grid) for r in scrambled] == \
            [(r.head, r.seed, r.fewshot["draw"], r.value, r.grid) for r in ours]
 
@@ -307,6 +307,12 @@ def test_report_through_the_cli_with_draws(tiny_cache, tmp_path):
     (["fit", "--train-per-class", 2, "--draws", 2, "--out", "OUT"], "pass --draws 1 to save the head of draw 0"),
     (["report", "--train-per-class", 2, "--out", "OUT"], "pass --train-per-class 5 or more"),
     (["fit", "--head", "knn", "--k", 20, "--train-per-class", 3], "--k 20 is larger than the 9 training rows"),
+    (["report", "--heads", "knn", "--train-per-class", 5, "--out", "OUT"],
+     "the knn head's k = 20 is larger than the 15 training rows of a draw of 5 images a class; pass "
+     "--train-per-class 7 or more, or leave knn out of --heads"),
+    (["report", "--heads", "knn", "--train-per-class", 3, "--val-fraction", 0.4, "--out", "OUT"],
+     "the smallest k of the knn grid (10) is larger than the 6 fit rows of a draw of 3 images a class; pass "
+     "--train-per-class 5 or more"),
 ])
 def test_impossible_settings_are_one_line_errors(plain, tmp_path, args, fragment):
     args = [tmp_path / "out" if a == "OUT" else a for a in args]

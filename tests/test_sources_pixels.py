@@ -311,6 +311,22 @@ def test_downloads_go_only_into_a_missing_or_empty_folder_named_explicitly(tmp_p
     assert len(c.given["train"]) == 200 and len(s.given["test"]) == 10
 
 
+def test_a_failed_download_says_what_to_put_there_by_hand(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(CIFAR100, "download", offline)
+    monkeypatch.setattr("fusion_cache.sources.stl10.download_and_extract_archive", offline)
+    with pytest.raises(FusionCacheError) as e:
+        sources.load("cifar100", tmp_path / "c", LoadOptions())
+    assert str(e.value) == (f"could not download CIFAR-100 into {tmp_path / 'c'}/ (OSError: network unreachable); "
+                            "put cifar-100-python.tar.gz there by hand and pass --no-download")
+    with pytest.raises(FusionCacheError) as e:
+        sources.load("stl10", tmp_path / "s", LoadOptions())
+    assert str(e.value) == (f"could not download STL-10 into {tmp_path / 's'}/ (OSError: network unreachable); "
+                            "put stl10_binary/ (tar xzf stl10_binary.tar.gz) there by hand and pass --no-download")
+
+
 # ---------------------------------------------------------------------------------------------- the command
 
 
@@ -320,14 +336,14 @@ def _extract(root: Path, out: Path, *more):
 
 
 def test_cli_extract_cifar100_fine_and_coarse(tmp_path):
-    _cifar100(tmp_path / "data", n_train=40, n_test=20)
+    _cifar100(tmp_path / "data", n_train=20, n_test=20)
     r = _extract(tmp_path / "data", tmp_path / "f.h5")
     assert r.exit_code == 0, r.output
     assert "CIFAR-100 (cifar-100-python/) (cifar100)" in r.output  # auto; every image by default
     cache = open_cache(tmp_path / "f.h5")
     assert cache.meta.dataset == "cifar100" and list(cache.meta.classes) == FINE
-    assert (cache.meta.train_size, cache.meta.test_size) == (40, 20)
-    assert cache.features("features.18", "train").shape[0] == 40
+    assert (cache.meta.train_size, cache.meta.test_size) == (20, 20)
+    assert cache.features("features.18", "train").shape[0] == 20
     r = _extract(tmp_path / "data", tmp_path / "f.h5", "--label-set", "fine")
     assert r.exit_code == 0 and "reused" in r.output, r.output
     r = _extract(tmp_path / "data", tmp_path / "f.h5", "--label-set", "coarse")

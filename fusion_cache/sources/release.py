@@ -30,6 +30,7 @@ class Release:
     title: str  # as messages name it: CIFAR-10
     tv: type  # torchvision's dataset class, whose attributes name the files and give their md5s
     fetch: Callable[[Path], object]  # downloads (and, where torchvision does, extracts) the release into a folder
+    reads_archive: bool = True  # False: the archive must be extracted before it is read (STL-10's 2.6 GB)
 
     @property
     def folder(self) -> str:
@@ -83,9 +84,11 @@ def ensure(release: Release, root: Path, download: bool) -> None:
     try:
         release.fetch(root)
     except Exception as e:
+        by_hand = (release.tarball if release.reads_archive
+                   else f"{release.folder}/ (tar xzf {release.tarball})")
         raise FusionCacheError(
             f"could not download {release.title} into {root}/ ({type(e).__name__}: {e}); "
-            f"put {release.tarball} there by hand and pass --no-download"
+            f"put {by_hand} there by hand and pass --no-download"
         ) from None
 
 
@@ -105,21 +108,24 @@ def present(release: Release, path: Path, folder: Path) -> Path:
     return path
 
 
-def integrity(release: Release, bad: list[str], where: dict[str, str], fallback: Path, copy: Path,
-              skip_integrity_check: bool) -> list[str]:
-    """The integrity notes for a copy whose files `bad` differ from the release's checksums (none: []): refused
-    unless `skip_integrity_check`, which warns. `where` names each file; `fallback` what to name otherwise."""
+def integrity(release: Release, bad: list[str], copy: Path, skip_integrity_check: bool) -> list[str]:
+    """The integrity notes of the copy `copy`, whose files `bad` (as messages name them) differ from the
+    release's checksums: none when none does; else refused unless `skip_integrity_check`, which warns."""
     if not bad:
         return []
-    shown = where[bad[0]] if bad[0] in where else str(fallback)
     if not skip_integrity_check:
         raise FusionCacheError(
-            f"{shown} does not match the official {release.title} checksum; if you trust this local copy, "
+            f"{bad[0]} does not match the official {release.title} checksum; if you trust this local copy, "
             "pass --skip-integrity-check, otherwise delete it and re-download"
         )
     msg = f"using the local {release.title} copy {copy} although its checksums differ from the official release"
     warnings.warn(msg, IntegrityWarning, stacklevel=3)
     return [msg]
+
+
+def digests(images: np.ndarray) -> list[str]:
+    """Each image's sha256, for the leak report."""
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR's pickles
@@ -142,12 +148,12 @@ def load_batches(release: Release, root: Path, split: str, labels_key: tuple[str
     if folder.is_dir():
         blobs = read_files(release, folder, wanted)
         where = {name: str(folder / name) for name in wanted}
-        bad = [n for n in wanted if hashlib.md5(blobs[n]).hexdigest() != expected[n]]
+        bad = [where[n] for n in wanted if hashlib.md5(blobs[n]).hexdigest() != expected[n]]
     else:
         md5_ok, blobs = _tar_contents(release, tarball)
-        bad = [] if md5_ok else [release.tarball]
+        bad = [] if md5_ok else [str(tarball)]
         where = {name: f"{tarball}:{release.folder}/{name}" for name in wanted}
-    notes = integrity(release, bad, where, tarball, folder if folder.is_dir() else tarball, skip_integrity_check)
+    notes = integrity(release, bad, folder if folder.is_dir() else tarball, skip_integrity_check)
     classes = _unpickle(release, blobs[meta_name], where[meta_name]).get(classes_key)
     if not isinstance(classes, (list, tuple)) or not classes:
         raise FusionCacheError(f"{where[meta_name]} holds no class names ({classes_key}); delete it and re-download")
@@ -168,8 +174,7 @@ def load_batches(release: Release, root: Path, split: str, labels_key: tuple[str
             )
         data.append(arr)
         labels.append(lab)
-    names = [n.decode("latin1") if isinstance(n, bytes) else n for n in classes]
-    return np.concatenate(data), np.concatenate(labels), list(names), notes
+    return np.concatenate(data), np.concatenate(labels), list(classes), notes
 
 
 _TAR_CACHE: dict = {}  # one tarball's members, so the train and test splits decompress it once
@@ -213,8 +218,7 @@ def _read_tar_members(release: Release, tarball: Path, tar_bytes: bytes, wanted:
 
 
 def _unpickle(release: Release, blob: bytes, where: str) -> dict:
-    """A pickled batch as a dict with str keys: the release's (Python 2 strings) come as str with latin1; a
-    re-pickled copy's bytes keys are decoded alike."""
+    """A pickled batch: a dict whose keys (the release's Python 2 strings) come as str with latin1."""
     try:
         obj = pickle.loads(blob, encoding="latin1")
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, ...
@@ -223,9 +227,4 @@ def _unpickle(release: Release, blob: bytes, where: str) -> dict:
         ) from None
     if not isinstance(obj, dict):
         raise FusionCacheError(f"{where} is not a {release.title} pickle; delete it and download {release.title} again")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def digests(images: np.ndarray) -> list[str]:
-    """Each image's sha256, for the leak report."""
-    return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+    return obj

@@ -32,7 +32,7 @@ def _fetch(root: Path) -> None:
     download_and_extract_archive(STL10.url, str(root), filename=STL10.filename, md5=STL10.tgz_md5)
 
 
-RELEASE = release.Release(NAME, "STL-10", STL10, _fetch)
+RELEASE = release.Release(NAME, "STL-10", STL10, _fetch, reads_archive=False)
 
 
 def files(split: str) -> tuple[list, list]:
@@ -61,8 +61,9 @@ def load(root: Path, options) -> Listing:
     release.ensure(RELEASE, root, options.download)
     folder = root / RELEASE.folder
     if not folder.is_dir():
-        raise FusionCacheError(f"{display_path(root)} holds {RELEASE.tarball} but not {RELEASE.folder}/, and the archive "
-                               f"is not read as it is; extract it there (tar xzf {RELEASE.tarball}) and run again")
+        raise FusionCacheError(f"{display_path(root)} holds {RELEASE.tarball} but not {RELEASE.folder}/, and the "
+                               f"archive is not read as it is; extract it there (tar xzf {RELEASE.tarball}) and run "
+                               "again")
     classes = _classes(release.present(RELEASE, folder / STL10.class_names_file, folder))
     given = {s: load_split(folder, s, classes, options.skip_integrity_check) for s in ("train", "test")}
     return Listing(NAME, given, {s: files(s)[0][0] for s in given}, downloadable=True)
@@ -71,9 +72,8 @@ def load(root: Path, options) -> Listing:
 def load_split(folder: Path, split: str, classes: list[str], skip_integrity_check: bool) -> Source:
     (x_name, x_md5), (y_name, y_md5) = files(split)
     x_path, y_path = (release.present(RELEASE, folder / n, folder) for n in (x_name, y_name))
-    bad = [p.name for p, md5 in ((x_path, x_md5), (y_path, y_md5)) if _md5(p) != md5]
-    notes = release.integrity(RELEASE, bad, {p.name: str(p) for p in (x_path, y_path)}, folder, folder,
-                              skip_integrity_check)
+    bad = [str(p) for p, md5 in ((x_path, x_md5), (y_path, y_md5)) if _md5(p) != md5]
+    notes = release.integrity(RELEASE, bad, folder, skip_integrity_check)
     n_bytes = os.path.getsize(x_path)
     if n_bytes == 0 or n_bytes % IMAGE_BYTES:
         raise FusionCacheError(f"{x_path} is truncated ({n_bytes} bytes, not a whole number of {SIZE} x {SIZE} "
