@@ -12,25 +12,12 @@ from . import release
 from .base import Listing, Source
 
 NAME = "cifar10"
-RELEASE = release.Release(NAME, "CIFAR-10", CIFAR10, lambda root: CIFAR10(str(root), train=True, download=True))
-
-
-def home(root: Path) -> Path:
-    """The folder that holds CIFAR-10: `root`, or its parent when `root` is the batches folder or the tarball."""
-    return release.home(RELEASE, root)
-
-
-def detect(root: Path) -> str | None:
-    """`root` holds CIFAR-10's folder or tarball, or is one of them."""
-    return release.detect(RELEASE, root)
-
-
-def check_root(root: Path) -> None:
-    release.check_root(RELEASE, root)
-
-
-def test_split(root: Path) -> str | None:
-    return "test batch"
+RELEASE = release.Release(NAME, "CIFAR-10", CIFAR10, lambda root: CIFAR10(str(root), train=True, download=True),
+                          "test batch")
+home = RELEASE.home  # the folder that holds CIFAR-10: root, or its parent when root is the batches folder or tarball
+detect = RELEASE.detect  # root holds CIFAR-10's folder or tarball, or is one of them
+check_root = RELEASE.check_root
+test_split = RELEASE.test_split
 
 
 def load(root: Path, options) -> Listing:

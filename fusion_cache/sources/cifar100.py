@@ -15,21 +15,12 @@ from . import release
 from .base import Listing, Source
 
 NAME = "cifar100"
-RELEASE = release.Release(NAME, "CIFAR-100", CIFAR100, lambda root: CIFAR100(str(root), train=True, download=True))
+RELEASE = release.Release(NAME, "CIFAR-100", CIFAR100,
+                          lambda root: CIFAR100(str(root), train=True, download=True), "test batch")
 LABEL_SETS = {"fine": ("fine_labels", CIFAR100.meta["key"]), "coarse": ("coarse_labels", "coarse_label_names")}
-
-
-def detect(root: Path) -> str | None:
-    """`root` holds CIFAR-100's folder or tarball, or is one of them."""
-    return release.detect(RELEASE, root)
-
-
-def check_root(root: Path) -> None:
-    release.check_root(RELEASE, root)
-
-
-def test_split(root: Path) -> str | None:
-    return "test batch"
+detect = RELEASE.detect  # root holds CIFAR-100's folder or tarball, or is one of them
+check_root = RELEASE.check_root
+test_split = RELEASE.test_split
 
 
 def load(root: Path, options) -> Listing:
@@ -38,7 +29,7 @@ def load(root: Path, options) -> Listing:
     label_set = options.label_set or "fine"
     if label_set not in LABEL_SETS:
         raise FusionCacheError(f"unknown --label-set {label_set!r}; use fine or coarse")
-    root = release.home(RELEASE, root)
+    root = RELEASE.home(root)
     given = {s: load_split(root, s, label_set, options.download, options.skip_integrity_check)
              for s in ("train", "test")}
     return Listing(NAME, given, {"train": "train batch", "test": "test batch"}, downloadable=True)

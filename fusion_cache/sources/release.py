@@ -26,10 +26,14 @@ from .base import IntegrityWarning
 
 @dataclass(frozen=True)
 class Release:
+    """One official release: its names, its download, and the policies every release source follows. A source
+    module takes `detect`, `check_root` and `test_split` from it as they are."""
+
     name: str  # the registry name: cifar10
     title: str  # as messages name it: CIFAR-10
     tv: type  # torchvision's dataset class, whose attributes name the files and give their md5s
     fetch: Callable[[Path], object]  # downloads (and, where torchvision does, extracts) the release into a folder
+    test_where: str  # where the test split is, as messages name it: "test batch"
     reads_archive: bool = True  # False: the archive must be extracted before it is read (STL-10's 2.6 GB)
 
     @property
@@ -40,87 +44,77 @@ class Release:
     def tarball(self) -> str:
         return self.tv.filename
 
+    def home(self, root: Path) -> Path:
+        """The folder that holds the release: `root`, or its parent when `root` is the release's folder or
+        archive."""
+        if (root.name == self.folder and root.is_dir()) or (root.name == self.tarball and root.is_file()):
+            return root.parent
+        return root
 
-def home(release: Release, root: Path) -> Path:
-    """The folder that holds the release: `root`, or its parent when `root` is the release's folder or archive."""
-    if (root.name == release.folder and root.is_dir()) or (root.name == release.tarball and root.is_file()):
-        return root.parent
-    return root
+    def detect(self, root: Path) -> str | None:
+        """`root` holds the release's folder or archive, or is one of them."""
+        root = self.home(root)
+        if (root / self.folder).is_dir():
+            return f"{self.title} ({self.folder}/)"
+        if (root / self.tarball).is_file():
+            return f"{self.title} ({self.tarball})"
+        return None
 
+    def check_root(self, root: Path) -> None:
+        root = self.home(root)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise FusionCacheError(f"--data-root {display_path(root)} is a file; --dataset {self.name} reads a "
+                                   "folder: pass a folder, or --dataset manifest for a CSV list of images")
 
-def detect(release: Release, root: Path) -> str | None:
-    """`root` holds the release's folder or archive, or is one of them."""
-    root = home(release, root)
-    if (root / release.folder).is_dir():
-        return f"{release.title} ({release.folder}/)"
-    if (root / release.tarball).is_file():
-        return f"{release.title} ({release.tarball})"
-    return None
+    def test_split(self, root: Path) -> str | None:
+        return self.test_where
 
+    def ensure(self, root: Path, download: bool) -> None:
+        """Make sure `root` holds the release's folder or archive: download it into a missing or empty folder
+        when `download`; a folder that holds other files is never written to."""
+        if (root / self.folder).is_dir() or (root / self.tarball).is_file():
+            return
+        if os.path.isdir(root) and any(os.scandir(root)):
+            raise FusionCacheError(
+                f"{self.title} not found in {display_path(root)}, which holds other files, so nothing is downloaded "
+                f"into it; drop --dataset to read the folder as it is, or pass an empty or new --data-root to "
+                f"download {self.title} there"
+            )
+        if not download:
+            raise FusionCacheError(
+                f"{self.title} not found under {root}/ (looked for {self.folder}/ and {self.tarball}); "
+                "drop --no-download to fetch it, or point --data-root at a folder that holds it"
+            )
+        try:
+            self.fetch(root)
+        except Exception as e:
+            by_hand = self.tarball if self.reads_archive else f"{self.folder}/ (tar xzf {self.tarball})"
+            raise FusionCacheError(
+                f"could not download {self.title} into {root}/ ({type(e).__name__}: {e}); "
+                f"put {by_hand} there by hand and pass --no-download"
+            ) from None
 
-def check_root(release: Release, root: Path) -> None:
-    root = home(release, root)
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise FusionCacheError(f"--data-root {display_path(root)} is a file; --dataset {release.name} reads a folder: "
-                               "pass a folder, or --dataset manifest for a CSV list of images")
+    def present(self, path: Path, folder: Path) -> Path:
+        """`path`, a file of the release's `folder`; a missing one is an error that says how to restore it."""
+        if not path.is_file():
+            raise FusionCacheError(
+                f"{path} is missing; restore it, or delete {folder} and run again to re-download {self.title}"
+            )
+        return path
 
-
-def ensure(release: Release, root: Path, download: bool) -> None:
-    """Make sure `root` holds the release's folder or archive: download it into a missing or empty folder when
-    `download`; a folder that holds other files is never written to."""
-    if (root / release.folder).is_dir() or (root / release.tarball).is_file():
-        return
-    if os.path.isdir(root) and any(os.scandir(root)):
-        raise FusionCacheError(
-            f"{release.title} not found in {display_path(root)}, which holds other files, so nothing is downloaded "
-            f"into it; drop --dataset to read the folder as it is, or pass an empty or new --data-root to download "
-            f"{release.title} there"
-        )
-    if not download:
-        raise FusionCacheError(
-            f"{release.title} not found under {root}/ (looked for {release.folder}/ and {release.tarball}); "
-            "drop --no-download to fetch it, or point --data-root at a folder that holds it"
-        )
-    try:
-        release.fetch(root)
-    except Exception as e:
-        by_hand = (release.tarball if release.reads_archive
-                   else f"{release.folder}/ (tar xzf {release.tarball})")
-        raise FusionCacheError(
-            f"could not download {release.title} into {root}/ ({type(e).__name__}: {e}); "
-            f"put {by_hand} there by hand and pass --no-download"
-        ) from None
-
-
-def read_files(release: Release, folder: Path, names: list[str]) -> dict[str, bytes]:
-    """{name: bytes} of the release's files in its folder; a missing one is an error that says how to restore it."""
-    blobs = {}
-    for name in names:
-        blobs[name] = present(release, folder / name, folder).read_bytes()
-    return blobs
-
-
-def present(release: Release, path: Path, folder: Path) -> Path:
-    if not path.is_file():
-        raise FusionCacheError(
-            f"{path} is missing; restore it, or delete {folder} and run again to re-download {release.title}"
-        )
-    return path
-
-
-def integrity(release: Release, bad: list[str], copy: Path, skip_integrity_check: bool) -> list[str]:
-    """The integrity notes of the copy `copy`, whose files `bad` (as messages name them) differ from the
-    release's checksums: none when none does; else refused unless `skip_integrity_check`, which warns."""
-    if not bad:
-        return []
-    if not skip_integrity_check:
-        raise FusionCacheError(
-            f"{bad[0]} does not match the official {release.title} checksum; if you trust this local copy, "
-            "pass --skip-integrity-check, otherwise delete it and re-download"
-        )
-    msg = f"using the local {release.title} copy {copy} although its checksums differ from the official release"
-    warnings.warn(msg, IntegrityWarning, stacklevel=3)
-    return [msg]
+    def integrity(self, bad: list[str], copy: Path, skip_integrity_check: bool) -> list[str]:
+        """The integrity notes of the copy `copy`, whose files `bad` (as messages name them) differ from the
+        release's checksums: none when none does; else refused unless `skip_integrity_check`, which warns."""
+        if not bad:
+            return []
+        if not skip_integrity_check:
+            raise FusionCacheError(
+                f"{bad[0]} does not match the official {self.title} checksum; if you trust this local copy, "
+                "pass --skip-integrity-check, otherwise delete it and re-download"
+            )
+        msg = f"using the local {self.title} copy {copy} although its checksums differ from the official release"
+        warnings.warn(msg, IntegrityWarning, stacklevel=3)
+        return [msg]
 
 
 def digests(images: np.ndarray) -> list[str]:
@@ -137,7 +131,7 @@ def load_batches(release: Release, root: Path, split: str, labels_key: tuple[str
     release, from `root/<folder>/`, or straight from `root/<tarball>`, checked against torchvision's checksums
     (`train_list`, `test_list`, `meta`, `tgz_md5`). The labels are a batch's first key of `labels_key` that it
     holds; the classes are the meta file's `classes_key`."""
-    ensure(release, root, download)
+    release.ensure(root, download)
     tv = release.tv
     folder = root / release.folder
     tarball = root / release.tarball
@@ -146,14 +140,14 @@ def load_batches(release: Release, root: Path, split: str, labels_key: tuple[str
     wanted = [name for name, _ in files] + [meta_name]
     expected = {name: md5 for name, md5 in files} | {meta_name: tv.meta["md5"]}
     if folder.is_dir():
-        blobs = read_files(release, folder, wanted)
+        blobs = {name: release.present(folder / name, folder).read_bytes() for name in wanted}
         where = {name: str(folder / name) for name in wanted}
         bad = [where[n] for n in wanted if hashlib.md5(blobs[n]).hexdigest() != expected[n]]
     else:
         md5_ok, blobs = _tar_contents(release, tarball)
         bad = [] if md5_ok else [str(tarball)]
         where = {name: f"{tarball}:{release.folder}/{name}" for name in wanted}
-    notes = integrity(release, bad, folder if folder.is_dir() else tarball, skip_integrity_check)
+    notes = release.integrity(bad, folder if folder.is_dir() else tarball, skip_integrity_check)
     classes = _unpickle(release, blobs[meta_name], where[meta_name]).get(classes_key)
     if not isinstance(classes, (list, tuple)) or not classes:
         raise FusionCacheError(f"{where[meta_name]} holds no class names ({classes_key}); delete it and re-download")

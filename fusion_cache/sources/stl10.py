@@ -32,7 +32,10 @@ def _fetch(root: Path) -> None:
     download_and_extract_archive(STL10.url, str(root), filename=STL10.filename, md5=STL10.tgz_md5)
 
 
-RELEASE = release.Release(NAME, "STL-10", STL10, _fetch, reads_archive=False)
+RELEASE = release.Release(NAME, "STL-10", STL10, _fetch, STL10.test_list[0][0], reads_archive=False)
+detect = RELEASE.detect  # root holds STL-10's folder or archive, or is one of them
+check_root = RELEASE.check_root
+test_split = RELEASE.test_split
 
 
 def files(split: str) -> tuple[list, list]:
@@ -41,39 +44,26 @@ def files(split: str) -> tuple[list, list]:
     return listed[0], listed[1]
 
 
-def detect(root: Path) -> str | None:
-    """`root` holds STL-10's folder or archive, or is one of them."""
-    return release.detect(RELEASE, root)
-
-
-def check_root(root: Path) -> None:
-    release.check_root(RELEASE, root)
-
-
-def test_split(root: Path) -> str | None:
-    return files("test")[0][0]
-
-
 def load(root: Path, options) -> Listing:
     """Both labelled splits (`options`: a `sources.LoadOptions`)."""
     check_root(root)
-    root = release.home(RELEASE, root)
-    release.ensure(RELEASE, root, options.download)
+    root = RELEASE.home(root)
+    RELEASE.ensure(root, options.download)
     folder = root / RELEASE.folder
     if not folder.is_dir():
         raise FusionCacheError(f"{display_path(root)} holds {RELEASE.tarball} but not {RELEASE.folder}/, and the "
                                f"archive is not read as it is; extract it there (tar xzf {RELEASE.tarball}) and run "
                                "again")
-    classes = _classes(release.present(RELEASE, folder / STL10.class_names_file, folder))
+    classes = _classes(RELEASE.present(folder / STL10.class_names_file, folder))
     given = {s: load_split(folder, s, classes, options.skip_integrity_check) for s in ("train", "test")}
     return Listing(NAME, given, {s: files(s)[0][0] for s in given}, downloadable=True)
 
 
 def load_split(folder: Path, split: str, classes: list[str], skip_integrity_check: bool) -> Source:
     (x_name, x_md5), (y_name, y_md5) = files(split)
-    x_path, y_path = (release.present(RELEASE, folder / n, folder) for n in (x_name, y_name))
+    x_path, y_path = (RELEASE.present(folder / n, folder) for n in (x_name, y_name))
     bad = [str(p) for p, md5 in ((x_path, x_md5), (y_path, y_md5)) if _md5(p) != md5]
-    notes = release.integrity(RELEASE, bad, folder, skip_integrity_check)
+    notes = RELEASE.integrity(bad, folder, skip_integrity_check)
     n_bytes = os.path.getsize(x_path)
     if n_bytes == 0 or n_bytes % IMAGE_BYTES:
         raise FusionCacheError(f"{x_path} is truncated ({n_bytes} bytes, not a whole number of {SIZE} x {SIZE} "
