@@ -198,7 +198,8 @@ def main():
 # readable=False: an unreadable --data-root gets fusion-cache's own one-line error with its fix, not click's usage error
 @click.option("--data-root", type=click.Path(path_type=Path, readable=False), default=Path("data"), show_default=True,
               help="Your images: a folder of class folders (photos/<class>/*.jpg), with or without split folders "
-                   "(train/ with test/ or val/), a CSV manifest, or a folder holding CIFAR-10.")
+                   "(train/ with test/ or val/), a CSV manifest, parquet files, a save_to_disk folder, WebDataset shards, "
+                   "or a folder holding CIFAR-10, CIFAR-100 or STL-10.")
 @click.option("--train-size", type=SizeType(), default=None,
               help="Class-stratified random subset of the train split, or 'all' [default: 5000 for cifar10, the "
                    "case study's; else all].")
@@ -259,9 +260,11 @@ def main():
                    "[default: min(4, CPUs)].")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="What to do with an image file that cannot be decoded; skipped files are listed in the cache.")
-@click.option("--no-download", is_flag=True, help="Never download CIFAR-10; fail if it is not under --data-root.")
+@click.option("--no-download", is_flag=True, help="Never download a built-in dataset (cifar10, cifar100, stl10); fail if it is not under "
+                   "--data-root.")
 @click.option("--skip-integrity-check", is_flag=True,
-              help="Use a local CIFAR-10 copy whose checksums differ from the official release (warns). Corrupt files still fail.")
+              help="Use a local copy of a built-in dataset whose checksums differ from the official release (warns). "
+                   "Corrupt files still fail.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (slower start, faster on long runs).")
 @click.option("--force", is_flag=True, help="Replace an existing cache that was built with other settings.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")

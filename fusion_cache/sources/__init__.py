@@ -89,7 +89,8 @@ def detect(root: Path) -> tuple[str, str]:
     shown = _shown(root)
     if not os.path.lexists(root):
         raise FusionCacheError(f"--data-root {shown} does not exist; pass a folder of class folders (<class>/<image>),"
-                               " a CSV manifest, or a folder holding CIFAR-10 (add --dataset cifar10 to download it)")
+                               " a CSV manifest, parquet files, .tar shards, or a folder holding CIFAR-10 (add "
+                               "--dataset cifar10 to download it)")
     for entry in SOURCES.values():
         found = entry.impl.detect(root)
         if found:
