@@ -148,6 +148,13 @@ def split_in_name(relative: str) -> str | None:
     return next((SPLIT_NAMES[p.lower()] for p in reversed(parts[:-1]) if p.lower() in SPLIT_NAMES), None)
 
 
+def files_named(rels: list[str]) -> str:
+    """How messages and the split record name a split's files: the first, and how many more."""
+    from ..files import display_path
+
+    return display_path(rels[0]) + (f" and {len(rels) - 1} more" if len(rels) > 1 else "")
+
+
 def by_split(files: list[str], what: str, root_shown: str) -> dict[str, list[str]]:
     """{given split: files} from the files' names ("all" when no name gives a split); a mix of named and
     unnamed files is an error that names one of each."""

@@ -62,7 +62,7 @@ def check_root(root: Path) -> None:
 
 def test_split(root: Path) -> str | None:
     splits = {SPLIT_NAMES.get(s.lower()): s for s in (_splits_file(root) or [])}
-    return next((f"split {splits[s]}" for s in ("test", "val") if s in splits), None)
+    return next((f"{splits[s]}/" for s in ("test", "val") if s in splits), None)
 
 
 class Reader(ItemReader):
@@ -120,4 +120,4 @@ def load(root: Path, options) -> Listing:
             raise FusionCacheError(f"{where} holds no rows; add rows or leave it out")
     tag = f"fusion-cache hf 1\n{image}\n{label}\n".encode()
     given = columns.sources(NAME, tag, items, Reader(image), names, where=f"{shown}: ")
-    return Listing(NAME, given, {s: (f"split {parts[s][0]}" if parts[s][0] else "the dataset") for s in given})
+    return Listing(NAME, given, {s: (f"{parts[s][0]}/" if parts[s][0] else "the dataset") for s in given})

@@ -128,5 +128,4 @@ def load(root: Path, options) -> Listing:
             raise FusionCacheError(f"the {split} parquet files of {shown} hold no rows; add rows or remove them")
     tag = f"fusion-cache parquet 1\n{image}\n{label}\n".encode()
     given = columns.sources(NAME, tag, items, Reader(image), names, where=f"{shown}: ")
-    where = {s: ("the parquet files" if s == "all" else f"{s} parquet files") for s in given}
-    return Listing(NAME, given, where)
+    return Listing(NAME, given, {s: columns.files_named(rels) for s, rels in groups.items()})

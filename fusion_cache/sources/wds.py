@@ -154,7 +154,8 @@ def load(root: Path, options) -> Listing:
     top = root.parent if root.is_file() else root
     shown = display_path(root)
     items: dict[str, columns.Items] = {}
-    for split, rels in columns.by_split(shards(root), "shards", shown).items():
+    groups = columns.by_split(shards(root), "shards", shown)
+    for split, rels in groups.items():
         its = items[split] = columns.Items()
         for rel in rels:
             path = os.path.join(os.getcwd(), top, rel)
@@ -169,4 +170,4 @@ def load(root: Path, options) -> Listing:
             raise FusionCacheError(f"the {split} shards of {shown} hold no samples; add samples or remove them")
     tag = f"fusion-cache wds 1\n{options.label_key or ''}\n".encode()
     given = columns.sources(NAME, tag, items, Reader(), where=f"{shown}: ")
-    return Listing(NAME, given, {s: ("the shards" if s == "all" else f"{s} shards") for s in given})
+    return Listing(NAME, given, {s: columns.files_named(rels) for s, rels in groups.items()})
