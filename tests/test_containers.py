@@ -185,8 +185,9 @@ def test_hub_layout_splits_come_from_file_names(items, tmp_path, weights_file):
 
 def test_shard_names_give_the_splits_and_a_mix_is_refused(items, tmp_path):
     root = tmp_path / "wds"
-    write_shards(items[:12], root, split="train", per_shard=5, classes=["cat", "dog", "eel"])
-    write_shards(items[12:], root, split="test", per_shard=5, classes=["cat", "dog", "eel"])
+    train, test = [it for k, it in enumerate(items) if k % 3], items[::3]
+    write_shards(train, root, split="train", per_shard=5, classes=["cat", "dog", "eel"])
+    write_shards(test, root, split="test", per_shard=5, classes=["cat", "dog", "eel"])
     listing = sources.load("wds", root)
     assert {s: len(src) for s, src in listing.given.items()} == {"train": 12, "test": 6}
     write_shards(items[:2], root, split="shard", per_shard=5)  # shard-000000.tar: no split in its name
@@ -197,8 +198,9 @@ def test_shard_names_give_the_splits_and_a_mix_is_refused(items, tmp_path):
 def test_leaks_and_the_split_work_from_the_bytes(items, tmp_path, weights_file):
     """The same image in a train shard and a test shard is a leak, found from its bytes."""
     root = tmp_path / "leaky"
-    write_shards(items[:12], root, split="train", per_shard=6, classes=["cat", "dog", "eel"])
-    write_shards(items[12:] + [items[0]], root, split="test", per_shard=10, classes=["cat", "dog", "eel"])
+    train, test = [it for k, it in enumerate(items) if k % 3], items[::3]
+    write_shards(train, root, split="train", per_shard=6, classes=["cat", "dog", "eel"])
+    write_shards(test + [train[0]], root, split="test", per_shard=10, classes=["cat", "dog", "eel"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         the_plan, _ = plan(_cfg(tmp_path / "x.h5", root, weights_file))
@@ -206,7 +208,7 @@ def test_leaks_and_the_split_work_from_the_bytes(items, tmp_path, weights_file):
     assert the_plan.meta.leaks and the_plan.meta.split["method"] == "given"
     r = run("extract", "--data-root", root, "--out", tmp_path / "l.h5", "--weights", weights_file, "--image-size",
             SIZE, "--no-progress", "--on-leak", "fail")
-    assert clean_failure(r, "train-000000.tar/00000000") is None
+    assert clean_failure(r, "train-000000.tar/00000000") is None  # train[0], also the test shard's last sample
 
 
 @pytest.mark.parametrize("case, fragment", [
@@ -369,3 +371,117 @@ def test_ray_extraction_of_a_container_equals_the_local_one(kind, cluster_contai
     _assert_same_rows(local, ray_out)
     assert open_cache(local).fingerprint == open_cache(ray_out).fingerprint
     assert open_cache(ray_out).item_names("train") == open_cache(local).item_names("train")
+
+
+# ---------------------------------------------------------------------------------------------- hostile cases
+
+
+def test_an_image_folder_with_a_stray_tar_or_parquet_is_still_an_image_folder(folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "photos"
+    shutil.copytree(folder, root)
+    write_shards(folder_items(folder)[:3], tmp_path / "w", split="backup")
+    shutil.copy(tmp_path / "w" / "backup-000000.tar", root / "backup.tar")
+    write_parquet(folder_items(folder)[:3], tmp_path / "p")
+    shutil.copy(next((tmp_path / "p").rglob("*.parquet")), root / "cat" / "meta.parquet")
+    assert sources.detect(root)[0] == "imagefolder"
+
+
+def test_shards_in_split_folders(items, tmp_path):
+    root = tmp_path / "wds"
+    train, test = [it for k, it in enumerate(items) if k % 3], items[::3]
+    write_shards(train, root / "train", split="shard", per_shard=5, classes=["cat", "dog", "eel"])
+    write_shards(test, root / "test", split="shard", per_shard=5, classes=["cat", "dog", "eel"])
+    assert sources.detect(root)[0] == "wds"
+    listing = sources.load("wds", root)
+    assert {s: len(src) for s, src in listing.given.items()} == {"train": 12, "test": 6}
+    assert listing.given["test"].names[0] == "test/shard-000000.tar/00000000"
+
+
+def _tar(path: Path, members) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, blob in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    return path
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("class-only-in-test", "class 'zebra' is in test but not in train"),
+    ("minus-one-in-test", "class '-1' is in test but not in train"),
+    ("several-configs", "several configurations"),
+    ("bytes-field-of-text", "not images"),
+    ("members-apart", "twice, apart"),
+    ("truncated-in-data", "is damaged"),
+])
+def test_more_bad_containers_are_one_line_errors(case, fragment, items, tmp_path, weights_file):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "d"
+    (c0, n0, d0), (c1, n1, d1) = items[0], items[6]
+    if case == "class-only-in-test":
+        write_parquet(items[:12], root, split="train", class_label=False, names_as_labels=True)
+        write_parquet([("zebra", n, d) for _, n, d in items[12:]], root, split="test", class_label=False,
+                      names_as_labels=True)
+    elif case == "minus-one-in-test":
+        write_shards(items[:12], root, split="train")
+        _tar(root / "test-000000.tar", [("a.jpg", d0), ("a.cls", b"-1")])
+    elif case == "several-configs":
+        write_parquet(items, root / "cfgA")
+        write_parquet(items, root / "cfgB")
+    elif case == "bytes-field-of-text":
+        root.mkdir()
+        pq.write_table(pa.table({"image": [{"bytes": "x", "path": "a"}, {"bytes": "y", "path": "b"}],
+                                 "label": [0, 1]}), root / "train.parquet")
+    elif case == "members-apart":
+        _tar(root / "train-000000.tar", [("a.jpg", d0), ("b.jpg", d1), ("b.cls", b"1"), ("a.cls", b"0")])
+    elif case == "truncated-in-data":
+        shard = _tar(root / "train-000000.tar", [("a.jpg", d0), ("a.cls", b"0"), ("b.jpg", d1), ("b.cls", b"1")])
+        blob = shard.read_bytes()
+        shard.write_bytes(blob[: blob.index(d1) + len(d1) // 2])  # cut inside the last image's data
+    r = run("extract", "--data-root", root, "--out", tmp_path / "x.h5", "--weights", weights_file, "--image-size",
+            SIZE, "--no-progress", "--workers", "0")
+    assert clean_failure(r, fragment) is None
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_a_dataset_dict_with_two_folders_for_one_split_is_refused(items, tmp_path):
+    root = _hf_dict(items, tmp_path / "dd", {"train": range(12), "training": range(12, 15), "test": range(15, 18)})
+    with pytest.raises(FusionCacheError, match="holds both train and training for one split"):
+        sources.load("hf", root)
+
+
+def test_a_parquet_file_with_large_row_groups_warns(items, tmp_path, monkeypatch):
+    from fusion_cache.sources import parquet
+
+    write_parquet(items, tmp_path / "p", row_group_size=100)
+    monkeypatch.setattr(parquet, "LARGE_ROW_GROUP", 1000)
+    with pytest.warns(ResourceWarning, match="row_group_size=100"):
+        sources.load("parquet", tmp_path / "p")
+
+
+@pytest.mark.parametrize("change", ["delete", "garbage", "fewer-rows"])
+def test_a_container_changed_under_decode_workers_is_a_one_line_error(change, items, tmp_path, weights_file):
+    """In DataLoader worker processes (--workers 2), a container that went away or changed after planning is
+    the same one-line error as in this process, never a worker's traceback."""
+    from fusion_cache.engines import local
+
+    root = tmp_path / "p"
+    (path,) = write_parquet(items, root, row_group_size=100)
+    cfg = _cfg(tmp_path / "x.h5", root, weights_file, workers=2)
+    the_plan, weights = plan(cfg)
+    if change == "delete":
+        path.unlink()
+    elif change == "garbage":
+        path.write_bytes(b"not parquet at all" * 100)
+    else:
+        write_parquet(items[:2], root, row_group_size=100)
+    with pytest.raises(FusionCacheError) as e:
+        local.run(the_plan, cfg, weights)
+    text = str(e.value)
+    assert "\n" not in text and "Traceback" not in text and "cannot be read as it was planned" in text
+    assert not (tmp_path / "x.h5").exists()

@@ -24,7 +24,7 @@ from ..backbones import DEFAULT_BACKBONE, resolve
 from ..decode import BadImage, ChangedImage, decode_bytes, read_image
 from ..sampler import SPLITS
 from ..errors import FusionCacheError
-from ..files import is_content_digest
+from ..files import display_path, is_content_digest
 
 
 
@@ -129,8 +129,12 @@ class SplitPlan:
         if self.pixels is not None:
             return torch.from_numpy(self.pixels[position])
         if self.reader is not None:  # an item inside a container: its bytes, checked against the planned digest
-            return decode_bytes(self.reader.read(self.keys[position]), self.names[position],
-                                sha256=self.digests[position], reduce_to=self.reduce_to)
+            try:
+                data = self.reader.read(self.keys[position])
+            except Exception as e:  # a container that changed or went away since it was listed: never skippable
+                why = str(e) if isinstance(e, FusionCacheError) else f"{type(e).__name__}: {display_path(str(e))[:150]}"
+                raise ChangedImage(f"{self.names[position]} cannot be read as it was planned ({why})") from None
+            return decode_bytes(data, self.names[position], sha256=self.digests[position], reduce_to=self.reduce_to)
         digest = self.digests[position]
         if not is_content_digest(digest):  # unreadable when listed: read as is, and it fails as it failed then
             read_image(self.files[position], name=self.names[position], reduce_to=self.reduce_to)

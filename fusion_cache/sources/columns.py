@@ -30,10 +30,11 @@ class Items:
     digests: list[str] = field(default_factory=list)
     raw: list = field(default_factory=list)
 
-    def add(self, name: str, key, data: bytes, label) -> None:
+    def add(self, name: str, key, data: bytes | str, label) -> None:
+        """One item: its image bytes (hashed here, not kept), or their sha256 already computed."""
         self.names.append(name)
         self.keys.append(key)
-        self.digests.append(hashlib.sha256(data).hexdigest())
+        self.digests.append(data if isinstance(data, str) else hashlib.sha256(data).hexdigest())
         self.raw.append(label)
 
 
@@ -61,6 +62,15 @@ def sources(dataset: str, tag: bytes, items: dict[str, Items], reader: ItemReade
     if len(classes) < 2:
         raise FusionCacheError(f"{where}all images have one label ({classes[0] if classes else 'none'}); a classifier "
                                "needs at least two classes")
+    if "train" in items and names is None:  # a class seen only outside train is a mistake (an unlabelled -1?)
+        in_train = set(items["train"].raw)
+        for split, its in items.items():
+            stray = next((v for v in its.raw if v not in in_train), None)
+            if stray is not None:
+                shown = "val" if split == "val" else split
+                raise FusionCacheError(f"{where}class {quote(str(stray))} is in {shown} but not in train; give train "
+                                       f"images of every class, or remove its {shown} images (an unlabelled split, "
+                                       "-1, cannot be cached)")
     out = {}
     for split, its in items.items():
         labels = np.asarray([index[v] for v in its.raw], dtype=np.int64)
@@ -100,13 +110,13 @@ def check_columns(schema, image_column: str, label_column: str, where: str) -> N
             raise FusionCacheError(f"{where} has no column {quote(column)} (its columns: {', '.join(names)}); pass "
                                    f"{flag} NAME")
     kind = schema.field(image_column).type
-    if pa.types.is_struct(kind):
-        ok = kind.get_field_index("bytes") >= 0
-    else:
-        ok = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        kind = kind.field("bytes").type
+    ok = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
     if not ok:
-        raise FusionCacheError(f"column {quote(image_column)} of {where} holds {kind}, not images (an Image struct "
-                               "of bytes and path, or raw bytes); pass --image-column with the image column")
+        raise FusionCacheError(f"column {quote(image_column)} of {where} holds {schema.field(image_column).type}, not "
+                               "images (an Image struct of bytes and path, or raw bytes); pass --image-column with "
+                               "the image column")
 
 
 def rows(batch, image_column: str, label_column: str, where: str):

@@ -97,7 +97,13 @@ def load(root: Path, options) -> Listing:
         raise FusionCacheError(f"cannot load {shown} with datasets.load_from_disk ({type(e).__name__}: "
                                f"{display_path(str(e))[:150]}); fix it, or save it again") from None
     if hasattr(loaded, "keys"):  # a DatasetDict
-        chosen = {SPLIT_NAMES[s.lower()]: s for s in loaded.keys() if s.lower() in SPLIT_NAMES}
+        chosen: dict[str, str] = {}
+        for s in loaded.keys():
+            given = SPLIT_NAMES.get(s.lower())
+            if given in chosen:
+                raise FusionCacheError(f"{shown} holds both {chosen[given]} and {s} for one split; keep one of them")
+            if given:
+                chosen[given] = s
         if "train" not in chosen:
             raise FusionCacheError(f"{shown} has the splits {', '.join(loaded.keys())} and none is train; save the "
                                    "training split as train")

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import FusionCacheError, quote
 from ..files import display_path
 from . import columns
-from .base import ItemReader, Listing
+from .base import SPLIT_NAMES, ItemReader, Listing
 
 NAME = "wds"
 SUFFIX = ".tar"
@@ -26,20 +26,42 @@ OPEN_SHARDS = 8  # shard files a reader keeps open, per process
 
 
 def shards(root: Path) -> list[str]:
-    """The tar shards at `root` (itself, when it is one), or directly in it, sorted, relative to it."""
+    """The tar shards at `root` (itself, when it is one), directly in it, or in its split folders (`train/`,
+    `test/`, ...), sorted, relative to it."""
+    return _scan(root)[0]
+
+
+def _scan(root: Path) -> tuple[list[str], bool]:
+    """(`shards(root)`, whether `root` also holds other folders: then it is an image folder with a stray tar,
+    not a WebDataset)."""
     if root.is_file():
-        return [root.name] if root.name.lower().endswith(SUFFIX) else []
+        return ([root.name] if root.name.lower().endswith(SUFFIX) else []), False
+    found, other = [], False
     with os.scandir(root) as it:
-        return sorted(e.name for e in it if e.name.lower().endswith(SUFFIX) and not e.name.startswith(".")
-                      and e.is_file())
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir():
+            if e.name.lower() not in SPLIT_NAMES:
+                other = True
+                continue
+            with os.scandir(e.path) as inner:
+                names = sorted(i.name for i in inner if not i.name.startswith("."))
+            tars = [n for n in names if n.lower().endswith(SUFFIX) and os.path.isfile(os.path.join(e.path, n))]
+            found += [f"{e.name}/{n}" for n in tars]
+            other = other or len(tars) < len(names) and any(os.path.isdir(os.path.join(e.path, n)) for n in names)
+        elif e.name.lower().endswith(SUFFIX) and e.is_file():
+            found.append(e.name)
+    return found, other
 
 
 def detect(root: Path) -> str | None:
     try:
-        found = shards(root)
+        found, other = _scan(root)
     except OSError:
         return None
-    if not found:
+    if not found or other:
         return None
     return f"{len(found)} WebDataset shard{'s' if len(found) > 1 else ''} (.tar)"
 
@@ -97,7 +119,7 @@ def _label(members: dict[str, bytes], label_key: str | None, where: str):
             raise FusionCacheError(f"{where} has no label: its json has no integer or text field {quote(field)}; pass "
                                    "--label-key with the field (or the member) that holds the label")
     else:
-        wanted = f"a {quote(label_key)} member" if label_key else "a cls member"
+        wanted = f"{quote(label_key)} member" if label_key else "cls member"
         raise FusionCacheError(f"{where} has no label: no {wanted} and no json member; pass --label-key with the "
                                "member (or json field) that holds the label, or add .cls files")
     if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value):
@@ -108,44 +130,56 @@ def _label(members: dict[str, bytes], label_key: str | None, where: str):
 
 
 def _samples(path: str, shown: str, label_key: str | None):
-    """(sample key, (offset, size) of its image, image bytes, raw label) of each sample of one shard, in order.
-    The tar is read member by member; TarFile's own list of members is emptied as it goes."""
+    """(sample key, (offset, size) of its image, its sha256, raw label) of each sample of one shard, in order.
+    The tar is read member by member (TarFile's own list of members is emptied as it goes); each image is
+    hashed, not kept, and the samples are checked once the whole shard is read, so a sample whose members
+    are apart is named as such."""
+    import hashlib
+
     wanted = {"cls", "json", (label_key or "").lower()} - {""}
+    samples: dict[str, dict] = {}
+    order: list[str] = []
     try:
         tf = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
         raise FusionCacheError(f"cannot read shard {shown} as an uncompressed tar ({e}); WebDataset shards are "
                                "plain .tar files") from None
     with tf:
-        current, members, image = None, {}, None
-
-        def done():
-            where = f"sample {quote(current)} of {shown}"
-            if image is None:
-                raise FusionCacheError(f"{where} has no image ({', '.join(IMAGE_KEYS)}); remove it from the shard")
-            return current, image[0], image[1], _label(members, label_key, where)
-
+        current = None
         while True:
             try:
                 info = tf.next()
-            except tarfile.TarError as e:
+                tf.members = []  # streaming: TarFile would keep every member's header
+                if info is None:
+                    break
+                if not info.isfile():
+                    continue
+                key, ext = _key(info.name)
+                if key != current:
+                    if key in samples:
+                        raise FusionCacheError(f"shard {shown} holds sample {quote(key)} twice, apart; keep each "
+                                               "sample's members together, once")
+                    current = key
+                    samples[key] = {"members": {}, "image": None}
+                    order.append(key)
+                sample = samples[key]
+                held = sample["image"]
+                if ext in IMAGE_KEYS and (held is None or IMAGE_KEYS.index(ext) < IMAGE_KEYS.index(held[2])):
+                    if info.issparse():
+                        raise FusionCacheError(f"{info.name} in shard {shown} is a sparse tar member; write the "
+                                               "shard without --sparse")
+                    digest = hashlib.sha256(tf.extractfile(info).read()).hexdigest()  # hashed, not kept
+                    sample["image"] = ((info.offset_data, info.size), digest, ext)
+                elif ext in wanted:
+                    sample["members"][ext] = tf.extractfile(info).read()
+            except (tarfile.TarError, EOFError, OSError) as e:
                 raise FusionCacheError(f"shard {shown} is damaged ({e}); rewrite it") from None
-            tf.members = []  # streaming: TarFile would keep every member's header
-            if info is None:
-                break
-            if not info.isfile():
-                continue
-            key, ext = _key(info.name)
-            if key != current:
-                if current is not None:
-                    yield done()
-                current, members, image = key, {}, None
-            if ext in IMAGE_KEYS and (image is None or IMAGE_KEYS.index(ext) < IMAGE_KEYS.index(image[2])):
-                image = ((info.offset_data, info.size), tf.extractfile(info).read(), ext)
-            elif ext in wanted:
-                members[ext] = tf.extractfile(info).read()
-        if current is not None:
-            yield done()
+    for key in order:
+        sample = samples[key]
+        where = f"sample {quote(key)} of {shown}"
+        if sample["image"] is None:
+            raise FusionCacheError(f"{where} has no image ({', '.join(IMAGE_KEYS)}); remove it from the shard")
+        yield key, sample["image"][0], sample["image"][1], _label(sample["members"], label_key, where)
 
 
 def load(root: Path, options) -> Listing:
@@ -159,15 +193,11 @@ def load(root: Path, options) -> Listing:
         its = items[split] = columns.Items()
         for rel in rels:
             path = os.path.join(os.getcwd(), top, rel)
-            seen: set[str] = set()
-            for key, (offset, size), data, label in _samples(path, display_path(rel), options.label_key):
-                if key in seen:
-                    raise FusionCacheError(f"shard {display_path(rel)} holds sample {quote(key)} twice, apart; keep "
-                                           "each sample's members together, once")
-                seen.add(key)
-                its.add(f"{display_path(rel)}/{display_path(key)}", (path, offset, size), data, label)
+            for key, (offset, size), digest, label in _samples(path, display_path(rel), options.label_key):
+                its.add(f"{display_path(rel)}/{display_path(key)}", (path, offset, size), digest, label)
         if not its.names:
-            raise FusionCacheError(f"the {split} shards of {shown} hold no samples; add samples or remove them")
+            which = "" if split == "all" else f"{split} "
+            raise FusionCacheError(f"the {which}shards of {shown} hold no samples; add samples or remove them")
     tag = f"fusion-cache wds 1\n{options.label_key or ''}\n".encode()
     given = columns.sources(NAME, tag, items, Reader(), where=f"{shown}: ")
     return Listing(NAME, given, {s: columns.files_named(rels) for s, rels in groups.items()})
