@@ -626,15 +626,23 @@ def _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, fo
     r0 = results[0]
     click.echo(f"{head} head on '{view}' ({', '.join(r0.features)}; {r0.dim} dims), seed {seed}")
     click.echo(header(fewshot.record()))
+    if len(results) == 1:  # one draw: fit's own per-epoch table
+        click.echo(f"{'epoch':>5} {'train loss':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}")
+        for e in r0.epochs:
+            train = (f"{'—':>10} {'—':>11}" if e["train_acc"] is None else
+                     f"{e['train_loss']:>10.4f} {100 * e['train_acc']:>11.2f}")
+            click.echo(f"{e['epoch']:>5} {train} {e['test_loss']:>9.4f} {100 * e['test_acc']:>10.2f}")
+        click.echo(f"test accuracy {100 * r0.test_acc:.2f} % in {r0.fit_seconds:.2f} s (draw 0, rows sha256 "
+                   f"{r0.fewshot['draw_rows_sha256'][:16]})" + (f"; saved to {out}" if out else ""))
+        return
     click.echo(f"{'draw':>4} {'train rows':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}  rows sha256")
     n_rows = fewshot.train_per_class * len(c.classes)
     for r in results:
         tr = f"{'—':>11}" if r.train_acc is None else f"{100 * r.train_acc:>11.2f}"
         click.echo(f"{r.fewshot['draw']:>4} {n_rows:>10} {tr} {r.test_loss:>9.4f} {100 * r.test_acc:>10.2f}  "
                    f"{r.fewshot['draw_rows_sha256'][:16]}")
-    click.echo(f"test accuracy {100 * test.mean():.2f} ± {100 * std(test):.2f} % over {len(results)} draw"
-               f"{'s' if len(results) != 1 else ''} in {sum(r.fit_seconds for r in results):.2f} s"
-               + (f"; saved the head of draw 0 to {out}" if out else ""))
+    click.echo(f"test accuracy {100 * test.mean():.2f} ± {100 * std(test):.2f} % over {len(results)} draws in "
+               f"{sum(r.fit_seconds for r in results):.2f} s")
 
 
 @main.command(short_help="Views x heads x seeds from one cache, or one per backbone.")

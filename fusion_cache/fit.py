@@ -246,7 +246,8 @@ def check_draw_rows(heads: list[str], values: dict | None, n_rows: int, k: int, 
         own = values is not None and offers(offered, option)
         what = (f"{flag(option)} {value}" if own else f"the {h} head's {option} = {value:g}" if values is not None
                 else f"the smallest {option} of the {h} grid ({value:g})")
-        fixes = ([f"pass {flag(option)} {n_rows} or less"] if own else []) + [f"pass --train-per-class {k_for(value)} or more"]
+        fixes = ([f"pass {flag(option)} {n_rows} or less"] if own else []) + \
+            [f"pass --train-per-class {k_for(value)} or more"]
         drop = drop_advice(h, [x for x in HEADS if x != h], offered)
         raise FusionCacheError(f"{what} is larger than the {n_rows} {rows} rows of a draw of {k} images a class; "
                                + ", or ".join(fixes + ([drop] if drop else [])))

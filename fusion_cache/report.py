@@ -269,9 +269,10 @@ def markdown(report: dict, command: str, machine: str) -> str:
                       f"draw's statistics; the chosen one is refit on the draw's {k} images a class and nothing "
                       "else. The test split is used only for the final number.")
     else:
-        tuned_text = ((f"The dataset's own validation split ({report['tuned']['validation']}, cached with train) chooses "
-                       if report["tuned"].get("validation") else
-                       f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) to choose ")
+        given = report["tuned"].get("validation")
+        tuned_text = ((f"The dataset's own validation split ({given}, cached with train) chooses " if given else
+                       f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) "
+                       "to choose ")
                       + "each head's parameter: " + grids
                       + ". `linear` is trained on features standardized with train statistics, all grid points as one "
                       "stacked model (L-BFGS per head, one matrix product per pass); the chosen one is refit on all of "
@@ -282,11 +283,10 @@ def markdown(report: dict, command: str, machine: str) -> str:
         rows = [r for r in report["tuned"]["rows"] if r["view"] == s["view"] and r["head"] == s["head"]]
         key = report["tuned"]["grids"][s["head"]]["param"]
         chosen = ", ".join(f"{r[key]:g}" for r in rows)
-        if fs:  # seeds x draws choices: each value once, with how often it was chosen
-            counts = {}
-            for r in rows:
-                counts[r[key]] = counts.get(r[key], 0) + 1
-            chosen = ", ".join(f"{v:g} ×{n}" for v, n in counts.items())
+        if fs:  # seeds x draws choices: each value once, in grid order, with how often it was chosen
+            picked = [r[key] for r in rows]
+            values = [v for v in report["tuned"]["grids"][s["head"]]["values"] if v in picked]
+            chosen = ", ".join(f"{v:g} ×{picked.count(v)}" for v in dict.fromkeys(values + picked))
         lines.append(f"| {s['view']} | {s['head']} | {s['dim']} | {key} {chosen} | "
                      f"{_pm([r['val_acc'] for r in rows])} | {_pm([r['test_acc'] for r in rows])} |")
     lines += ["", f"**Best (tuned): `{report['best_view']}` with `{report['best_head']}`, "

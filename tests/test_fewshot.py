@@ -160,10 +160,10 @@ def test_the_tuned_protocol_chooses_on_the_draw_and_refits_on_the_draw_alone(req
     y = cache.labels("train")
     d = FewShot(5, 1).draws_of(cache, [2])[2, 0]
     t = tuning_draw(d, y, 0.2, given)
-    full = load_view(cache, "fused")
+    full = load_view(cache, "early")
     store = ViewStore(cache)
-    store.put("fused", t.data(full))
-    runs = {r.head: r for r in tune_heads(store, "fused", ["linear", "knn"], [2], 0.2, max_iter=30)}
+    store.put("early", t.data(full))
+    runs = {r.head: r for r in tune_heads(store, "early", ["linear", "knn"], [2], 0.2, max_iter=200)}
     if given is None:  # carved from the draw: round(0.2 x 5) = 1 image a class validates, 4 fit
         assert np.array_equal(t.keep, d.rows) and t.refit is None
         assert list(np.bincount(y[t.keep][t.val], minlength=3)) == [1, 1, 1]
@@ -176,6 +176,19 @@ def test_the_tuned_protocol_chooses_on_the_draw_and_refits_on_the_draw_alone(req
     assert np.allclose(est.mean_, mean, rtol=1e-4, atol=1e-4 * np.abs(mean).max())
     assert np.allclose(est.scale_, scale, rtol=1e-4)
     assert runs["knn"].estimator.features_.shape[0] == 15, "the kNN refit holds rows outside the draw"
+    # the refit is the optimum of the draw's problem (its gradient there vanishes), not of draw + validation's
+    def gradient(rows):
+        Xs = (full.X_train[rows].astype(np.float64) - est.mean_) / est.scale_
+        Z = Xs @ est.coef_.T.astype(np.float64) + est.intercept_
+        P = np.exp(Z - Z.max(1, keepdims=True))
+        P /= P.sum(1, keepdims=True)
+        P[np.arange(len(rows)), y[rows]] -= 1
+        return np.abs(np.concatenate([(P.T @ Xs / len(rows) + est.weight_decay * est.coef_).ravel(),
+                                      P.mean(0)])).max()
+
+    assert gradient(d.rows) < 1e-3
+    if given is not None:
+        assert gradient(t.keep) > 10 * gradient(d.rows), "the refit trained on rows outside the draw"
 
 
 def test_the_test_split_and_train_rows_outside_the_draw_never_change_a_choice(tmp_path):
