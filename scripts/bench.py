@@ -393,8 +393,9 @@ def containers_part(a, sources: dict, subsets: dict, tmp: Path) -> dict:
     src = sources["train"]
     for size_name, n in sizes.items():
         its = jpeg_items(src, stratified_subset(src.labels, min(n, len(src)), 1, "train"))
-        cut = max(1, len(its) // 6)
-        made = write_containers(tmp / f"rss-{size_name}", {"train": its[cut:], "test": its[:cut]})
+        train = [it for k, it in enumerate(its) if k % 6]
+        test = [it for it in its[::6] if it[0] in {c for c, _, _ in train}]  # every test class is in train
+        made = write_containers(tmp / f"rss-{size_name}", {"train": train, "test": test})
         for kind, root in made.items():
             rss.setdefault(kind, {})[size_name] = peak_rss_mb([
                 "--data-root", str(root), "--out", str(tmp / f"rss-{kind}-{size_name}.h5"), "--weights",

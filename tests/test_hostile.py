@@ -33,7 +33,7 @@ def _check(result, fragment, roots, before):
 # ---------------------------------------------------------------------------------------------- cache tampering
 
 FIELDS = {f.name: f for f in dataclasses.fields(CacheMeta)}
-OPTIONAL = {"device", "skipped", "engine", "shards", "leaks"}  # provenance with a default: a cache without them is still
+OPTIONAL = {"device", "skipped", "engine", "shards", "leaks", "source_options"}  # provenance with a default: a cache without them is still
 # whole (a schema-3 cache written before the ray engine has neither engine nor shards)
 WRONG_TYPE = {"str": 7, "sha256": "xyz", "int": "seven", "bool": 3, "floats": "mean", "strs": 5, "json": "{not json"}
 
