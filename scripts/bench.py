@@ -493,8 +493,8 @@ def main() -> int:
     for name in ("threads", "backbone_train_size", "backbone_test_size", "backbone_repeats", "photos"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.container_rss_images < 20:
-        ap.error(f"--container-rss-images must be at least 20, got {a.container_rss_images}")
+    if a.container_rss_images < 200:  # a tenth of them: 2 images a class, so that every test class is in train
+        ap.error(f"--container-rss-images must be at least 200, got {a.container_rss_images}")
     if a.photos < 6:
         ap.error(f"--photos must be at least 6 (each source photo in train and test), got {a.photos}")
     if a.threads > 4 * (os.cpu_count() or 1):

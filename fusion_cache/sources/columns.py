@@ -67,9 +67,8 @@ def sources(dataset: str, tag: bytes, items: dict[str, Items], reader: ItemReade
         for split, its in items.items():
             stray = next((v for v in its.raw if v not in in_train), None)
             if stray is not None:
-                shown = "val" if split == "val" else split
-                raise FusionCacheError(f"{where}class {quote(str(stray))} is in {shown} but not in train; give train "
-                                       f"images of every class, or remove its {shown} images (an unlabelled split, "
+                raise FusionCacheError(f"{where}class {quote(str(stray))} is in {split} but not in train; give train "
+                                       f"images of every class, or remove its {split} images (an unlabelled split, "
                                        "-1, cannot be cached)")
     out = {}
     for split, its in items.items():
