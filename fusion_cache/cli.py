@@ -363,7 +363,8 @@ def info(cache, as_json, items):
     click.echo(f"backbone    {m.backbone} ({m.library} {m.library_version})  weights {m.weights}  "
                f"sha256 {m.weights_sha256}")
     click.echo(f"preprocess  {m.image_size} px, {m.resize}, mean {list(m.mean)}, std {list(m.std)}")
-    click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}")
+    given = "".join(f", --{k.replace('_', '-')} {v}" for k, v in sorted(m.source_options.items()))
+    click.echo(f"dataset     {m.dataset} ({m.data_root}), {len(m.classes)} classes, seed {m.seed}{given}")
     click.echo(f"split       {split_line(m.split)}")
     click.echo(f"subset      train {m.train_size} of {m.train_source_size}, test {m.test_size} of {m.test_source_size}")
     click.echo(f"decode      {m.decode or 'full size, EXIF orientation ignored (made before schema 4)'}")

@@ -485,3 +485,14 @@ def test_a_container_changed_under_decode_workers_is_a_one_line_error(change, it
     text = str(e.value)
     assert "\n" not in text and "Traceback" not in text and "cannot be read as it was planned" in text
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_source_options_are_recorded_and_shown_by_info(items, tmp_path, weights_file):
+    root = tmp_path / "wds"
+    write_shards(items, root, per_shard=7, label="json")
+    out = tmp_path / "w.h5"
+    r = run("extract", "--data-root", root, "--out", out, "--weights", weights_file, "--image-size", SIZE,
+            "--no-progress", "--workers", "0", "--label-key", "label")
+    assert r.exit_code == 0, r.output
+    assert open_cache(out).meta.source_options == {"label_key": "label"}
+    assert "--label-key label" in run("info", out).output
