@@ -13,6 +13,7 @@ import numpy as np
 
 from .cache import Cache
 from .fewshot import header as fewshot_header
+from .fewshot import spread
 from .fit import HeadParams, ablate_caches, check_fewshot, check_heads, fit_head, load_view, markdown_table, summarize
 from .io import atomic_write_text, cache_labels, dumps_json
 
@@ -109,7 +110,7 @@ def comparison_markdown(result: dict, command: str, machine: str) -> str:
     d = result["data"]
     lines = ["# fusion-cache report: backbones compared", "", f"Command: `{command}`", "",
              f"{d['dataset']}, train {d['train_size']} / test {d['test_size']} images (subset seed {d['seed']}). "
-             f"Machine: {machine}. Accuracies in percent, mean ± std over seeds {result['seeds']}.", "",
+             f"Machine: {machine}. Accuracies in percent, {spread(result['seeds'], result.get('fewshot'))}.", "",
              *([fewshot_header(result["fewshot"]), ""] if result.get("fewshot") else []),
              "| backbone | cache | weights | image size | pool |", "|---|---|---|---:|---|"]
     for c in result["caches"]:

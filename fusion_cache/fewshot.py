@@ -70,6 +70,20 @@ class FewShot:
                 for s in seeds for d in range(self.draws)}
 
 
+def spread(seeds, record: dict | None) -> str:
+    """What a table's mean ± std is over: the seeds, or with a few-shot record every (seed, draw) run."""
+    if not record:
+        return f"mean ± std over seeds {list(seeds)}"
+    n = record["draws"]
+    return f"mean ± std over {len(seeds) * n} runs (seeds {list(seeds)} x draws 0..{n - 1})"
+
+
+def largest_k(cache) -> int:
+    """The most images a class a draw can take: the smallest class's train rows outside the validation split."""
+    y = cache.labels("train")
+    return int(np.bincount(y[train_pool(cache)], minlength=len(cache.classes)).min())
+
+
 def header(record: dict) -> str:
     """The header line of a few-shot table or report, from FewShot.record()."""
     n = record["draws"]

@@ -21,6 +21,7 @@ from sklearn.metrics import log_loss
 from .cache import Cache
 from .errors import FusionCacheError, quote
 from .fewshot import header as fewshot_line
+from .fewshot import largest_k, spread
 from .headfile import HEAD_FILE, HeadFile
 from .headfile import save_head as write_head_file
 from .heads import HEAD_SPECS, HEADS, check_can_fit, divergence_advice, drop_advice, flag, linear_form, offers
@@ -224,17 +225,19 @@ def check_fewshot(cache: Cache, heads: list[str], params: HeadParams | None, few
     draws = fewshot.draws_of(cache, seeds)
     values = None if params is None else {h: params.for_head(h) for h in heads if h in HEAD_SPECS}
     k, n_classes = fewshot.train_per_class, len(cache.classes)
-    check_draw_rows(heads, values, k * n_classes, k, lambda value: -(-value // n_classes), offered)
+    check_draw_rows(heads, values, k * n_classes, k, lambda value: -(-value // n_classes), offered,
+                    k_max=largest_k(cache))
     check_can_fit(heads, fewshot.labels(n_classes), values, offered=offered,
                   where=f"a draw of {k} images a class (--train-per-class)")
     return draws
 
 
 def check_draw_rows(heads: list[str], values: dict | None, n_rows: int, k: int, k_for, offered=None,
-                    rows: str = "training") -> None:
+                    rows: str = "training", k_max: int | None = None) -> None:
     """An option bounded by the rows a head fits on (knn's k; `values` None: the smallest of its tuned grid)
     against the `n_rows` rows of a few-shot draw of K images a class; the fix names the K that fits
-    (`k_for(value)`), and the option itself where the command has it."""
+    (`k_for(value)`) when a class has that many images (`k_max`: the most a draw can take), and the option
+    itself where the command has it."""
     for h in heads:
         spec = HEAD_SPECS.get(h)
         option = spec.rows_option if spec else None
@@ -246,8 +249,9 @@ def check_draw_rows(heads: list[str], values: dict | None, n_rows: int, k: int, 
         own = values is not None and offers(offered, option)
         what = (f"{flag(option)} {value}" if own else f"the {h} head's {option} = {value:g}" if values is not None
                 else f"the smallest {option} of the {h} grid ({value:g})")
+        enough = k_for(value)
         fixes = ([f"pass {flag(option)} {n_rows} or less"] if own else []) + \
-            [f"pass --train-per-class {k_for(value)} or more"]
+            ([f"pass --train-per-class {enough} or more"] if k_max is None or enough <= k_max else [])
         drop = drop_advice(h, [x for x in HEADS if x != h], offered)
         raise FusionCacheError(f"{what} is larger than the {n_rows} {rows} rows of a draw of {k} images a class; "
                                + ", or ".join(fixes + ([drop] if drop else [])))
@@ -469,7 +473,7 @@ def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: boo
     w.writerows(rows)
     caches = meta.get("caches") or [{"cache": meta["cache"], "fingerprint": meta["fingerprint"]}]
     md = ("# Ablation\n\n" + ", ".join(f"Cache `{c['cache']}` (fingerprint `{c['fingerprint'][:16]}`)" for c in caches) + ", "
-          f"command `{meta['command']}`.\nAccuracies in percent, mean ± std over seeds {meta['seeds']}.\n\n"
+          f"command `{meta['command']}`.\nAccuracies in percent, {spread(meta['seeds'], meta.get('fewshot'))}.\n\n"
           + (fewshot_line(meta["fewshot"]) + "\n\n" if meta.get("fewshot") else "")
           + markdown_table(summary) + "\n")
     with staged_folder(out_dir, force, lambda name: name in ABLATION_FILES) as tmp:

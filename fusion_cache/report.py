@@ -24,6 +24,7 @@ from .cache import Cache
 from .errors import FusionCacheError, quote
 from .fewshot import FewShot, check_carve, tuning_draw, validation_count
 from .fewshot import header as fewshot_header
+from .fewshot import largest_k, spread
 from .fit import HeadParams, ablate, check_draw_rows, check_fewshot, check_heads, provenance, summarize
 from .heads import HEAD_SPECS, check_can_fit
 from .io import atomic_write_text, dumps_json
@@ -95,7 +96,7 @@ class ReportConfig:
                 k2 += 1
             return k2
 
-        check_draw_rows(self.heads, None, fit_k * n, k, k_for, offered, rows="fit")
+        check_draw_rows(self.heads, None, fit_k * n, k, k_for, offered, rows="fit", k_max=largest_k(cache))
         check_can_fit(self.heads, np.repeat(np.arange(len(cache.classes)), fit_k), None, rows="fit",
                       where=f"the tuned protocol's fit rows of a draw of {k} images a class", offered=offered)
         y = cache.labels("train")
@@ -235,7 +236,7 @@ def markdown(report: dict, command: str, machine: str) -> str:
         f"{p['pool']} pooling, weights `{p['weights']}` (sha256 `{p['weights_sha256'][:16]}…`), "
         f"{len(p['taps'])} taps. Machine: {machine}.", "",
         f"Split: {split_line(p.get('split', {}))}. Leaks: {leak_line(p.get('leaks', {}))}.", "",
-        f"Accuracies in percent, mean ± std over seeds {report['seeds']}.", "",
+        f"Accuracies in percent, {spread(report['seeds'], report.get('fewshot'))}.", "",
         *([fewshot_header(report["fewshot"]), ""] if report.get("fewshot") else []),
         "## The case study's protocol", "",
         "2 epochs, Adam lr 1e-3, batch 32, raw features (`linear`); standardized logistic regression, C = 0.1 "

@@ -284,6 +284,7 @@ def test_ablate_through_the_cli_has_n_draws_per_seed_and_mean_std(plain, tmp_pat
     assert len(got) == 24 and {"draw", "train_per_class"} <= set(got[0])
     md = (tmp_path / "abl" / "results.md").read_text()
     assert "K-shot: 4 images per class, 3 draws" in md and "| early | linear |" in md and "±" in md
+    assert "x draws 0..2)" in md and "mean ± std over seeds" not in md  # the spread is over (seed, draw) runs
 
 
 def test_report_through_the_cli_with_draws(tiny_cache, tmp_path):
@@ -332,6 +333,14 @@ def test_impossible_settings_are_one_line_errors(plain, tmp_path, args, fragment
     r = run(args[0], plain, *args[1:])
     assert clean_failure(r, fragment) is None, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_no_advice_names_a_k_that_no_class_can_give(plain):
+    """knn's k = 30 needs 10 images a class, and ant has 8: the fix is a smaller --k, never --train-per-class 10."""
+    r = run("fit", plain, "--head", "knn", "--k", 30, "--train-per-class", 3)
+    assert clean_failure(r, "--k 30 is larger than the 9 training rows of a draw of 3 images a class; pass --k 9 "
+                            "or less") is None, r.output
+    assert "--train-per-class 10" not in r.output
 
 
 def test_k_above_a_class_outside_the_given_validation_is_named(with_val):

@@ -464,3 +464,25 @@ def test_a_file_where_a_folder_is_needed_fails_fast(tmp_path, name):
         sources.check_root(name, f)
     assert str(e.value) == (f"--data-root {f} is a file; --dataset {name} reads a folder: pass a folder, or "
                             "--dataset manifest for a CSV list of images")
+
+
+def test_a_tarball_member_of_the_same_name_in_another_folder_is_never_read(tmp_path):
+    """Only cifar-100-python/<name> is the release's file: a stray zzz/train after it changes nothing."""
+    import gzip
+    import io
+
+    known = _cifar100(tmp_path / "r", tarball=True)
+    tarball = tmp_path / "r" / "cifar-100-python.tar.gz"
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for m, blob in members:
+            tar.addfile(m, io.BytesIO(blob) if blob is not None else None)
+        stray = tarfile.TarInfo("zzz/train")
+        stray.size = 5
+        tar.addfile(stray, io.BytesIO(b"junk!"))
+    tarball.write_bytes(gzip.compress(buf.getvalue()))
+    with pytest.warns(IntegrityWarning):
+        got = sources.load("cifar100", tmp_path / "r", SKIP).given["train"]
+    np.testing.assert_array_equal(got.images, known["train"][0])

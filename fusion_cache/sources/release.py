@@ -196,8 +196,8 @@ def _read_tar_members(release: Release, tarball: Path, tar_bytes: bytes, wanted:
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:gz") as tar:
             for member in tar:
-                name = member.name.rsplit("/", 1)[-1]
-                if name in wanted and member.isfile():
+                folder, _, name = member.name.removeprefix("./").rpartition("/")
+                if folder == release.folder and name in wanted and member.isfile():
                     out[name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, Exception) as e:
         if isinstance(e, FusionCacheError):
