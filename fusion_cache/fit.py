@@ -465,8 +465,8 @@ def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: boo
     replaces `out_dir` only when all three are complete."""
     summary = summarize(rows)
     buf = io.StringIO()
-    cols = (["backbone", "cache"] if rows and "backbone" in rows[0] else []) + \
-        ["view", "head", "seed"] + (["draw", "train_per_class"] if rows and "draw" in rows[0] else []) + \
+    drawn = ["draw", "train_per_class", "draw_seed", "draw_rows_sha256"] if rows and "draw" in rows[0] else []
+    cols = (["backbone", "cache"] if rows and "backbone" in rows[0] else []) + ["view", "head", "seed"] + drawn + \
         ["taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()

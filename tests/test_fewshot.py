@@ -281,7 +281,9 @@ def test_ablate_through_the_cli_has_n_draws_per_seed_and_mean_std(plain, tmp_pat
     assert row["test_acc"] == one["runs"][2]["test_acc"]
     with open(tmp_path / "abl" / "results.csv") as f:
         got = list(csv.DictReader(f))
-    assert len(got) == 24 and {"draw", "train_per_class"} <= set(got[0])
+    assert len(got) == 24 and {"draw", "train_per_class", "draw_seed", "draw_rows_sha256"} <= set(got[0])
+    assert {(r["seed"], r["draw"]): r["draw_rows_sha256"] for r in got} == \
+        {(str(r["seed"]), str(r["draw"])): r["draw_rows_sha256"] for r in res["rows"]}  # the CSV alone names a draw
     md = (tmp_path / "abl" / "results.md").read_text()
     assert "K-shot: 4 images per class, 3 draws" in md and "| early | linear |" in md and "±" in md
     assert "x draws 0..2)" in md and "mean ± std over seeds" not in md  # the spread is over (seed, draw) runs
