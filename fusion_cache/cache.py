@@ -417,6 +417,39 @@ class Cache:
         X = np.concatenate([self.features(t, split).astype(np.float32, copy=False) for t in taps], axis=1)
         return X, self.labels(split)
 
+    def iter_view(self, view: str = "fused", split: str = "train", rows: np.ndarray | None = None,
+                  chunk_bytes: int = 64 << 20):
+        """The view's rows in chunks read straight from the file, memory one chunk: yields (positions, X, y),
+        X float32 (m, d) with the view's taps side by side. `rows`: the positions to yield (sorted; None: all);
+        each chunk reads a contiguous block of about `chunk_bytes` and keeps the requested rows of it."""
+        taps = self.view_taps(view)
+        if split not in SPLITS:
+            raise FusionCacheError(f"unknown split '{split}'; use train or test")
+        width = sum(self.meta.width(t) for t in taps)
+        block = max(256, chunk_bytes // max(1, 4 * width))
+        with self._open() as f:
+            g = f[split]
+            n = g["labels"].shape[0]
+            wanted = None if rows is None else np.asarray(rows, dtype=np.int64)
+            for lo in range(0, n, block):
+                hi = min(n, lo + block)
+                if wanted is None:
+                    pos = np.arange(lo, hi)
+                else:
+                    pos = wanted[np.searchsorted(wanted, lo):np.searchsorted(wanted, hi)]
+                    if len(pos) == 0:
+                        continue
+                X = np.empty((hi - lo, width), np.float32)
+                col = 0
+                for t in taps:
+                    w = self.meta.width(t)
+                    X[:, col:col + w] = g["features"][t][lo:hi]
+                    col += w
+                y = g["labels"][lo:hi]
+                if wanted is not None:
+                    X, y = X[pos - lo], y[pos - lo]
+                yield pos, X, y
+
     def shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         with self._open() as f:
             return {s: {t: f[s]["features"][t].shape for t in self.taps} for s in SPLITS}

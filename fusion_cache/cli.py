@@ -14,6 +14,7 @@ import click
 from .engines import ENGINES
 from .sources import AUTO, DATASETS, SOURCES
 from .errors import FusionCacheError, quote
+from .heads import HEAD_SPECS, HEADS
 from .io import dumps_json
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
@@ -465,13 +466,16 @@ def _head_options(f):
                      help="logreg: inverse L2 strength of LogisticRegression (> 0)."),
         click.option("--k", "k", type=click.IntRange(1, 100_000), default=20, show_default=True,
                      help="knn: neighbours that vote (cosine similarity on standardized, L2-normalized features)."),
+        click.option("--alpha", "alpha", type=FiniteFloat(0), default=0.1, show_default=True,
+                     help="ridge: L2 strength per training row (>= 0): mean squared error + alpha ||W||^2 on "
+                          "standardized features, i.e. scikit-learn's RidgeClassifier(alpha = rows x alpha)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-HEAD_OPTIONS = ("epochs", "lr", "batch_size", "weight_decay", "standardize", "solver", "C", "k")
+HEAD_OPTIONS = ("epochs", "lr", "batch_size", "weight_decay", "standardize", "solver", "C", "k", "alpha")
 
 
 def _fewshot_options(f):
@@ -487,6 +491,19 @@ def _fewshot_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+BASELINE_HELP = ("Compare every row of the table with this row on the same test images (paired bootstrap "
+                 "interval of the difference, McNemar's p, Holm-corrected): VIEW keeps each row's own head, "
+                 "VIEW:HEAD is one row for all (e.g. fused, late:logreg). [default: late with each row's own head, "
+                 "the network's own last layer; no comparisons where --views has no late]")
+
+
+def _baseline(value):
+    """predictions.Baseline from --baseline (None: the default, late with each row's own head)."""
+    from .predictions import DEFAULT_BASELINE, Baseline
+
+    return DEFAULT_BASELINE if value is None else Baseline.parse(value)
 
 
 def _fewshot(train_per_class, draws):
@@ -539,9 +556,8 @@ def _command_line() -> str:
 
 @main.command(short_help="Train one head on a view of a cache.")
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--head", type=click.Choice(["linear", "logreg", "knn"]), default="linear", show_default=True,
-              help="linear: torch nn.Linear, Adam + cross-entropy. logreg: scikit-learn LogisticRegression baseline. "
-                   "knn: weighted k-nearest neighbours on cosine similarity (no training).")
+@click.option("--head", type=click.Choice(HEADS), default="linear", show_default=True,
+              help="; ".join(f"{name}: {spec.description}" for name, spec in HEAD_SPECS.items()) + ".")
 @click.option("--features", "view", default="fused", show_default=True,
               help="View to train on: early, late, fused (early+late), all (every cached tap), or TAP[,TAP...].")
 @_head_options
@@ -553,7 +569,7 @@ def _command_line() -> str:
                    "and metrics.json.")
 @click.option("--force", is_flag=True, help="Replace a head already saved in --out.")
 @_fewshot_options
-def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, seed, as_json, out,
+def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, alpha, seed, as_json, out,
         force, train_per_class, draws):
     """Train a head on a view of CACHE and report train and test accuracy per epoch.
 
@@ -566,7 +582,7 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
     from .io import check_output_folder
 
     params = _params([head], epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                     standardize=standardize, solver=solver, C=C, k=k)
+                     standardize=standardize, solver=solver, C=C, k=k, alpha=alpha)
     fewshot = _fewshot(train_per_class, draws)
     _features(view)
     if out and fewshot is not None and fewshot.draws > 1:
@@ -581,20 +597,39 @@ def fit(cache, head, view, epochs, lr, batch_size, weight_decay, standardize, so
         _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, force)
         return
     r = fit_head(c, view, head, params, seed, offered=offered)
+    y_test = c.labels("test")
+    r.add_interval(y_test)  # the 95 % interval over the test images, into metrics.json and the JSON
     if out:
         save_head(r, out, force)
     if as_json:
         d = r.to_json()
         click.echo(dumps_json({k: d[k] for k in ("head", "view", "features", "dim", "seed", "params", "epochs",
-                                                 "train_acc", "test_acc", "fit_seconds", "fingerprint", "provenance")}))
+                                                 "train_acc", "test_acc", "test_acc_lo", "test_acc_hi", "bootstrap",
+                                                 "fit_seconds", "fingerprint", "provenance") if k in d}))
         return
     click.echo(f"{head} head on '{view}' ({', '.join(r.features)}; {r.dim} dims), seed {seed}")
     click.echo(f"{'epoch':>5} {'train loss':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}")
     for e in r.epochs:
-        train = (f"{'—':>10} {'—':>11}" if e["train_acc"] is None else  # knn: no training score
-                 f"{e['train_loss']:>10.4f} {100 * e['train_acc']:>11.2f}")
-        click.echo(f"{e['epoch']:>5} {train} {e['test_loss']:>9.4f} {100 * e['test_acc']:>10.2f}")
-    click.echo(f"test accuracy {100 * r.test_acc:.2f} % in {r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
+        click.echo(_epoch_line(e))
+    click.echo(f"test accuracy {100 * r.test_acc:.2f} %{_interval(r.test_acc_lo, r.test_acc_hi, len(y_test))} in "
+               f"{r.fit_seconds:.2f} s" + (f"; saved to {out}" if out else ""))
+
+
+def _interval(lo, hi, n_test: int, runs: str = "") -> str:
+    """` [78.60, 83.40] (95 % interval over the 1,000 test images)`: what follows an accuracy in a printed line."""
+    if lo is None:
+        return ""
+    return f" [{100 * lo:.2f}, {100 * hi:.2f}] (95 % interval over the {n_test:,} test images{runs})"
+
+
+def _epoch_line(e: dict) -> str:
+    """One row of fit's per-epoch table; '—' where a head has no such number (knn: no training score; ridge:
+    scores, not probabilities, so no loss)."""
+    def num(v, width, scale=1.0, digits=4):
+        return f"{'—':>{width}}" if v is None else f"{scale * v:>{width}.{digits}f}"
+
+    return (f"{e['epoch']:>5} {num(e['train_loss'], 10)} {num(e['train_acc'], 11, 100, 2)} "
+            f"{num(e['test_loss'], 9)} {num(e['test_acc'], 10, 100, 2)}")
 
 
 def _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, force):
@@ -602,10 +637,18 @@ def _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, fo
     `runs` are the draws and whose test_acc is their mean (test_acc_std their sample std)."""
     import numpy as np
 
+    from . import stats
     from .fewshot import header
     from .fit import fit_draws, save_head
+    from .predictions import bootstrap_record, correct
 
     results = fit_draws(c, view, head, params, seed, fewshot, offered)
+    y_test = c.labels("test")
+    for r in results:  # each draw's own interval (metrics.json of a saved head)
+        r.add_interval(y_test)
+    # the draws' interval: the test images and the draws resampled together (stats.accuracy_interval)
+    iv = None if any(r.test_pred is None for r in results) else \
+        stats.accuracy_interval(correct(np.stack([r.test_pred for r in results]), y_test))
     if out:
         save_head(results[0], out, force)
     test = np.array([r.test_acc for r in results])
@@ -617,10 +660,13 @@ def _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, fo
             **{k: first[k] for k in ("head", "view", "features", "dim", "seed", "params")},
             "train_per_class": fewshot.train_per_class, "draws": fewshot.draws, "combine": fewshot.record()["combine"],
             "runs": [{**r.fewshot, "epochs": r.epochs, "train_acc": r.train_acc, "test_acc": r.test_acc,
-                      "fit_seconds": r.fit_seconds} for r in results],
+                      "test_acc_lo": r.test_acc_lo, "test_acc_hi": r.test_acc_hi, "fit_seconds": r.fit_seconds}
+                     for r in results],
             "train_acc": None if train is None else float(train.mean()),
             "train_acc_std": None if train is None else std(train),
             "test_acc": float(test.mean()), "test_acc_std": std(test),
+            "test_acc_lo": None if iv is None else iv.lo, "test_acc_hi": None if iv is None else iv.hi,
+            "bootstrap": bootstrap_record(),
             "fit_seconds": float(sum(r.fit_seconds for r in results)),
             "fingerprint": first["fingerprint"], "provenance": first["provenance"]}))
         return
@@ -630,36 +676,40 @@ def _fit_fewshot(c, view, head, params, seed, fewshot, offered, as_json, out, fo
     if len(results) == 1:  # one draw: fit's own per-epoch table
         click.echo(f"{'epoch':>5} {'train loss':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}")
         for e in r0.epochs:
-            train = (f"{'—':>10} {'—':>11}" if e["train_acc"] is None else
-                     f"{e['train_loss']:>10.4f} {100 * e['train_acc']:>11.2f}")
-            click.echo(f"{e['epoch']:>5} {train} {e['test_loss']:>9.4f} {100 * e['test_acc']:>10.2f}")
-        click.echo(f"test accuracy {100 * r0.test_acc:.2f} % in {r0.fit_seconds:.2f} s (draw 0, rows sha256 "
+            click.echo(_epoch_line(e))
+        click.echo(f"test accuracy {100 * r0.test_acc:.2f} %{_interval(r0.test_acc_lo, r0.test_acc_hi, len(y_test))}"
+                   f" in {r0.fit_seconds:.2f} s (draw 0, rows sha256 "
                    f"{r0.fewshot['draw_rows_sha256'][:16]})" + (f"; saved to {out}" if out else ""))
         return
     click.echo(f"{'draw':>4} {'train rows':>10} {'train acc %':>11} {'test loss':>9} {'test acc %':>10}  rows sha256")
     n_rows = fewshot.train_per_class * len(c.classes)
     for r in results:
         tr = f"{'—':>11}" if r.train_acc is None else f"{100 * r.train_acc:>11.2f}"
-        click.echo(f"{r.fewshot['draw']:>4} {n_rows:>10} {tr} {r.test_loss:>9.4f} {100 * r.test_acc:>10.2f}  "
+        loss = f"{'—':>9}" if r.test_loss is None else f"{r.test_loss:>9.4f}"
+        click.echo(f"{r.fewshot['draw']:>4} {n_rows:>10} {tr} {loss} {100 * r.test_acc:>10.2f}  "
                    f"{r.fewshot['draw_rows_sha256'][:16]}")
-    click.echo(f"test accuracy {100 * test.mean():.2f} ± {100 * std(test):.2f} % over {len(results)} draws in "
-               f"{sum(r.fit_seconds for r in results):.2f} s")
+    click.echo(f"test accuracy {100 * test.mean():.2f} ± {100 * std(test):.2f} % over {len(results)} draws"
+               + ("" if iv is None else _interval(iv.lo, iv.hi, len(y_test), " and the draws"))
+               + f" in {sum(r.fit_seconds for r in results):.2f} s")
 
 
 @main.command(short_help="Views x heads x seeds from one cache, or one per backbone.")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+', e.g. features.13+features.18.")
-@click.option("--heads", default="linear,logreg", show_default=True, help="Comma-separated heads: linear, logreg, knn.")
+@click.option("--heads", default="linear,logreg", show_default=True, help=f"Comma-separated heads: {', '.join(HEADS)}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; results are mean ± std over them.")
 @_head_options
 @click.option("--out", type=click.Path(path_type=Path),
-              help="Folder for results.json (one row per run), results.csv and results.md.")
+              help="Folder for results.json (one row per run), results.csv, results.md and predictions.npz (every "
+                   "run's test predictions).")
 @click.option("--force", is_flag=True, help="Replace the results already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and summary as JSON instead of a table.")
+@click.option("--baseline", default=None, metavar="VIEW[:HEAD]", help=BASELINE_HELP)
 @_fewshot_options
-def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, out, force,
-           as_json, train_per_class, draws):
+def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, standardize, solver, C, k, alpha, out,
+           force,
+           as_json, train_per_class, draws, baseline):
     """Compare views x heads x seeds on CACHES, with no re-extraction.
 
     Several caches (one per backbone, extracted from the same images) give one
@@ -671,15 +721,18 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
       fusion-cache ablate data/mnv2.h5 data/resnet50.h5 --views early,late,fused --heads linear
     """
     from .cache import open_cache
-    from .fit import ABLATION_FILES, ablate_caches, markdown_table, summarize, write_ablation
+    from .fit import ABLATION_FILES, ablate_caches, markdown_table, summarize_table, table_labels, write_ablation
     from .fit import ablate as run_ablate
     from .io import check_output_folder
+    from .predictions import bootstrap_record, public
 
     seed_list = _seeds(seeds)
     view_list = _views(views, "--views")
     head_list = list(dict.fromkeys(_csv(heads, "--heads")))
+    base = _baseline(baseline)
+    base.check(view_list, head_list)  # a row of the table, before anything is fitted
     params = _params(head_list, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                     standardize=standardize, solver=solver, C=C, k=k)
+                     standardize=standardize, solver=solver, C=C, k=k, alpha=alpha)
     fewshot = _fewshot(train_per_class, draws)
     opened = [open_cache(c) for c in caches]
     if len(opened) > 1:
@@ -711,18 +764,21 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
         meta["fewshot"] = fewshot.record()
     if len(opened) > 1:
         meta["caches"] = [{"cache": str(c.path), "fingerprint": c.fingerprint, "backbone": c.backbone} for c in opened]
+    y_test = table_labels(opened)
+    summary, record = summarize_table(rows, y_test, base)  # intervals and comparisons, computed once
     if out:
-        write_ablation(rows, out, meta, force)
+        write_ablation(rows, out, meta, force, y_test, base, table=(summary, record))
     if as_json:
-        click.echo(dumps_json({**meta, "rows": rows, "summary": summarize(rows)}))
+        click.echo(dumps_json({**meta, "bootstrap": bootstrap_record(), "baseline": record, "rows": public(rows),
+                               "summary": summary}))
         return
     if fewshot is not None:
         from .fewshot import header
 
         click.echo(header(meta["fewshot"]))
-    click.echo(markdown_table(summarize(rows)))
+    click.echo(markdown_table(summary, record))
     if out:
-        click.echo(f"wrote {out}/results.json, results.csv, results.md")
+        click.echo(f"wrote {out}/results.json, results.csv, results.md, predictions.npz")
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -730,11 +786,11 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
 
 @main.command(short_help="Case-study and tuned protocols, tables and figures; or backbones compared.")
 @click.argument("caches", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md, report.json and the PNGs.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for report.md, report.json, the PNGs and predictions.npz.")
 @click.option("--views", default="early,late,fused,all", show_default=True,
               help="Comma-separated views; a tap list inside a view uses '+'.")
 @click.option("--heads", default="linear,logreg", show_default=True,
-              help="Comma-separated heads: linear, logreg, knn.")
+              help=f"Comma-separated heads: {', '.join(HEADS)}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the heads and of the validation split.")
 @click.option("--val-fraction", type=FiniteFloat(0, 0.5, min_open=True), default=0.1, show_default=True,
               help="Tuned protocol: share of train held out (stratified) to choose the L2 strength (0-0.5).")
@@ -746,14 +802,19 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
                    "[default: the one recorded in the cache].")
 @click.option("--max-iter", type=click.IntRange(1, 10_000), default=200, show_default=True,
               help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
+@click.option("--full-grid", is_flag=True,
+              help="Tuned protocol: fit every point of the linear and logreg grids. By default each grid is walked "
+                   "strongest first and stops once validation accuracy stops rising, which chooses the same "
+                   "strength on a curve with one peak and skips the weakest (slowest) strengths.")
 @click.option("--layer-curve", is_flag=True,
               help="Compare backbones instead of the two-protocol report: the case study's protocol on every cache "
                    "in one table, and the layer curve (a head on each single tap against its relative depth). "
                    "Implied by several caches; works on one cache too.")
 @click.option("--force", is_flag=True, help="Replace an earlier report in --out.")
+@click.option("--baseline", default=None, metavar="VIEW[:HEAD]", help=BASELINE_HELP)
 @_fewshot_options
-def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, layer_curve, force,
-           train_per_class, draws):
+def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_root, max_iter, full_grid, layer_curve,
+           force, train_per_class, draws, baseline):
     """Reproduce the case study and go past it: tables, JSON and five figures in OUT.
 
     
@@ -761,7 +822,10 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
       paper  2 epochs, Adam 1e-3, batch 32, raw features (and logreg C=0.1), over seeds
       tuned  L2 strength chosen on a validation split of train, refit, test once
     OUT gets report.md, report.json (best_view, best_test_acc), samples.png,
-    curves.png, predictions.png, confusion.png and per_class.png.
+    curves.png, predictions.png, confusion.png, per_class.png and predictions.npz.
+    Every test accuracy has a 95 % bootstrap interval, and every row is compared
+    with its --baseline row (paired bootstrap, McNemar's p, Holm-corrected); the
+    report's first paragraph says whether fusing early and late layers helps.
 
     Several CACHES (one per backbone, the same images), or --layer-curve: OUT gets
     report.md, report.json and layer_curve.png, the case study's protocol on every
@@ -777,14 +841,14 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
 
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
                        seeds=_seeds(seeds), val_fraction=val_fraction, pair_search=pair_search, max_iter=max_iter,
-                       fewshot=_fewshot(train_per_class, draws))
+                       full_grid=full_grid, fewshot=_fewshot(train_per_class, draws), baseline=_baseline(baseline))
     cfg.check()
     offered = {p.name for p in click.get_current_context().command.params}  # advice names only these options
     machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
                                     f"torch {torch.__version__}") if x)
     if len(caches) > 1 or layer_curve:
         ctx = click.get_current_context()
-        for name in ("val_fraction", "pair_search", "max_iter", "data_root"):  # the tuned protocol's and figures'
+        for name in ("val_fraction", "pair_search", "max_iter", "data_root", "baseline"):  # the two-protocol report's
             if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None):
                 flag = "--pair-search/--no-pair-search" if name == "pair_search" else f"--{name.replace('_', '-')}"
                 raise click.UsageError(f"{flag} does not apply to a comparison of backbones (several caches or "
@@ -803,7 +867,9 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
         for cache_rows in [[r for r in result["layer_curve"]["rows"] if r["cache"] == str(c.path)] for c in opened]:
             best = max(cache_rows, key=lambda r: r["test_acc_mean"])
             click.echo(f"{best.get('label', best['backbone'])}: best single tap {best['tap']} (depth {best['depth']:.2f}), "
-                       f"{100 * best['test_acc_mean']:.2f} % test accuracy")
+                       f"{100 * best['test_acc_mean']:.2f} % test accuracy"
+                       + _interval(best.get("test_acc_lo"), best.get("test_acc_hi"),
+                                   result["paper"]["summary"][0]["n_test"], " and the runs"))
         click.echo(f"wrote {out}/report.md, report.json and layer_curve.png")
         return
     c = open_cache(caches[0])
@@ -821,10 +887,13 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
 
         click.echo(header(cfg.fewshot.record()))
     click.echo(f"best view (tuned): {best['view']} with {best['head']}, "
-               f"{100 * best['test_acc_mean']:.2f} ± {100 * best['test_acc_std']:.2f} % test accuracy "
-               f"(tuned protocol {r.seconds['pair_search'] + r.seconds['tuned']:.0f} s, paper protocol "
+               f"{100 * best['test_acc_mean']:.2f} ± {100 * best['test_acc_std']:.2f} % test accuracy"
+               + _interval(best.get("test_acc_lo"), best.get("test_acc_hi"), best.get("n_test", 0), " and the runs")
+               + f" (tuned protocol {r.seconds['pair_search'] + r.seconds['tuned']:.0f} s, paper protocol "
                f"{r.seconds['paper']:.0f} s)")
-    click.echo(f"wrote {out}/report.md, report.json and 5 figures")
+    if r.answer is not None:
+        click.echo(r.answer["text"])
+    click.echo(f"wrote {out}/report.md, report.json, predictions.npz and 5 figures")
 
 
 # ---------------------------------------------------------------------------------------------- predict / export

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import stats
 from .cache import Cache
 from .fewshot import header as fewshot_header
 from .fewshot import spread
-from .fit import HeadParams, ablate_caches, check_fewshot, check_heads, fit_head, load_view, markdown_table, summarize
+from .fit import (HeadParams, ablate_caches, check_fewshot, check_heads, fit_head, interval_cell, load_view,
+                  markdown_table, summarize, table_labels)
 from .io import atomic_write_text, cache_labels, dumps_json
+from .predictions import bootstrap_record, correct, public
 
 # The head of the layer curve: linear, standardized (taps differ in scale by orders of magnitude), Adam 1e-3,
 # batch 32, 10 epochs: enough to converge on a single tap of a few thousand images.
@@ -27,22 +30,25 @@ COMPARE_FILES = ("report.md", "report.json", "layer_curve.png")
 def layer_curve(cache: Cache, seeds: list[int], params: HeadParams = CURVE_PARAMS, progress=None,
                 fewshot=None) -> list[dict]:
     """One row per tap of the cache: its relative depth and the test accuracy (mean, std over seeds) of a
-    linear head trained on that tap alone. With `fewshot` (fewshot.FewShot), each seed's draws: the mean and
-    std are over all (seed, draw) runs."""
+    linear head trained on that tap alone, with its 95 % interval over the test images and the runs
+    (test_acc_lo, test_acc_hi: stats.accuracy_interval with its defaults). With `fewshot` (fewshot.FewShot),
+    each seed's draws: the mean, std and interval are over all (seed, draw) runs."""
     rows = []
     table = cache.table
     draws = None if fewshot is None else check_fewshot(cache, [CURVE_HEAD], params, fewshot, seeds)
     for tap in cache.taps:
         data = load_view(cache, tap)
         if draws is None:
-            accs = [fit_head(cache, tap, CURVE_HEAD, params, s, data=data).test_acc for s in seeds]
+            fits = [fit_head(cache, tap, CURVE_HEAD, params, s, data=data) for s in seeds]
         else:
-            accs = [fit_head(cache, tap, CURVE_HEAD, params, s, data=draws[s, i].data(data)).test_acc
+            fits = [fit_head(cache, tap, CURVE_HEAD, params, s, data=draws[s, i].data(data))
                     for s in seeds for i in range(fewshot.draws)]
+        accs = [r.test_acc for r in fits]
+        iv = stats.accuracy_interval(correct(np.stack([r.test_pred for r in fits]), data.y_test))
         t = table.tap(tap)
         rows.append({"backbone": cache.backbone, "cache": str(cache.path), "tap": tap, "kind": t.kind,
                      "depth": t.depth, "dim": data.dim, "test_acc_mean": float(np.mean(accs)),
-                     "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
+                     "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0, **iv.fields()})
         if draws is not None:
             rows[-1].update(train_per_class=fewshot.train_per_class, n_draws=fewshot.draws, n_runs=len(accs))
         if progress:
@@ -101,8 +107,9 @@ def run_comparison(caches: list[Cache], views: list[str], heads: list[str], seed
                         "image_size": c.meta.image_size, "pool": c.meta.pool} for c in caches],
             "data": {"dataset": m.dataset, "train_size": m.train_size, "test_size": m.test_size, "seed": m.seed},
             "seeds": seeds, "views": views, "heads": heads,
-            "paper": {"params": asdict(HeadParams()), "rows": rows, "summary": summarize(rows)},
-            "layer_curve": {"params": asdict(CURVE_PARAMS), "rows": curve},
+            "paper": {"params": asdict(HeadParams()), "rows": public(rows),
+                      "summary": summarize(rows, table_labels(caches))},
+            "layer_curve": {"params": asdict(CURVE_PARAMS), "rows": curve}, "bootstrap": bootstrap_record(),
             **({"fewshot": fewshot.record()} if fewshot is not None else {})}
 
 
@@ -122,11 +129,17 @@ def comparison_markdown(result: dict, command: str, machine: str) -> str:
               "## Layer curve", "",
               "A linear head (standardized features, Adam lr 1e-3, batch 32, 10 epochs) on each single tap; x is the "
               "tap's relative depth (its position among the backbone's taps, the last one at 1).", "",
-              "![layer curve](layer_curve.png)", "", "| backbone | tap | depth | dim | test acc |",
+              "![layer curve](layer_curve.png)", "", "| backbone | tap | depth | dim | test acc (%), 95 % interval |",
               "|---|---|---:|---:|---:|"]
     for r in result["layer_curve"]["rows"]:
         lines.append(f"| {r.get('label', r['backbone'])} | {r['tap']} | {r['depth']:.2f} | {r['dim']} | "
-                     f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} |")
+                     f"{interval_cell(r)} |")
+    b = result.get("bootstrap")
+    if b and result["layer_curve"]["rows"]:
+        runs = "(seed, draw) runs" if result.get("fewshot") else "seeds"
+        lines += ["", f"Test accuracy: the mean over the {runs} with its {100 * b['level']:g} % interval, a bootstrap "
+                  f"over the {result['paper']['summary'][0]['n_test']:,} test images and the {runs} ({b['resamples']} resamples, "
+                  f"seed {b['seed']})."]
     return "\n".join(lines) + "\n"
 
 

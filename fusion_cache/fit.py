@@ -25,7 +25,10 @@ from .fewshot import largest_k, spread
 from .headfile import HEAD_FILE, HeadFile
 from .headfile import save_head as write_head_file
 from .heads import HEAD_SPECS, HEADS, check_can_fit, divergence_advice, drop_advice, flag, linear_form, offers
+from . import stats
 from .io import atomic_write_text, dumps_json, staged_folder
+from .predictions import (PREDICTIONS_FILE, Baseline, bootstrap_record, correct, prediction_arrays, public,
+                          run_interval, save_predictions, table_stats)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class HeadParams:
     max_iter: int = 200  # L-BFGS iterations (solver="lbfgs")
     C: float = 0.1  # inverse L2 strength of the logreg baseline
     k: int = 20  # neighbours of the knn head
+    alpha: float = 0.1  # L2 strength per training row of the ridge head
     device: str = "cpu"
 
     def check(self) -> None:
@@ -59,6 +63,8 @@ class HeadParams:
             raise FusionCacheError(f"unknown --solver '{self.solver}'; use adam or lbfgs")
         if self.k < 1:
             raise FusionCacheError(f"--k must be at least 1, got {self.k}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise FusionCacheError(f"--alpha must be a number >= 0, got {self.alpha}")
 
     def for_head(self, head: str) -> dict:
         """The options `head` takes, as its declaration lists them."""
@@ -84,12 +90,31 @@ class FitResult:
     provenance: dict = field(default_factory=dict)
     estimator: object = field(default=None, repr=False)
     fewshot: dict | None = None  # the draw the head trained on (fewshot.Draw.record); None: all of train
+    test_pred: np.ndarray | None = field(default=None, repr=False)  # predicted class indices (int64) on the test
+    # split, in the cache's test order: what its interval and every comparison with another run are computed from
+    test_acc_lo: float | None = None  # the 95 % bootstrap interval of test_acc (add_interval)
+    test_acc_hi: float | None = None
+    bootstrap: dict | None = None  # how the interval was drawn (predictions.bootstrap_record)
+
+    def add_interval(self, y_test: np.ndarray, resamples: int = stats.RESAMPLES,
+                     seed: int = stats.BOOTSTRAP_SEED) -> stats.Interval | None:
+        """test_acc_lo and test_acc_hi from the test predictions: the percentile bootstrap over the test
+        images (stats.accuracy_interval of this one run); None without predictions."""
+        if self.test_pred is None:
+            return None
+        iv = stats.accuracy_interval(correct(self.test_pred, y_test), resamples, seed)
+        self.test_acc_lo, self.test_acc_hi, self.bootstrap = iv.lo, iv.hi, bootstrap_record(resamples, seed)
+        return iv
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("estimator")
+        d.pop("test_pred")  # in predictions.npz where a command saves them, never in JSON
         if d["fewshot"] is None:
             d.pop("fewshot")
+        if d["bootstrap"] is None:
+            for k in ("test_acc_lo", "test_acc_hi", "bootstrap"):
+                d.pop(k)
         return d
 
 
@@ -182,9 +207,13 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
     spec = head_spec(head)
     if data is None:
         check_heads(cache, [head], params, offered, where=f"'{view}'")
+        if spec.streams:  # read in chunks straight from the cache: a view larger than memory fits
+            return _fit_streamed(cache, view, head, params, seed)
         data = load_view(cache, view)
     else:
         check_can_fit([head], data.y_train, {head: params.for_head(head)}, where=f"'{view}'", offered=offered)
+        if spec.streams:
+            return _fit_streamed(cache, view, head, params, seed, data)
     taps, Xtr, ytr, Xte, yte = data.taps, data.X_train, data.y_train, data.X_test, data.y_test
     est = make_head(head, params, seed)
     start = time.perf_counter()
@@ -195,6 +224,7 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
         last = epochs[-1]
         train_loss, train_acc, test_loss, test_acc = (last["train_loss"], last["train_acc"], last["test_loss"],
                                                        last["test_acc"])
+        test_pred = est.predict(Xte)
     else:
         est.fit(Xtr, ytr)
         seconds = time.perf_counter() - start
@@ -205,7 +235,8 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
             train_loss = float(log_loss(ytr, est.predict_proba(Xtr), labels=labels))
             train_acc = float(est.score(Xtr, ytr))
         test_loss = float(log_loss(yte, est.predict_proba(Xte), labels=labels))
-        test_acc = float(est.score(Xte, yte))
+        test_pred = est.predict(Xte)  # once: knn's predictions cost a top-k search
+        test_acc = float(np.mean(test_pred == yte))  # est.score(Xte, yte), from the same predictions
         epochs = [{"epoch": 1, "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss,
                    "test_acc": test_acc}]
     used = params.for_head(head)
@@ -214,7 +245,31 @@ def fit_head(cache: Cache, view: str = "fused", head: str = "linear", params: He
             used.pop(option, None)
     _check_converged(head, epochs, est, params, offered)
     return FitResult(head, view, taps, int(Xtr.shape[1]), seed, used, epochs, train_loss, train_acc, test_loss,
-                     test_acc, seconds, cache.fingerprint, provenance(cache), est)
+                     test_acc, seconds, cache.fingerprint, provenance(cache), est,
+                     test_pred=np.asarray(test_pred, dtype=np.int64))
+
+
+def _fit_streamed(cache: Cache, view: str, head: str, params: HeadParams, seed: int,
+                  data: ViewData | None = None) -> FitResult:
+    """`fit_head` for a head that streams (HeadSpec.streams): from the cache chunk by chunk, or from `data`
+    (a loaded view or a few-shot draw) in the same chunks. It has no loss (scores, not probabilities) and no
+    epochs: one closed-form solve."""
+    from . import probe
+
+    rows = probe.CacheRows(cache, view) if data is None else probe.MemoryRows(data)
+    fitted = probe.fit(rows, params.alpha, len(cache.classes))
+    ytr, yte = rows.labels("train"), rows.labels("test")
+    train_acc = float(np.mean(fitted.train_pred == ytr))
+    test_acc = float(np.mean(fitted.test_pred == yte))
+    epochs = [{"epoch": 1, "train_loss": None, "train_acc": train_acc, "test_loss": None, "test_acc": test_acc}]
+    est = fitted.estimator
+    if not all(np.isfinite(a).all() for a in linear_form(est).values()):
+        raise FusionCacheError(f"the {head} head's solution is not finite on '{view}'; "
+                               "re-extract with --precision fp32 and --force")
+    result = FitResult(head, view, rows.taps, rows.dim, seed, params.for_head(head), epochs, None, train_acc, None,
+                       test_acc, fitted.fit_seconds, cache.fingerprint, provenance(cache), est)
+    result.test_pred = fitted.test_pred
+    return result
 
 
 def check_fewshot(cache: Cache, heads: list[str], params: HeadParams | None, fewshot, seeds: list[int],
@@ -331,7 +386,12 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
 
     With `fewshot` (fewshot.FewShot: K images a class, N draws), every seed runs draws 0 .. N-1 of its own,
     each head on the drawn rows only (a seed-independent head too: each draw is other rows): one row per
-    view x head x seed x draw, carrying `draw`, `train_per_class`, `draw_seed` and `draw_rows_sha256`."""
+    view x head x seed x draw, carrying `draw`, `train_per_class`, `draw_seed` and `draw_rows_sha256`.
+
+    Every row carries its run's 95 % interval (`test_acc_lo`, `test_acc_hi`: the bootstrap over the test images,
+    stats.accuracy_interval with its defaults) and its test predictions, `test_pred` (FitResult.test_pred), for
+    the table's intervals and comparisons (summarize) and predictions.npz; JSON holds the rows without them
+    (predictions.public)."""
     params = params or HeadParams()
     params.check()
     if not views or not heads or not seeds:
@@ -353,9 +413,11 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
             for seed in seeds:
                 if r is None or HEAD_SPECS[head].seeded:  # a seed-independent head is fitted once a view
                     r = fit_head(cache, view, head, params, seed, data=data[view], offered=offered)
+                    interval = run_interval(r.test_pred, data[view].y_test)
                 rows.append({"view": view, "head": head, "seed": seed, "taps": ",".join(r.features), "dim": r.dim,
-                             "train_acc": r.train_acc, "test_acc": r.test_acc, "train_loss": r.train_loss,
-                             "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs})
+                             "train_acc": r.train_acc, "test_acc": r.test_acc, **interval, "train_loss": r.train_loss,
+                             "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs,
+                             "test_pred": r.test_pred})
                 if progress:
                     progress(rows[-1])
     return rows
@@ -372,8 +434,9 @@ def _ablate_draws(cache, views, heads, seeds, params, data, draws, n_draws, prog
                     r = fit_head(cache, view, head, params, seed, data=drawn[seed, i], offered=offered)
                     rows.append({"view": view, "head": head, "seed": seed, **draws[seed, i].record(),
                                  "taps": ",".join(r.features), "dim": r.dim, "train_acc": r.train_acc,
-                                 "test_acc": r.test_acc, "train_loss": r.train_loss, "test_loss": r.test_loss,
-                                 "fit_seconds": r.fit_seconds, "epochs": r.epochs})
+                                 "test_acc": r.test_acc, **run_interval(r.test_pred, data[view].y_test),
+                                 "train_loss": r.train_loss, "test_loss": r.test_loss,
+                                 "fit_seconds": r.fit_seconds, "epochs": r.epochs, "test_pred": r.test_pred})
                     if progress:
                         progress(rows[-1])
         del drawn
@@ -394,6 +457,17 @@ def check_same_data(caches: list[Cache]) -> None:
         if c.fingerprint in seen:
             raise FusionCacheError(f"{c.path} and {seen[c.fingerprint].path} are the same cache; pass each one once")
         seen[c.fingerprint] = c
+
+
+def table_labels(caches: list[Cache]) -> np.ndarray:
+    """The test labels that the rows of one table are scored against: those of every cache, in the same order
+    (caches of one table hold the same images: check_same_data)."""
+    y = caches[0].labels("test")
+    for c in caches[1:]:
+        if not np.array_equal(c.labels("test"), y):
+            raise FusionCacheError(f"{c.path} and {caches[0].path} hold their test images in another order; "
+                                   "compare caches of the same images: re-extract with the same --seed and sizes")
+    return y
 
 
 def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds: list[int],
@@ -418,15 +492,22 @@ def ablate_caches(caches: list[Cache], views: list[str], heads: list[str], seeds
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], y_test: np.ndarray | None = None, baseline: Baseline | None = None,
+              resamples: int = stats.RESAMPLES, seed: int = stats.BOOTSTRAP_SEED) -> list[dict]:
     """Mean and std (over seeds) per view x head (x cache, for rows of several), in the order the rows came.
     Few-shot rows (with a `draw`) are (seed, draw) runs: the mean and sample std are over all of them, and the
-    summary counts the seeds, draws and runs."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
+    summary counts the seeds, draws and runs.
+
+    With `y_test` (the cache's test labels) and rows that carry their test predictions (`test_pred`, as
+    `ablate` gives them), each summary row also gets its 95 % interval over its runs and test images
+    (test_acc_lo, test_acc_hi, n_test); with `baseline` too, its paired comparison with its baseline row
+    (baseline, is_baseline, vs_baseline, mcnemar_run), Holm-corrected over the table (predictions.table_stats)."""
+    grouped: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r.get("cache", ""), r["view"], r["head"]), []).append(r)
+        grouped.setdefault((r.get("cache", ""), r["view"], r["head"]), []).append(r)
+    extra = {} if y_test is None else table_stats(rows, y_test, baseline, resamples, seed)
     out = []
-    for (cache, view, head), rs in groups.items():
+    for (cache, view, head), rs in grouped.items():
         test = np.array([r["test_acc"] for r in rs])
         train = None if any(r["train_acc"] is None for r in rs) else np.array([r["train_acc"] for r in rs])
         tag = {"backbone": rs[0]["backbone"], "cache": cache, "label": rs[0].get("label", rs[0]["backbone"])} \
@@ -437,37 +518,138 @@ def summarize(rows: list[dict]) -> list[dict]:
         out.append({**tag, "view": view, "head": head, "dim": rs[0]["dim"], **counts,
                     "test_acc_mean": float(test.mean()), "test_acc_std": float(test.std(ddof=1) if len(rs) > 1 else 0.0),
                     "train_acc_mean": None if train is None else float(train.mean()),
-                    "train_acc_std": None if train is None else float(train.std(ddof=1) if len(rs) > 1 else 0.0)})
+                    "train_acc_std": None if train is None else float(train.std(ddof=1) if len(rs) > 1 else 0.0),
+                    **(extra[cache, view, head].fields() if extra else {})})
     return out
 
 
-def markdown_table(summary: list[dict]) -> str:
-    """One table; a backbone column first when the rows come from several caches."""
+def summarize_table(rows: list[dict], y_test: np.ndarray | None, baseline: Baseline | None = None,
+                    resamples: int = stats.RESAMPLES,
+                    seed: int = stats.BOOTSTRAP_SEED) -> tuple[list[dict], dict | None]:
+    """(summary, the table's `baseline` record): `summarize` with the comparisons the table can make. The
+    default baseline (`late`) is left out where the table has no late row, and the record says why; a given
+    baseline that is not a row of the table is an error (predictions.Baseline.check). baseline None: no
+    comparisons and no record; y_test None: no intervals either."""
+    if baseline is None or y_test is None:
+        return summarize(rows, y_test, None, resamples, seed), None
+    views = list(dict.fromkeys(r["view"] for r in rows))
+    heads = list(dict.fromkeys(r["head"] for r in rows))
+    active = baseline.check(views, heads)
+    return summarize(rows, y_test, baseline if active else None, resamples, seed), baseline.record(active)
+
+
+def interval_cell(s: dict, digits: int = 1) -> str:
+    """A summary row's test accuracy as a table shows it: `81.0 [78.6, 83.4]` (stats.percent) where it has an
+    interval, else mean ± std."""
+    if s.get("test_acc_lo") is None:
+        return f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f}"
+    return stats.percent(stats.Interval(s["test_acc_mean"], s["test_acc_lo"], s["test_acc_hi"]), digits)
+
+
+def _comparison(record: dict) -> stats.Comparison:
+    return stats.Comparison(record["diff"], record["diff_lo"], record["diff_hi"], record["p_mcnemar"],
+                            record["only_a_right"], record["only_b_right"], record["p_holm"])
+
+
+def comparisons_made(summary: list[dict]) -> int:
+    """The comparisons of a table (the M of its Holm correction)."""
+    return sum(1 for s in summary if s.get("vs_baseline"))
+
+
+def comparison_header(baseline: dict | None, summary: list[dict]) -> list[str]:
+    """The comparison columns' headers: `vs late (points)`, `p (Holm)`; none where the table has no comparisons."""
+    if not baseline or not baseline["compared"]:
+        return []
+    name = baseline["view"] + (f":{baseline['head']}" if baseline["head"] else "")
+    return [f"vs {name} (points)", "p (Holm)" if comparisons_made(summary) > 1 else "p"]
+
+
+def comparison_cells(s: dict, baseline: dict | None) -> list[str]:
+    """A summary row's comparison cells: `+3.5 [+1.8, +5.1]` (stats.points) and its p-value (stats.p_text,
+    `*` where significant); `baseline` on the baseline's own row."""
+    if not baseline or not baseline["compared"]:
+        return []
+    if s.get("is_baseline"):
+        return ["baseline", "—"]
+    if not s.get("vs_baseline"):
+        return ["—", "—"]
+    c = _comparison(s["vs_baseline"])
+    return [stats.points(c), stats.p_text(c.p if c.p_holm is None else c.p_holm) + (" *" if c.significant else "")]
+
+
+def comparison_note(baseline: dict | None, summary: list[dict]) -> str | None:
+    """The line under a table: what its intervals and comparisons are, or why it has no comparisons."""
+    if not summary or summary[0].get("test_acc_lo") is None and not baseline:
+        return None
+    s0 = summary[0]
+    fewshot = "n_draws" in s0
+    runs = max(s.get("n_runs", s["n_seeds"]) for s in summary)
+    what = ("(seed, draw) runs" if fewshot else "seeds") if runs > 1 else None
+    lines = []
+    if s0.get("test_acc_lo") is not None:
+        lines.append(f"Test accuracy: the mean over the runs with its 95 % interval, a bootstrap over the "
+                     f"{s0['n_test']:,} test images" + (f" and the {what}" if what else "") + ".")
+    if baseline and not baseline["compared"]:
+        lines.append(baseline["note"][0].upper() + baseline["note"][1:] + ".")
+    elif baseline:
+        m = comparisons_made(summary)
+        first = next((s["mcnemar_run"] for s in summary if s.get("mcnemar_run")), None)
+        on = ("" if first is None or runs == 1 else " on the first run's predictions (" +
+              ", ".join(f"{k} {v}" for k, v in first.items()) + ")")
+        whom = (f"{baseline['view']} with each row's own head" if baseline["head"] is None
+                else f"{baseline['view']} with {baseline['head']}")
+        several = any("backbone" in s for s in summary)
+        lines.append(f"Differences against {whom}{' of the same cache' if several else ''} on the same "
+                     f"{s0['n_test']:,} test images, in points: paired bootstrap 95 % interval ("
+                     + (f"images and {what} resampled together" if what else "images resampled") + "); "
+                     f"p: exact McNemar test{on}, "
+                     + (f"Holm-corrected over the {m} comparisons of this table" if m > 1 else
+                        "one comparison, uncorrected")
+                     + f"; * significant at {stats.ALPHA:g}.")
+    return " ".join(lines) or None
+
+
+def markdown_table(summary: list[dict], baseline: dict | None = None) -> str:
+    """One table; a backbone column first when the rows come from several caches. Test accuracies carry their
+    interval where the summary has one; with `baseline` (summarize_table's record) the comparison columns
+    follow, and a line under the table says what the intervals and the comparisons are."""
     several = any("backbone" in s for s in summary)
     fewshot = any("n_draws" in s for s in summary)  # few-shot: mean ± std over seeds x draws runs
-    lines = [("| backbone " if several else "") + "| view | head | dim | test acc (%) | train acc, final epoch (%) | "
-             + ("seeds x draws |" if fewshot else "seeds |"),
-             ("|---" if several else "") + "|---|---|---:|---:|---:|---:|"]
+    extra = comparison_header(baseline, summary)
+    intervals = any(s.get("test_acc_lo") is not None for s in summary)
+    lines = [("| backbone " if several else "") + "| view | head | dim | "
+             + ("test acc (%), 95 % interval" if intervals else "test acc (%)") + " | train acc, final epoch (%) | "
+             + ("seeds x draws |" if fewshot else "seeds |") + "".join(f" {h} |" for h in extra),
+             ("|---" if several else "") + "|---|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for s in summary:
         train = (f"{100 * s['train_acc_mean']:.2f} ± {100 * s['train_acc_std']:.2f}"
                  if HEAD_SPECS[s["head"]].records_epochs else "—")  # a train column only for per-epoch heads
         lines.append((f"| {s.get('label', s['backbone'])} " if several else "") + f"| {s['view']} | {s['head']} | {s['dim']} | "
-                     f"{100 * s['test_acc_mean']:.2f} ± {100 * s['test_acc_std']:.2f} | {train} | "
-                     + (f"{s['n_seeds']} x {s['n_draws']} |" if fewshot else f"{s['n_seeds']} |"))
-    return "\n".join(lines)
+                     f"{interval_cell(s)} | {train} | "
+                     + (f"{s['n_seeds']} x {s['n_draws']} |" if fewshot else f"{s['n_seeds']} |")
+                     + "".join(f" {c} |" for c in comparison_cells(s, baseline)))
+    note = comparison_note(baseline, summary)
+    return "\n".join(lines) + ("\n\n" + note if note else "")
 
 
-ABLATION_FILES = ("results.json", "results.csv", "results.md")
+ABLATION_FILES = ("results.json", "results.csv", "results.md", PREDICTIONS_FILE)
 
 
-def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: bool = False) -> Path:
+def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: bool = False,
+                   y_test: np.ndarray | None = None, baseline: Baseline | None = None,
+                   table: tuple[list[dict], dict | None] | None = None) -> Path:
     """results.json (meta + one row per run), results.csv and results.md, written into a fresh folder that
-    replaces `out_dir` only when all three are complete."""
-    summary = summarize(rows)
+    replaces `out_dir` only when all are complete. With `y_test` (the cache's test labels; the rows carry
+    their predictions, as `ablate` gives them), the summary carries intervals and, with `baseline`,
+    comparisons (summarize_table; `table`: its result, already computed), and predictions.npz holds every
+    row's predictions (predictions.py)."""
+    summary, record = table if table is not None else summarize_table(rows, y_test, baseline)
+    meta = {**meta, **({"bootstrap": bootstrap_record()} if y_test is not None else {}),
+            **({"baseline": record} if record is not None else {})}
     buf = io.StringIO()
     drawn = ["draw", "train_per_class", "draw_seed", "draw_rows_sha256"] if rows and "draw" in rows[0] else []
     cols = (["backbone", "cache"] if rows and "backbone" in rows[0] else []) + ["view", "head", "seed"] + drawn + \
-        ["taps", "dim", "train_acc", "test_acc", "train_loss", "test_loss", "fit_seconds"]
+        ["taps", "dim", "train_acc", "test_acc", "test_acc_lo", "test_acc_hi", "train_loss", "test_loss", "fit_seconds"]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
@@ -475,9 +657,12 @@ def write_ablation(rows: list[dict], out_dir: str | Path, meta: dict, force: boo
     md = ("# Ablation\n\n" + ", ".join(f"Cache `{c['cache']}` (fingerprint `{c['fingerprint'][:16]}`)" for c in caches) + ", "
           f"command `{meta['command']}`.\nAccuracies in percent, {spread(meta['seeds'], meta.get('fewshot'))}.\n\n"
           + (fewshot_line(meta["fewshot"]) + "\n\n" if meta.get("fewshot") else "")
-          + markdown_table(summary) + "\n")
+          + markdown_table(summary, record) + "\n")
     with staged_folder(out_dir, force, lambda name: name in ABLATION_FILES) as tmp:
-        atomic_write_text(tmp / "results.json", dumps_json({**meta, "rows": rows, "summary": summary}, indent=2))
+        atomic_write_text(tmp / "results.json", dumps_json({**meta, "rows": public(rows), "summary": summary},
+                                                           indent=2))
         atomic_write_text(tmp / "results.csv", buf.getvalue())
         atomic_write_text(tmp / "results.md", md)
+        if y_test is not None:
+            save_predictions(tmp / PREDICTIONS_FILE, y_test, *prediction_arrays(rows))
     return Path(out_dir)

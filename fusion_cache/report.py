@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from . import stats
 from .cache import Cache
 from .errors import FusionCacheError, quote
 from .fewshot import FewShot, check_carve, tuning_draw, validation_count
 from .fewshot import header as fewshot_header
 from .fewshot import largest_k, spread
-from .fit import HeadParams, ablate, check_draw_rows, check_fewshot, check_heads, provenance, summarize
+from .fit import (HeadParams, ablate, check_draw_rows, check_fewshot, check_heads, comparison_cells, comparison_header,
+                  comparison_note, comparisons_made, interval_cell, provenance, summarize_table)
 from .heads import HEAD_SPECS, check_can_fit
 from .io import atomic_write_text, dumps_json
+from .predictions import DEFAULT_BASELINE, PREDICTIONS_FILE, Baseline, bootstrap_record, prediction_arrays
+from .predictions import public as public_rows
+from .predictions import save_predictions, table_stats
 from .selection import TunedRun, ViewStore, best_pair, check_tuned, pair_taps, tune_heads
 
 # The case study's reported numbers (fused head, training accuracy only).
@@ -45,6 +51,8 @@ class ReportConfig:
     max_iter: int = 200  # L-BFGS iterations of the tuned linear head (it stops earlier once converged)
     device: str = "cpu"
     fewshot: FewShot | None = None  # K train images a class, N draws a seed (None: all of train)
+    full_grid: bool = False  # fit every point of the L2 grids (default: walk each until validation stops rising)
+    baseline: Baseline = DEFAULT_BASELINE  # what every row of both tables is compared with (--baseline)
 
     def check(self, cache: Cache | None = None, offered=None) -> None:
         """The settings; with a cache, also everything both protocols need of it, from its labels and taps
@@ -60,6 +68,7 @@ class ReportConfig:
                 raise FusionCacheError(f"unknown head {quote(head)}; use one of {', '.join(HEAD_SPECS)}")
         if self.fewshot is not None:
             self.fewshot.check()
+        self.baseline.check(self.views, self.heads)  # a given baseline is a row of the tables, before any fitting
         if cache is None:
             return
         for view in self.views:
@@ -106,7 +115,9 @@ class ReportConfig:
 @dataclass
 class ReportResult:
     """Both protocols on one cache. `to_json()` is report.json; `tuned_runs` keep the refit heads for the
-    figures."""
+    figures. The paper rows and the tuned runs carry their test predictions, and `y_test` holds the labels they
+    are scored against: every table row's interval and its comparison with the baseline row come from them
+    (computed once), and `predictions()` is what predictions.npz holds."""
 
     cache: str
     fingerprint: str
@@ -116,10 +127,23 @@ class ReportResult:
     pair_scores: dict[str, float] | None
     cfg: ReportConfig
     seconds: dict[str, float]
+    y_test: np.ndarray | None = field(default=None, repr=False)  # the test labels (None: no intervals)
+
+    @cached_property
+    def _paper(self) -> tuple[list[dict], dict]:
+        return summarize_table(self.paper_rows, self.y_test, self.cfg.baseline)
+
+    @cached_property
+    def _tuned(self) -> tuple[list[dict], dict]:
+        return summarize_table(self._tuned_with_predictions, self.y_test, self.cfg.baseline)
+
+    @property
+    def _tuned_with_predictions(self) -> list[dict]:
+        return [{**r.row(), "test_pred": r.test_pred} for r in self.tuned_runs]
 
     @property
     def paper_summary(self) -> list[dict]:
-        return summarize(self.paper_rows)
+        return self._paper[0]
 
     @property
     def tuned_rows(self) -> list[dict]:
@@ -127,12 +151,25 @@ class ReportResult:
 
     @property
     def tuned_summary(self) -> list[dict]:
-        return summarize(self.tuned_rows)
+        return self._tuned[0]
 
     @property
     def best(self) -> dict:
         """The tuned view x head with the best mean test accuracy."""
         return max(self.tuned_summary, key=lambda s: s["test_acc_mean"])
+
+    @cached_property
+    def answer(self) -> dict | None:
+        """The case study's question, answered from the tuned table (answer_question)."""
+        if self.y_test is None:
+            return None
+        return answer_question(self.tuned_summary, self._tuned_with_predictions, self.y_test, self.cfg.heads)
+
+    def predictions(self) -> tuple[dict, dict]:
+        """({key: (runs, n) predictions}, {key: runs}) of both tables: `paper/VIEW/HEAD`, `tuned/VIEW/HEAD`."""
+        paper, paper_runs = prediction_arrays(self.paper_rows, "paper")
+        tuned, tuned_runs = prediction_arrays(self._tuned_with_predictions, "tuned")
+        return {**paper, **tuned}, {**paper_runs, **tuned_runs}
 
     def estimator(self, view: str, head: str, seed: int):
         for r in self.tuned_runs:
@@ -142,21 +179,66 @@ class ReportResult:
 
     def to_json(self) -> dict:
         best = self.best
+        found = self.answer
         return {
             "cache": self.cache, "fingerprint": self.fingerprint, "provenance": self.provenance,
             "case_study": CASE_STUDY,
-            "paper": {"params": asdict(HeadParams()), "rows": self.paper_rows, "summary": self.paper_summary},
+            "answer": None if found is None else found["text"],
+            "answer_comparison": None if found is None else {k: v for k, v in found.items() if k != "text"},
+            "paper": {"params": asdict(HeadParams()), "rows": public_rows(self.paper_rows),
+                      "summary": self.paper_summary, "baseline": self._paper[1]},
             "tuned": {"val_fraction": self.cfg.val_fraction,
                       "validation": self.provenance.get("split", {}).get("validation"),
                       "grids": {h: {"param": HEAD_SPECS[h].tuned, "values": list(HEAD_SPECS[h].grid)}
                                 for h in self.cfg.heads},
-                      "rows": self.tuned_rows, "summary": self.tuned_summary, "pair_search": self.pair_scores,
+                      "rows": self.tuned_rows, "summary": self.tuned_summary, "baseline": self._tuned[1],
+                      "pair_search": self.pair_scores,
                       "pair_late": ",".join(self.provenance.get("late", [])) or None},
             "seeds": self.cfg.seeds, "views": self.cfg.views, "heads": self.cfg.heads,
             "best_view": best["view"], "best_head": best["head"], "best_test_acc": best["test_acc_mean"],
-            "best_test_acc_std": best["test_acc_std"], "seconds": self.seconds,
+            "best_test_acc_std": best["test_acc_std"],
+            "best_test_acc_lo": best.get("test_acc_lo"), "best_test_acc_hi": best.get("test_acc_hi"),
+            **({"bootstrap": bootstrap_record()} if self.y_test is not None else {}),
+            "seconds": self.seconds,
             **({"fewshot": self.cfg.fewshot.record()} if self.cfg.fewshot is not None else {}),
         }
+
+
+QUESTION = ("Fusing early and late layers changes test accuracy by {value} points {interval} against the last layer "
+            "alone")
+
+
+def answer_question(summary: list[dict], rows: list[dict], y_test: np.ndarray, heads: list[str]) -> dict | None:
+    """The case study's question in one sentence, from a tuned table: the `fused` row against the `late` row,
+    with the head that does best on either (the first such head on a tie), the difference in points with its
+    paired-bootstrap interval and McNemar's p. Where the table compared fused with that late row, its
+    Holm-corrected p (over the table's comparisons); else the lone comparison's own. None where the table has
+    no fused or no late row (or no predictions). Returns the comparison's fields and `text`, the sentence."""
+    by = {(s["view"], s["head"]): s for s in summary}
+    both = [h for h in heads if ("fused", h) in by and ("late", h) in by]
+    if not both:
+        return None
+    head = max(both, key=lambda h: max(by["fused", h]["test_acc_mean"], by["late", h]["test_acc_mean"]))
+    fused = by["fused", head]
+    if fused.get("vs_baseline") and fused.get("baseline") == {"view": "late", "head": head}:
+        record, m = fused["vs_baseline"], comparisons_made(summary)
+    else:  # the table compared against another baseline: this one comparison on its own
+        pair = [r for r in rows if r["head"] == head and r["view"] in ("fused", "late")]
+        found = table_stats(pair, y_test, Baseline("late", head, True)).get(("", "fused", head))
+        if found is None or found.comparison is None:
+            return None
+        record, m = found.comparison.record(), 1
+    c = stats.Comparison(record["diff"], record["diff_lo"], record["diff_hi"], record["p_mcnemar"],
+                         record["only_a_right"], record["only_b_right"], record["p_holm"])
+    value, interval = stats.points(c).split(" ", 1)
+    p = stats.p_text(c.p if c.p_holm is None else c.p_holm)
+    p = f"p {p}" if p.startswith("<") else f"p = {p}"
+    how = f"McNemar, Holm-corrected over {m} comparisons" if m > 1 else "McNemar"
+    said = QUESTION.format(value=value, interval=interval)
+    text = (f"{said} (tuned {head}, {p}, {how})." if c.significant else
+            f"{said} (tuned {head}): not significant at this test size ({len(y_test):,} images; {p}, {how}).")
+    return {"text": text, "view": "fused", "baseline": {"view": "late", "head": head}, "head": head, **record,
+            "n_test": int(len(y_test)), "comparisons": m}
 
 
 def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> ReportResult:
@@ -187,7 +269,8 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> 
     runs = []
     for view in tuned_views:
         # every head and seed of one view in one call: the L2 heads of all seeds share the stacked fits
-        view_runs = (tune_heads(store, view, cfg.heads, cfg.seeds, cfg.val_fraction, cfg.max_iter) if tunings is None
+        view_runs = (tune_heads(store, view, cfg.heads, cfg.seeds, cfg.val_fraction, cfg.max_iter,
+                                full_grid=cfg.full_grid) if tunings is None
                      else _tune_draws(store, view, cfg, tunings))
         for run in view_runs:
             runs.append(run)
@@ -202,7 +285,8 @@ def run_report(cache: Cache, cfg: ReportConfig, progress=None, offered=None) -> 
         late = []
     return ReportResult(str(cache.path), cache.fingerprint, {**provenance(cache), "taps": cache.taps, "late": late},
                         paper_rows,
-                        runs, pair_scores, cfg, {"paper": t1 - t0, "pair_search": t2 - t1, "tuned": t3 - t2})
+                        runs, pair_scores, cfg, {"paper": t1 - t0, "pair_search": t2 - t1, "tuned": t3 - t2},
+                        cache.labels("test"))
 
 
 def _tune_draws(store: ViewStore, view: str, cfg: ReportConfig, tunings: dict) -> list[TunedRun]:
@@ -214,7 +298,8 @@ def _tune_draws(store: ViewStore, view: str, cfg: ReportConfig, tunings: dict) -
     for (seed, i), tuning in tunings.items():
         drawn = ViewStore(store.cache, store.device)
         drawn.put(view, tuning.data(full))
-        for run in tune_heads(drawn, view, cfg.heads, [seed], cfg.val_fraction, cfg.max_iter):
+        for run in tune_heads(drawn, view, cfg.heads, [seed], cfg.val_fraction, cfg.max_iter,
+                              full_grid=cfg.full_grid):
             run.fewshot = tuning.draw.record()
             runs.append(run)
     order = {h: n for n, h in enumerate(cfg.heads)}
@@ -228,9 +313,13 @@ def markdown(report: dict, command: str, machine: str) -> str:
 
     p = report["provenance"]
     paper = {(s["view"], s["head"]): s for s in report["paper"]["summary"]}
+    paper_base, tuned_base = report["paper"].get("baseline"), report["tuned"].get("baseline")
+    paper_extra = comparison_header(paper_base, report["paper"]["summary"])
+    tuned_extra = comparison_header(tuned_base, report["tuned"]["summary"])
     lines = [
         "# fusion-cache report", "",
         f"Command: `{command}`", "",
+        *([report["answer"], ""] if report.get("answer") else []),
         f"Cache `{report['cache']}` (fingerprint `{report['fingerprint'][:16]}`): {p['dataset']}, "
         f"train {p['train_size']} / test {p['test_size']} images (subset seed {p['seed']}), {p['image_size']} px, "
         f"{p['pool']} pooling, weights `{p['weights']}` (sha256 `{p['weights_sha256'][:16]}…`), "
@@ -241,10 +330,11 @@ def markdown(report: dict, command: str, machine: str) -> str:
         "## The case study's protocol", "",
         "2 epochs, Adam lr 1e-3, batch 32, raw features (`linear`); standardized logistic regression, C = 0.1 "
         "(`logreg`). Training accuracy is measured over each epoch's mini-batches, as the case study does.", "",
-        "| view | head | epoch 1 train | epoch 2 (final) train | test |", "|---|---|---:|---:|---:|",
+        "| view | head | epoch 1 train | epoch 2 (final) train | test |" + "".join(f" {h} |" for h in paper_extra),
+        "|---|---|---:|---:|---:|" + "---:|" * len(paper_extra),
     ]
     if p.get("backbone", "mobilenet_v2") == "mobilenet_v2":  # the case study's numbers are MobileNetV2's
-        lines.append("| *case study: fused* | *linear* | *62.78* | *77.58* | *not reported* |")
+        lines.append("| *case study: fused* | *linear* | *62.78* | *77.58* | *not reported* |" + " |" * len(paper_extra))
     for (view, head), s in paper.items():
         rows = [r for r in report["paper"]["rows"] if r["view"] == view and r["head"] == head]
         if HEAD_SPECS[head].records_epochs:
@@ -255,8 +345,11 @@ def markdown(report: dict, command: str, machine: str) -> str:
             e1 = e2 = "—"
         else:
             e1, e2 = "—", _pm([r["train_acc"] for r in rows])
-        lines.append(f"| {view} | {head} | {e1} | {e2} | {_pm([r['test_acc'] for r in rows])} |")
-    lines += ["", "For `logreg` the train column is the converged fit's training accuracy; it has no epochs."]
+        lines.append(f"| {view} | {head} | {e1} | {e2} | {interval_cell(s)} |"
+                     + "".join(f" {c} |" for c in comparison_cells(s, paper_base)))
+    note = comparison_note(paper_base, report["paper"]["summary"])
+    lines += ["", *([note, ""] if note else []),
+              "For `logreg` the train column is the converged fit's training accuracy; it has no epochs."]
     grids = "; ".join(f"`{h}`: {g['param']} in {g['values']}" for h, g in report["tuned"]["grids"].items())
     fs = report.get("fewshot")
     if fs:  # few-shot: chosen on the draw's validation, refit on the draw
@@ -279,7 +372,8 @@ def markdown(report: dict, command: str, machine: str) -> str:
                       "stacked model (L-BFGS per head, one matrix product per pass); the chosen one is refit on all of "
                       "train. The test split is used only for the final number.")
     lines += ["", "## Tuned on a validation split", "", tuned_text, "",
-              "| view | head | dim | chosen | val acc | test acc |", "|---|---|---:|---|---:|---:|"]
+              "| view | head | dim | chosen | val acc | test acc |" + "".join(f" {h} |" for h in tuned_extra),
+              "|---|---|---:|---|---:|---:|" + "---:|" * len(tuned_extra)]
     for s in report["tuned"]["summary"]:
         rows = [r for r in report["tuned"]["rows"] if r["view"] == s["view"] and r["head"] == s["head"]]
         key = report["tuned"]["grids"][s["head"]]["param"]
@@ -289,9 +383,14 @@ def markdown(report: dict, command: str, machine: str) -> str:
             values = [v for v in report["tuned"]["grids"][s["head"]]["values"] if v in picked]
             chosen = ", ".join(f"{v:g} ×{picked.count(v)}" for v in dict.fromkeys(values + picked))
         lines.append(f"| {s['view']} | {s['head']} | {s['dim']} | {key} {chosen} | "
-                     f"{_pm([r['val_acc'] for r in rows])} | {_pm([r['test_acc'] for r in rows])} |")
-    lines += ["", f"**Best (tuned): `{report['best_view']}` with `{report['best_head']}`, "
-                  f"{100 * report['best_test_acc']:.2f} ± {100 * report['best_test_acc_std']:.2f} % test accuracy.**", ""]
+                     f"{_pm([r['val_acc'] for r in rows])} | {interval_cell(s)} |"
+                     + "".join(f" {c} |" for c in comparison_cells(s, tuned_base)))
+    note = comparison_note(tuned_base, report["tuned"]["summary"])
+    best = {"test_acc_mean": report["best_test_acc"], "test_acc_std": report["best_test_acc_std"],
+            "test_acc_lo": report.get("best_test_acc_lo"), "test_acc_hi": report.get("best_test_acc_hi")}
+    lines += ["", *([note, ""] if note else []),
+              f"**Best (tuned): `{report['best_view']}` with `{report['best_head']}`, "
+              f"{interval_cell(best)} % test accuracy.**", ""]
     if report["tuned"]["pair_search"]:
         ps = report["tuned"]["pair_search"]
         top = sorted(ps.items(), key=lambda kv: -kv[1])[:5]
@@ -380,7 +479,7 @@ def _pm(values) -> str:
 
 
 REPORT_FILES = ("report.md", "report.json", "samples.png", "curves.png", "predictions.png", "confusion.png",
-                "per_class.png")
+                "per_class.png", PREDICTIONS_FILE)
 
 
 def write_report(report: ReportResult, out_dir: Path, command: str, machine: str) -> None:
@@ -390,3 +489,5 @@ def write_report(report: ReportResult, out_dir: Path, command: str, machine: str
     public["machine"] = machine
     atomic_write_text(out / "report.json", dumps_json(public, indent=2))
     atomic_write_text(out / "report.md", markdown(public, command, machine))
+    if report.y_test is not None:  # every row's predictions: any pair compares later without refitting
+        save_predictions(out / PREDICTIONS_FILE, report.y_test, *report.predictions())

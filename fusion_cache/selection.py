@@ -42,6 +42,7 @@ PAIR_MAX_ITER = 50  # L-BFGS iterations per pair candidate: enough to rank, not 
 # loss (1e-4 of it for weight decay 1e-4; measured against tol 1e-6), and chooses the same strength.
 ROTATED_TOL = 3e-5
 JACOBI_REFRESH = 10  # iterations between refreshes of the diagonal preconditioner (the Hessian's diagonal)
+BRACKET = 3  # grid points of an L2 head tried in the first round (strongest first); see _tune_linear
 
 
 def validation_split(y: np.ndarray, fraction: float, seed: int,
@@ -121,6 +122,8 @@ class TunedRun:
     fit_rows: int
     estimator: object = field(default=None, repr=False)  # the refit head, for the figures
     fewshot: dict | None = None  # the draw it ran on (fewshot.Draw.record); None: all of train
+    test_pred: np.ndarray | None = field(default=None, repr=False)  # the refit head's predicted class indices
+    # (int64) on the test split, in the cache's test order: its interval and comparisons (not in row())
 
     def row(self) -> dict:
         return {"view": self.view, "head": self.head, "seed": self.seed, **(self.fewshot or {}), "taps": self.taps,
@@ -164,6 +167,20 @@ class ViewStore:
             self._rot[view] = (basis.rotate(Xtr), basis)
         return self._rot[view]
 
+    def rows(self, view: str):
+        """The view's rows for a head that streams (probe.Rows): from memory when the view is loaded here (or
+        put: a few-shot draw), else read in chunks straight from the cache."""
+        from . import probe
+
+        return probe.MemoryRows(self._data[view]) if view in self._data else probe.CacheRows(self.cache, view)
+
+    def validation_rows(self, view: str) -> np.ndarray | None:
+        """The rows that choose (the dataset's own validation split; a few-shot draw's), without loading."""
+        return self._data[view].val_rows if view in self._data else self.cache.validation_rows()
+
+    def refit_rows(self, view: str) -> np.ndarray | None:
+        return self._data[view].refit_rows if view in self._data else None
+
     def put(self, view: str, data: ViewData) -> None:
         """Use `data` for `view` (tests scramble a split this way)."""
         self._data[view] = data
@@ -177,17 +194,20 @@ class ViewStore:
 
 
 def tune(store: ViewStore, view: str, head: str, seed: int, val_fraction: float, max_iter: int = 200,
-         grid: tuple | None = None) -> TunedRun:
+         grid: tuple | None = None, full_grid: bool = False) -> TunedRun:
     """Choose the head's tuned parameter on a validation split of train, refit on all of train, test once."""
-    return tune_heads(store, view, [head], [seed], val_fraction, max_iter, None if grid is None else {head: grid})[0]
+    return tune_heads(store, view, [head], [seed], val_fraction, max_iter, None if grid is None else {head: grid},
+                      full_grid)[0]
 
 
 def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], val_fraction: float,
-               max_iter: int = 200, grids: dict[str, tuple] | None = None) -> list[TunedRun]:
+               max_iter: int = 200, grids: dict[str, tuple] | None = None, full_grid: bool = False) -> list[TunedRun]:
     """`tune` for several heads and seeds on one view (each seed draws its own validation split). The L2
     heads (linear, logreg) are one problem family, so the grid points of every L2 head and seed train as one
     stacked model, each on its own seed's fit rows, and their refits as another; each run's fit_seconds is
-    its share of the stacked fits. Results come back head by head, seeds in the order given."""
+    its share of the stacked fits. The L2 grids are walked strongest first until each validation curve turns
+    down (`_tune_linear`); `full_grid` fits every point. A closed-form head (ridge) solves its whole grid from
+    one eigendecomposition per seed. Results come back head by head, seeds in the order given."""
     for head in heads:
         if head not in HEAD_SPECS:
             raise FusionCacheError(f"unknown head {quote(head)}; use one of {', '.join(HEAD_SPECS)}")
@@ -196,14 +216,19 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
         if not grid:
             raise FusionCacheError(f"the {HEAD_SPECS[head].tuned} grid of the {head} head is empty; give at least "
                                    "one value")
+    runs: dict[tuple[str, int], TunedRun] = {}
+    streamed = [h for h in heads if HEAD_SPECS[h].family == "closed_form"]
+    if streamed:  # first, and without loading the view when no other head needs it in memory
+        runs.update(_tune_closed_form(store, view, streamed, seeds, val_fraction, grids))
+        if len(streamed) == len(heads):
+            return [runs[h, seed] for h in heads for seed in seeds]
     data = store.data(view)
     splits = {seed: validation_split(data.y_train, val_fraction, seed, data.val_rows) for seed in seeds}
-    runs: dict[tuple[str, int], TunedRun] = {}
     l2 = [h for h in heads if HEAD_SPECS[h].family == "l2"]
     if l2:
         start = time.perf_counter()
         try:
-            fitted = _tune_linear(store, view, data, splits, {h: grids[h] for h in l2}, max_iter)
+            fitted = _tune_linear(store, view, data, splits, {h: grids[h] for h in l2}, max_iter, full_grid)
         except ValueError as e:
             raise FusionCacheError(f"tuning the {'/'.join(l2)} head on '{view}' failed: {e}") from None
         share = (time.perf_counter() - start) / len(fitted)
@@ -212,9 +237,10 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
         if data.refit_rows is not None:  # a few-shot draw: the training score is on the rows the head trained on
             Xtr, ytr = Xtr[torch.from_numpy(data.refit_rows)], ytr[data.refit_rows]
         for (head, seed), (est, scores) in fitted.items():
+            test_pred = est.predict_standardized(Xte)  # once: test_acc and the table's statistics
             runs[head, seed] = _run(view, head, seed, data, grids[head], est, scores, share, *splits[seed],
                                     float(est.score_standardized(Xtr, ytr)),
-                                    float(est.score_standardized(Xte, data.y_test)))
+                                    float(np.mean(test_pred == data.y_test)), test_pred)
     for head in (h for h in heads if HEAD_SPECS[h].family == "neighbours"):
         for seed in seeds:
             fit_rows, val_rows = splits[seed]
@@ -228,30 +254,79 @@ def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], 
             except ValueError as e:
                 raise FusionCacheError(f"tuning the {head} head on '{view}' failed: {e}") from None
             seconds = time.perf_counter() - start
+            test_pred = est.predict(data.X_test)  # one top-k search: test_acc and the table's statistics
             runs[head, seed] = _run(view, head, seed, data, grid, est, scores, seconds, fit_rows, val_rows,
-                                    None, float(est.score(data.X_test, data.y_test)))  # no training score
+                                    None, float(np.mean(test_pred == data.y_test)), test_pred)  # no training score
     return [runs[h, seed] for h in heads for seed in seeds]
 
 
-def _run(view, head, seed, data, grid, est, scores, seconds, fit_rows, val_rows, train_acc, test_acc) -> TunedRun:
-    best = int(np.argmax(scores))  # first of the best: grids are strongest regularization first
+def _tune_closed_form(store: ViewStore, view: str, heads: list[str], seeds: list[int], val_fraction: float,
+                      grids: dict[str, tuple]) -> dict:
+    """The closed-form heads (ridge): every seed's whole grid from one pass over train and one eigendecomposition
+    of its fit rows' Gram matrix (probe.tune), the chosen strength refit on all of train (a few-shot draw's refit
+    rows), the test split read once. The rows stream from the cache unless the view is already in memory."""
+    from . import probe
+
+    rows = store.rows(view)
+    given = store.validation_rows(view)
+    y = rows.labels("train")
+    splits = {seed: validation_split(y, val_fraction, seed, given) for seed in seeds}
+    refit = store.refit_rows(view)
+    n_classes = len(store.cache.classes)
+    runs = {}
+    for head in heads:
+        start = time.perf_counter()
+        try:
+            tuned = probe.tune(rows, n_classes, splits, grids[head], refit)
+        except ValueError as e:
+            raise FusionCacheError(f"tuning the {head} head on '{view}' failed: {e}") from None
+        # each distinct refit head predicts train (its own rows) and test once
+        preds = {}
+        for t in tuned.values():
+            if id(t.estimator) not in preds:
+                preds[id(t.estimator)] = (probe.predict(t.estimator, rows, "train", refit),
+                                          probe.predict(t.estimator, rows, "test"))
+        share = (time.perf_counter() - start) / len(seeds)
+        y_refit = y if refit is None else y[refit]
+        y_test = rows.labels("test")
+        for seed, t in tuned.items():
+            train_pred, test_pred = preds[id(t.estimator)]
+            run = TunedRun(view, head, seed, ",".join(rows.taps), rows.dim, HEAD_SPECS[head].tuned,
+                           grids[head][t.best], {f"{v:g}": float(a) for v, a in zip(grids[head], t.scores)},
+                           float(t.scores[t.best]), float(np.mean(train_pred == y_refit)),
+                           float(np.mean(test_pred == y_test)), share, int(len(splits[seed][1])),
+                           int(len(splits[seed][0])), t.estimator)
+            run.test_pred = test_pred
+            runs[head, seed] = run
+    return runs
+
+
+def _run(view, head, seed, data, grid, est, scores, seconds, fit_rows, val_rows, train_acc, test_acc,
+         test_pred=None) -> TunedRun:
+    best = int(np.nanargmax(scores))  # first of the best: grids are strongest regularization first
+    tried = {f"{v:g}": float(s) for v, s in zip(grid, scores) if not np.isnan(s)}  # NaN: a point not fitted
     return TunedRun(view, head, seed, ",".join(data.taps), data.dim, HEAD_SPECS[head].tuned, grid[best],
-                    {f"{v:g}": float(s) for v, s in zip(grid, scores)}, float(scores[best]), train_acc, test_acc,
-                    seconds, int(len(val_rows)), int(len(fit_rows)), est)
+                    tried, float(scores[best]), train_acc, test_acc,
+                    seconds, int(len(val_rows)), int(len(fit_rows)), est,
+                    test_pred=None if test_pred is None else np.asarray(test_pred, dtype=np.int64))
 
 
 class _TunedLinear(LinearHead):
     """The refit linear head of the tuned protocol, built from the stacked grid's solution. A LinearHead in
     every respect (predict, predict_proba, linear_form); scores already-standardized tensors directly."""
 
-    def score_standardized(self, Xs: torch.Tensor, y: np.ndarray) -> float:
+    def predict_standardized(self, Xs: torch.Tensor) -> np.ndarray:
+        """The predicted classes of already-standardized rows."""
         W = torch.from_numpy(self.coef_).to(Xs.device)
         b = torch.from_numpy(self.intercept_).to(Xs.device)
-        pred = torch.addmm(b, Xs, W.T).argmax(1).cpu().numpy()
-        return float(np.mean(self.classes_[pred] == y))
+        return self.classes_[torch.addmm(b, Xs, W.T).argmax(1).cpu().numpy()]
+
+    def score_standardized(self, Xs: torch.Tensor, y: np.ndarray) -> float:
+        return float(np.mean(self.predict_standardized(Xs) == y))
 
 
-def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, tuple], max_iter) -> dict:
+def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, tuple], max_iter,
+                 full_grid: bool = False) -> dict:
     """The stacked weight-decay grids of the L2 heads over the seeds' validation splits:
     {(head, seed): (refit estimator, validation scores)}.
 
@@ -280,36 +355,58 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
     def weight_decay(head, value, rows):  # logreg's C on `rows` rows as the linear head's weight decay
         return binary / (rows * value) if HEAD_SPECS[head].tuned == "C" else float(value)
 
-    # grid head g: (head, seed, position in the head's grid)
-    members = [(h, seed, i) for seed in splits for h in grids for i in range(len(grids[h]))]
-    wds = [weight_decay(h, grids[h][i], len(splits[seed][0])) for h, seed, i in members]
-    if len(splits) == 1:  # one seed: its fit rows are simply the rows the grid is given
-        f = torch.from_numpy(next(iter(splits.values()))[0])
-        fit = fit_l2_grid(Xtr[f], y[f], k, wds, **opts)
-    else:
-        rows = torch.zeros(len(members), n, dtype=torch.bool)
-        for g, (h, seed, i) in enumerate(members):
-            rows[g, torch.from_numpy(splits[seed][0])] = True
-        fit = fit_l2_grid(Xtr, y, k, wds, rows=rows, **opts)
-    logits = grid_logits(fit, Xtr, device=store.device)  # (n, G, k): every head on every row, one product
-    correct = (logits.argmax(2) == y.to(logits.device).view(-1, 1)).cpu().numpy()
+    # The grid is walked strongest first, in rounds: the first BRACKET points of every (head, seed), then one
+    # more point for each (head, seed) whose best so far is its weakest point tried, warm-started from that
+    # point's solution, until every validation curve has stopped rising (or its grid ends). On a validation curve
+    # that rises strictly to one peak and never rises after it, this chooses exactly what the whole grid would
+    # (the first of the best; a flat step before the peak stops the walk early), and it never fits
+    # the weakest strengths past the peak: those need the most L-BFGS iterations. `full_grid` fits every point.
+    tried: dict[tuple[str, int], dict[int, float]] = {(h, seed): {} for seed in splits for h in grids}
+    solutions: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+    todo = [(h, seed, i) for seed in splits for h in grids
+            for i in range(len(grids[h]) if full_grid else min(BRACKET, len(grids[h])))]
+    while todo:
+        wds = [weight_decay(h, grids[h][i], len(splits[seed][0])) for h, seed, i in todo]
+        init = None
+        if all((h, seed, i - 1) in solutions for h, seed, i in todo):  # a later round: warm starts
+            init = (np.stack([solutions[h, seed, i - 1][0] for h, seed, i in todo]),
+                    np.stack([solutions[h, seed, i - 1][1] for h, seed, i in todo]))
+        if len(splits) == 1:  # one seed: its fit rows are simply the rows the grid is given
+            f = torch.from_numpy(next(iter(splits.values()))[0])
+            fit = fit_l2_grid(Xtr[f], y[f], k, wds, init=init, **opts)
+        else:
+            rows = torch.zeros(len(todo), n, dtype=torch.bool)
+            for g, (h, seed, i) in enumerate(todo):
+                rows[g, torch.from_numpy(splits[seed][0])] = True
+            fit = fit_l2_grid(Xtr, y, k, wds, rows=rows, init=init, **opts)
+        logits = grid_logits(fit, Xtr, device=store.device)  # (n, G, k): every head on every row, one product
+        correct = (logits.argmax(2) == y.to(logits.device).view(-1, 1)).cpu().numpy()
+        for g, (h, seed, i) in enumerate(todo):
+            tried[h, seed][i] = float(correct[splits[seed][1], g].mean())
+            solutions[h, seed, i] = (fit.coef[g], fit.intercept[g])
+        todo = []
+        for (h, seed), acc in tried.items():
+            last = max(acc)
+            best = max(acc, key=lambda i: (acc[i], -i))  # first of the best: grids are strongest first
+            if best == last and last + 1 < len(grids[h]) and last + 1 not in acc:
+                todo.append((h, seed, last + 1))
     chosen, scores = [], {}
     for h in grids:
-        for seed, (fit_rows, val_rows) in splits.items():
-            gs = [g for g, m in enumerate(members) if m[:2] == (h, seed)]
-            val = correct[val_rows][:, gs].mean(0)
-            scores[h, seed] = val
-            chosen.append((h, seed, gs[int(np.argmax(val))]))  # first of the best: grids are strongest first
+        for seed in splits:
+            acc = tried[h, seed]
+            scores[h, seed] = np.array([acc.get(i, np.nan) for i in range(len(grids[h]))])
+            chosen.append((h, seed, max(acc, key=lambda i: (acc[i], -i))))
     Xr, yr, n_refit = Xtr, y, n  # the refit: on all of train, or on a few-shot draw's refit rows
     if data.refit_rows is not None:
         r = torch.from_numpy(data.refit_rows)
         Xr, yr, n_refit = Xtr[r.to(Xtr.device)], y[r], len(data.refit_rows)
-    final_wds = [weight_decay(h, grids[h][members[g][2]], n_refit) for h, seed, g in chosen]
+    final_wds = [weight_decay(h, grids[h][i], n_refit) for h, seed, i in chosen]
     # The refit on all of train has one optimum per weight decay (the loss is strictly convex), whichever seed
     # chose it: each distinct strength is refit once, warm-started from the first grid head that chose it.
     distinct = list(dict.fromkeys(final_wds))
-    first = [next(g for (_, _, g), wd in zip(chosen, final_wds) if wd == w) for w in distinct]
-    final = fit_l2_grid(Xr, yr, k, distinct, init=(fit.coef[first], fit.intercept[first]), **opts)
+    first = [next(m for m, wd in zip(chosen, final_wds) if wd == w) for w in distinct]
+    final = fit_l2_grid(Xr, yr, k, distinct, init=(np.stack([solutions[m][0] for m in first]),
+                                                  np.stack([solutions[m][1] for m in first])), **opts)
     out = {}
     for (head, seed, g), wd in zip(chosen, final_wds):
         j = distinct.index(wd)

@@ -327,7 +327,8 @@ def test_knn_sklearn_estimator_contract(estimator, check):
 
 
 def test_registry_declares_each_head_once():
-    assert HEADS == tuple(HEAD_SPECS) and set(HEADS) == {"linear", "logreg", "knn"}
+    assert HEADS == tuple(HEAD_SPECS) and set(HEADS) == {"linear", "logreg", "knn", "ridge"}
+    assert HEAD_SPECS["ridge"].tuned == "alpha" and HEAD_SPECS["ridge"].streams and len(HEAD_SPECS["ridge"].grid) == 33
     assert HEAD_SPECS["linear"].tuned == "weight_decay" and GRID == (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4)
     assert HEAD_SPECS["logreg"].tuned == "C" and HEAD_SPECS["logreg"].grid == (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     assert HEAD_SPECS["knn"].tuned == "k" and HEAD_SPECS["knn"].grid == (10, 20, 50, 100, 200)

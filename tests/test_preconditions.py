@@ -181,7 +181,8 @@ def test_every_head_declares_its_preconditions():
     for spec in HEAD_SPECS.values():
         assert 1 <= spec.min_classes <= spec.tuned_min_classes
         assert spec.rows_option is None or spec.rows_option in spec.options
-        assert spec.family in ("l2", "neighbours")
+        assert spec.family in ("l2", "neighbours", "closed_form")
+        assert not spec.streams or spec.family == "closed_form"  # a streamed head tunes from its sums
         assert all(option in spec.options for option, _, _ in spec.divergence_fixes)
         assert all(option in spec.options for option in spec.applies_when)
         assert spec.has_linear_form or not spec.divergence_fixes  # only a trained head can diverge

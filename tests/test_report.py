@@ -38,7 +38,8 @@ def report_dir(tiny_cache, tmp_path_factory):
 
 
 def test_report_writes_every_file(report_dir):
-    assert sorted(p.name for p in report_dir.iterdir()) == sorted(["report.md", "report.json", *FIGURES])
+    assert sorted(p.name for p in report_dir.iterdir()) == sorted(["report.md", "report.json", "predictions.npz",
+                                                                   *FIGURES])
     md = (report_dir / "report.md").read_text()
     assert "*62.78*" in md and "*77.58*" in md  # the case study's numbers, beside ours
     assert "fusion-cache report" in md and "sha256" in md
@@ -162,7 +163,7 @@ def test_report_with_logreg_only_and_a_forced_rerun(tiny_cache, tmp_path):
             "--max-iter", "30", "--no-pair-search"]
     r = _run(*args)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "report.json", *FIGURES])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["report.md", "report.json", "predictions.npz", *FIGURES])
     first = (out / "report.json").read_text()
     r = _run(*args)
     assert r.exit_code == 1 and "already holds results" in r.output and "pass --force" in r.output

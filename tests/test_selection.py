@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from fusion_cache.cache import open_cache
 from fusion_cache.heads import HEAD_SPECS
-from fusion_cache.selection import ViewStore, tune_heads, validation_split
+from fusion_cache.selection import BRACKET, ViewStore, tune_heads, validation_split
 
 from .conftest import write_synthetic_cache
 from .features import train_stats
@@ -189,23 +189,30 @@ def check_run(run, head, grid, val_scores: Scores, n_train: int) -> None:
         assert run.estimator.k == run.value
     else:  # refit on all train rows: logreg's C as a weight decay over n_train rows
         assert run.estimator.weight_decay == pytest.approx(weight_decay(head, run.value, n_train), rel=1e-12)
-    got = [run.grid[f"{v:g}"] for v in grid]
-    assert list(run.grid) == [f"{v:g}" for v in grid]
+    tried = len(run.grid)  # the L2 heads walk their grid strongest first until validation turns down
+    got = [run.grid[f"{v:g}"] for v in grid[:tried]]
+    assert list(run.grid) == [f"{v:g}" for v in grid[:tried]]
     for v, g, lo, hi, exact in zip(grid, got, val_scores.lo, val_scores.hi, val_scores.exact):
         assert lo - 1e-12 <= g <= hi + 1e-12, f"{head} at {v:g}: validation accuracy {g}, reference {exact} [{lo}, {hi}]"
     assert run.value == grid[first_best(got)] and run.val_acc == max(got)
-    assert first_best(got) in val_scores.choices()
+    if tried == len(grid):  # the whole grid: the choice is one the reference allows
+        assert first_best(got) in val_scores.choices()
+    else:  # a bracket: it stopped at its first round or where the curve turned down past the best
+        assert tried >= min(BRACKET, len(grid)) and first_best(got) < tried - 1
 
 
-@pytest.mark.parametrize("head", ["linear", "logreg", "knn"])
-def test_each_choice_is_the_first_best_validation_accuracy_recomputed_here(tmp_path, head):
+@pytest.mark.parametrize("head, full_grid", [("linear", False), ("linear", True), ("logreg", False),
+                                             ("logreg", True), ("knn", False)])
+def test_each_choice_is_the_first_best_validation_accuracy_recomputed_here(tmp_path, head, full_grid):
     spec = ORACLE_DATA[head]
     n = spec["n"]
     X, y = blobs(spec["seed"], n + 50, 24, 3, spec["sep"])
     cache = open_cache(one_tap_cache(tmp_path / "c.h5", X[:n], y[:n], X[n:], y[n:], 3))
     X, y = cache.features(TAP, "train"), cache.labels("train")
     seeds = [0, 1]
-    runs = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL)
+    runs = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL, full_grid=full_grid)
+    if full_grid:
+        assert all(len(run.grid) == len(HEAD_SPECS[head].grid) for run in runs)
     discriminates = []
     for run, seed in zip(runs, seeds):
         fit, val = validation_split(y, VAL, seed)
@@ -238,7 +245,7 @@ def test_validation_decides_where_the_fit_rows_would_choose_otherwise(tmp_path, 
     grid = [v for v in HEAD_SPECS[head].grid if head != "knn" or v <= len(fit)]
     on_val, on_fit = reference_scores(X, y, head, grid, fit, val, k)
     assert not on_val.choices() & on_fit.choices()  # no choice on the fit rows can be the one on validation
-    run = tune_heads(ViewStore(cache), TAP, [head], [0], VAL)[0]
+    run = tune_heads(ViewStore(cache), TAP, [head], [0], VAL, full_grid=True)[0]
     check_run(run, head, grid, on_val, len(y))
 
 
@@ -276,3 +283,28 @@ def test_the_tuned_logreg_on_two_classes_is_scikit_learns_at_the_same_C(tmp_path
     coef = run.estimator.coef_
     # two softmax rows against scikit-learn's one binary row: the same logit difference
     np.testing.assert_allclose(coef[1] - coef[0], lr.coef_[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("head", ["linear", "logreg"])
+def test_the_bracket_chooses_what_the_whole_grid_chooses_on_a_one_peak_curve(tmp_path, head):
+    """The walk strongest first (warm-started, stopped where validation turns down) scores each point it
+    tries as the whole grid does, and chooses the same strength wherever the whole grid's validation curve
+    rises strictly to one peak and then never rises again; it fits fewer points when the peak is before the
+    grid's end."""
+    X, y = blobs(4, 400, 24, 3, 0.5, label_noise=0.1)
+    cache = open_cache(one_tap_cache(tmp_path / "c.h5", X[:300], y[:300], X[300:], y[300:], 3))
+    seeds = [0, 1, 2]
+    walked = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL)
+    whole = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL, full_grid=True)
+    peaked = 0
+    for w, f in zip(walked, whole):
+        curve = list(f.grid.values())
+        for v, acc in w.grid.items():
+            assert acc == pytest.approx(f.grid[v], abs=2 / f.val_rows)  # rows on a boundary may flip
+        top = curve.index(max(curve))
+        if all(a < b for a, b in zip(curve[:top], curve[1:top + 1])) and \
+                all(a >= b for a, b in zip(curve[top:], curve[top + 1:])):
+            peaked += 1
+            assert w.value == f.value
+            assert len(w.grid) == min(len(curve), max(BRACKET, top + 2))
+    assert peaked
