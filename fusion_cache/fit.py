@@ -403,9 +403,13 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
         cache.view_taps(v)
     check_heads(cache, heads, params, offered)
     draws = None if fewshot is None else check_fewshot(cache, heads, params, fewshot, seeds, offered)
-    data = {v: load_view(cache, v) for v in views}  # validates every view's features before any training
+    if draws is None and all(HEAD_SPECS[h].streams for h in heads):  # every head reads the view in chunks from
+        data = dict.fromkeys(views)  # the cache (its NaN check as it reads): no view is loaded into memory
+    else:
+        data = {v: load_view(cache, v) for v in views}  # validates every view's features before any training
     if draws is not None:
         return _ablate_draws(cache, views, heads, seeds, params, data, draws, fewshot.draws, progress, offered)
+    y_test = cache.labels("test")
     rows = []
     for view in views:
         for head in heads:
@@ -413,7 +417,7 @@ def ablate(cache: Cache, views: list[str], heads: list[str], seeds: list[int], p
             for seed in seeds:
                 if r is None or HEAD_SPECS[head].seeded:  # a seed-independent head is fitted once a view
                     r = fit_head(cache, view, head, params, seed, data=data[view], offered=offered)
-                    interval = run_interval(r.test_pred, data[view].y_test)
+                    interval = run_interval(r.test_pred, y_test)
                 rows.append({"view": view, "head": head, "seed": seed, "taps": ",".join(r.features), "dim": r.dim,
                              "train_acc": r.train_acc, "test_acc": r.test_acc, **interval, "train_loss": r.train_loss,
                              "test_loss": r.test_loss, "fit_seconds": r.fit_seconds, "epochs": r.epochs,

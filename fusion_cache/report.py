@@ -191,7 +191,7 @@ class ReportResult:
                       "validation": self.provenance.get("split", {}).get("validation"),
                       "grids": {h: {"param": HEAD_SPECS[h].tuned, "values": list(HEAD_SPECS[h].grid)}
                                 for h in self.cfg.heads},
-                      "rows": self.tuned_rows, "summary": self.tuned_summary, "baseline": self._tuned[1],
+                      "full_grid": self.cfg.full_grid, "rows": self.tuned_rows, "summary": self.tuned_summary, "baseline": self._tuned[1],
                       "pair_search": self.pair_scores,
                       "pair_late": ",".join(self.provenance.get("late", [])) or None},
             "seeds": self.cfg.seeds, "views": self.cfg.views, "heads": self.cfg.heads,
@@ -350,7 +350,9 @@ def markdown(report: dict, command: str, machine: str) -> str:
     note = comparison_note(paper_base, report["paper"]["summary"])
     lines += ["", *([note, ""] if note else []),
               "For `logreg` the train column is the converged fit's training accuracy; it has no epochs."]
-    grids = "; ".join(f"`{h}`: {g['param']} in {g['values']}" for h, g in report["tuned"]["grids"].items())
+    grids = "; ".join(f"`{h}`: {g['param']} in {g['values']}" if len(g["values"]) <= 8 else
+                      f"`{h}`: {g['param']} in {len(g['values'])} values from {g['values'][0]:g} to {g['values'][-1]:g}"
+                      for h, g in report["tuned"]["grids"].items())
     fs = report.get("fewshot")
     if fs:  # few-shot: chosen on the draw's validation, refit on the draw
         k = fs["train_per_class"]
@@ -368,9 +370,13 @@ def markdown(report: dict, command: str, machine: str) -> str:
                        f"{100 * report['tuned']['val_fraction']:.0f} % of train held out (stratified, per seed) "
                        "to choose ")
                       + "each head's parameter: " + grids
-                      + ". `linear` is trained on features standardized with train statistics, all grid points as one "
-                      "stacked model (L-BFGS per head, one matrix product per pass); the chosen one is refit on all of "
-                      "train. The test split is used only for the final number.")
+                      + ". `linear` and `logreg` are trained on features standardized with train statistics, their "
+                      "grid points as one stacked model (L-BFGS per head, one matrix product per pass), "
+                      + ("every point of the grid" if report["tuned"].get("full_grid") else
+                         "walked strongest first until validation accuracy stops rising (the `chosen` column's "
+                         "grid lists the points fitted; `--full-grid` fits them all)")
+                      + "; `ridge` solves its whole grid from one eigendecomposition. The chosen one is refit on all "
+                      "of train. The test split is used only for the final number.")
     lines += ["", "## Tuned on a validation split", "", tuned_text, "",
               "| view | head | dim | chosen | val acc | test acc |" + "".join(f" {h} |" for h in tuned_extra),
               "|---|---|---:|---|---:|---:|" + "---:|" * len(tuned_extra)]

@@ -51,6 +51,23 @@ Keys of bench.json (each with the two measurements it divides):
   tuned_grid_vs_one_fit, tuned_vs_sklearn_*, knn_seconds_full
                                  with --full-cache: the tuned protocol's heads (see tuned_heads); --only-heads
                                  measures just these and merges them into --out
+  heads_scaling, <head>_rss_<big>_vs_<next>, <head>_time_<big>_vs_<next>
+                                 `fusion-cache fit CACHE --head H --features all --json` in its own process, each
+                                 of --scaling-heads (ridge, linear and logreg with their default options;
+                                 linear_lbfgs: --solver lbfgs --standardize --weight-decay 1e-3, the tuned
+                                 protocol's fit) on synthetic caches (Gaussian class clusters, 10 classes,
+                                 --scaling-width columns, --scaling-dtype, a test split of a tenth of train capped
+                                 at 10,000) of each of --scaling-rows train rows, written through CacheWriter into
+                                 the scratch folder: so the streaming path is the one measured. Each row: fit
+                                 seconds (the fit's own JSON), wall seconds and peak RSS of the process, test
+                                 accuracy. The ratios divide the largest size's peak RSS and fit seconds by the
+                                 next largest's (ridge_rss_500k_vs_50k at the defaults); --only-heads-scaling
+  ridge_grid_vs_one_fit          the ridge probe's whole grid (probe.tune: one seed's 33 alphas, validation on a
+                                 tenth of train, the refit on all of it, streamed from the cache) vs one converged
+                                 linear fit (the tuned protocol's: L-BFGS, standardized, weight decay 1e-2) on the
+                                 same fit rows, its train rows read from the same cache; both from the file to a
+                                 fitted head (ridge_grid_vs_one_fit_in_memory: against the fit alone), view `all`
+                                 of --full-cache, else of the largest scaling cache; --only-ridge
 Smaller sizes (--train-size, --image-size, ...) make a quick run; the test suite runs it on tiny synthetic data.
 """
 
@@ -61,6 +78,8 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -438,13 +457,55 @@ def paper_pipeline_epoch(weights, root: Path, image_size: int, batch: int, worke
     return time.perf_counter() - start
 
 
+# Runs argv[2:] with its stdout into the file argv[1], then prints its wall seconds and ru_maxrss (KiB) of
+# RUSAGE_CHILDREN: a fresh wrapper per measurement, so that the peak is this command's alone (a process's
+# RUSAGE_CHILDREN keeps the largest peak of every child it ever waited for).
+_MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "r = subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], 'wb')); w = time.perf_counter() - t; "
+            "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+
+
+def measured_run(argv: list[str], stdout_path: str | Path = os.devnull) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of `argv` run in its own process, its stdout written to `stdout_path`."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(stdout_path), *argv], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    wall, kib = r.stdout.split()[-2:]
+    return float(wall), int(kib) / 1024
+
+
 def peak_rss_mb(args: list[str]) -> float:
     """Peak RSS of `fusion-cache extract ARGS` in its own process (ru_maxrss of the waited-for child)."""
-    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "fusion_cache", "extract", *args],
-                         check=True, capture_output=True, text=True).stdout
-    return int(out.strip().splitlines()[-1]) / 1024
+    return measured_run([sys.executable, "-m", "fusion_cache", "extract", *args])[1]
+
+
+REPORTED_BEST = 0.8754  # the previous release's best tuned view on full CIFAR-10 (all, linear, whole grid)
+
+
+def tuned_report(a, tmp: Path) -> dict:
+    """tuned_report_vs_extract: `make reproduce-full`'s two commands, timed in turns in one run: the full
+    CIFAR-10 extraction (50,000 / 10,000 images, avgmax pooling, every tap) and its report (early, late, fused
+    and all plus the best pair, linear, 3 seeds: the paper protocol, the pair search, the tuned protocol and
+    the figures). Also the best tuned view's accuracy against the previous release's."""
+    cache, out = tmp / "full.h5", tmp / "report"
+    flags = ["--skip-integrity-check"] if a.skip_integrity_check else []
+    log("tuned report: extract full CIFAR-10 (avgmax, every tap)")
+    extract_s, _ = measured_run([sys.executable, "-m", "fusion_cache", "extract", "--dataset", "cifar10",
+                                 "--data-root", str(a.data_root), "--weights", str(a.weights), *flags,
+                                 "--train-size", "all", "--test-size", "all", "--pool", "avgmax", "--out", str(cache)])
+    log(f"  {extract_s:.0f} s; report (early, late, fused, all + pair; linear; seeds 0,1,2)")
+    report_s, report_rss = measured_run([sys.executable, "-m", "fusion_cache", "report", str(cache), "--out", str(out),
+                                         "--views", "early,late,fused,all", "--heads", "linear", "--seeds", "0,1,2",
+                                         "--data-root", str(a.data_root)])
+    r = json.loads((out / "report.json").read_text())
+    log(f"  {report_s:.0f} s; best {r['best_view']} {100 * r['best_test_acc']:.2f} %")
+    chosen = {f"{row['view']}/{row['seed']}": {"weight_decay": row["weight_decay"], "tried": list(row["grid"])}
+              for row in r["tuned"]["rows"]}
+    return {"tuned_extract_s": extract_s, "tuned_report_s": report_s, "tuned_report_peak_rss_mb": report_rss,
+            "tuned_report_vs_extract": report_s / extract_s, "tuned_report_seconds": r["seconds"],
+            "tuned_best_view": r["best_view"], "tuned_best_test_acc": r["best_test_acc"],
+            "tuned_best_vs_reported_points": 100 * (r["best_test_acc"] - REPORTED_BEST),
+            "tuned_chosen": chosen, "tuned_answer": r.get("answer")}
 
 
 def fused_logreg_acc(path: Path) -> float:
@@ -453,8 +514,9 @@ def fused_logreg_acc(path: Path) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-root", type=Path, required=True)
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--data-root", type=Path, help="required unless only --only-heads, --only-heads-scaling or "
+                    "--only-ridge runs (they read no images)")
+    ap.add_argument("--weights", help="required as --data-root")
     ap.add_argument("--skip-integrity-check", action="store_true")
     ap.add_argument("--train-size", type=int, default=5000)
     ap.add_argument("--test-size", type=int, default=1000)
@@ -489,7 +551,39 @@ def main() -> int:
                     help="measure only the parquet_* and wds_* keys and merge them into --out")
     ap.add_argument("--only-heads", action="store_true",
                     help="measure only the tuned-heads keys on --full-cache and merge them into --out")
+    ap.add_argument("--scaling-rows", default="5000,50000,500000",
+                    help="train rows of the heads-scaling caches (each at least 100)")
+    ap.add_argument("--scaling-width", type=int, default=512,
+                    help="columns of the heads-scaling caches: a sum of MobileNetV2 tap widths (most multiples of 8 "
+                         "from 16 to 2816)")
+    ap.add_argument("--scaling-dtype", choices=("float16", "float32"), default="float16",
+                    help="storage dtype of the heads-scaling caches")
+    ap.add_argument("--scaling-heads", default=",".join(SCALING_HEADS),
+                    help=f"heads of the scaling table, of {', '.join(SCALING_HEADS)}")
+    ap.add_argument("--only-heads-scaling", action="store_true",
+                    help="measure only the heads-scaling table and keys (synthetic caches) and merge them into --out")
+    ap.add_argument("--only-tuned-report", action="store_true",
+                    help="only tuned_report_vs_extract: full CIFAR-10 extracted (avgmax) then reported, in turns "
+                         "(about 10 minutes on 2 cores; 1.4 GB of scratch)")
+    ap.add_argument("--only-ridge", action="store_true",
+                    help="measure only ridge_grid_vs_one_fit (on --full-cache, else the largest scaling cache) and "
+                         "merge it into --out; with --only-heads-scaling, both")
     a = ap.parse_args()
+    try:
+        a.scaling_rows = sorted({int(v) for v in a.scaling_rows.split(",")})
+    except ValueError:
+        ap.error(f"--scaling-rows must be comma-separated integers, got {a.scaling_rows!r}")
+    if a.scaling_rows[0] < 100:
+        ap.error(f"--scaling-rows must each be at least 100, got {a.scaling_rows[0]}")
+    if scaling_taps(a.scaling_width) is None:
+        ap.error(f"--scaling-width {a.scaling_width} is no sum of MobileNetV2 tap widths; use a multiple of 8 "
+                 "from 16 to 2800 (e.g. 256 or 512)")
+    a.scaling_heads = a.scaling_heads.split(",")
+    unknown = [h for h in a.scaling_heads if h not in SCALING_HEADS]
+    if unknown:
+        ap.error(f"--scaling-heads: unknown {unknown[0]!r}; use some of {', '.join(SCALING_HEADS)}")
+    if not (a.only_heads or a.only_heads_scaling or a.only_ridge) and (a.data_root is None or a.weights is None):
+        ap.error("the following arguments are required: --data-root, --weights")
     for name in ("threads", "backbone_train_size", "backbone_test_size", "backbone_repeats", "photos"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
@@ -504,6 +598,15 @@ def main() -> int:
         if not a.full_cache:
             ap.error("--only-heads needs --full-cache")
         return merge_part(a.out, lambda tmp: tuned_heads(a.full_cache, threads=a.threads))
+
+    if a.only_heads_scaling or a.only_ridge:
+        if a.only_heads_scaling or not a.full_cache:  # before the scratch folder is made: one line, no traceback
+            check_scaling_space(Path(tempfile.gettempdir()), a)
+        return merge_part(a.out, lambda tmp: {**(heads_scaling(a, tmp) if a.only_heads_scaling else {}),
+                                              **(ridge_grid(a, tmp) if a.only_ridge else {})})
+
+    if a.only_tuned_report:
+        return merge_part(a.out, lambda tmp: tuned_report(a, tmp))
 
     if a.only_ray:
         return merge_part(a.out, lambda tmp: ray_part(a, tmp))
@@ -521,6 +624,7 @@ def main() -> int:
         sources = load_listing("cifar10", Path(a.data_root), LoadOptions(False, a.skip_integrity_check)).given
         return merge_part(a.out, lambda tmp: backbone_ratios(a, sources, tmp))
 
+    check_scaling_space(Path(tempfile.gettempdir()), a)  # now, not after an hour of the other parts
     views, seeds = a.views.split(","), [int(s) for s in a.seeds.split(",")]
     weights = load_weights(a.weights)
     pre = Preprocess(a.image_size)
@@ -617,6 +721,12 @@ def main() -> int:
         res["float16_cache_bytes"] = {"float32": size32, "float16": size16}
         res["float16_cache_size_ratio"] = size16 / size32
         res["float16_cache_acc_delta"] = acc_f16 - acc32
+
+        log(f"[6a/7] heads scaling: {', '.join(a.scaling_heads)} on {a.scaling_rows} synthetic rows x "
+            f"{a.scaling_width}")
+        res.update(heads_scaling(a, tmp))
+        log(f"[6b/7] the ridge probe's whole grid vs one linear fit on {a.full_cache or 'the largest scaling cache'}")
+        res.update(ridge_grid(a, tmp))
 
     if a.full_cache:
         log(f"[7/8] torch head vs logreg on {a.full_cache}, all blocks")
@@ -719,6 +829,208 @@ def tuned_heads(path: Path, seed: int = 0, val_fraction: float = 0.1, threads: i
     return out
 
 
+# The heads-scaling table: label -> `fusion-cache fit` options (each head's defaults; linear_lbfgs: the tuned
+# protocol's solver at one strength).
+SCALING_HEADS = {
+    "ridge": ["--head", "ridge"],
+    "linear": ["--head", "linear"],
+    "linear_lbfgs": ["--head", "linear", "--solver", "lbfgs", "--standardize", "--weight-decay", "1e-3"],
+    "logreg": ["--head", "logreg"],
+}
+SCALING_CLASSES = 10
+SCALING_KEY = re.compile(r"^[a-z_]+_(rss|time)_\d+k?_vs_\d+k?$")
+
+
+def scaling_taps(width: int) -> list[str] | None:
+    """MobileNetV2 taps whose average-pooled widths sum to `width` (the fewest such, in table order), or None."""
+    from fusion_cache.taps import MOBILENET_V2
+
+    best: dict[int, list[str]] = {0: []}
+    for tap in MOBILENET_V2.taps:
+        for total, taps in list(best.items()):
+            w = total + tap.channels
+            if w <= width and (w not in best or len(taps) + 1 < len(best[w])):
+                best[w] = taps + [tap.name]
+    return best.get(width)
+
+
+def scaling_test_rows(rows: int) -> int:
+    return max(10, min(rows // 10, 10_000))
+
+
+def scaling_path(tmp: Path, rows: int, a) -> Path:
+    return tmp / f"scaling-{rows}x{a.scaling_width}-{a.scaling_dtype}.h5"
+
+
+def size_tag(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def check_scaling_space(folder: Path, a) -> None:
+    """Exit with one line when `folder`'s disk cannot hold the largest synthetic cache (the smaller ones are
+    deleted before it is written)."""
+    import numpy as np
+
+    n = max(a.scaling_rows)
+    need = int(1.05 * (n + scaling_test_rows(n)) * a.scaling_width * np.dtype(a.scaling_dtype).itemsize) + (64 << 20)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(f"bench: the {n:,}-row synthetic cache needs {need / 1e9:.2f} GB free in {folder}, which "
+                         f"has {free / 1e9:.2f} GB; free some, point TMPDIR at a larger disk, or pass smaller "
+                         "--scaling-rows")
+
+
+def write_scaling_cache(path: Path, rows: int, width: int, dtype: str = "float16", seed: int = 0,
+                        chunk: int = 32768) -> Path:
+    """A real cache (CacheWriter, MobileNetV2 taps summing to `width` columns, `dtype`) of `rows` train rows and
+    scaling_test_rows(rows) test rows: SCALING_CLASSES Gaussian clusters, balanced, their centres 4 noise
+    deviations apart on average (the same centres at every size), every column given a positive offset and its
+    own scale as pooled features have. Written in chunks: the bench never holds the whole matrix."""
+    import numpy as np
+
+    from fusion_cache.cache import CacheMeta, CacheWriter
+    from fusion_cache.taps import MOBILENET_V2
+
+    taps = scaling_taps(width)
+    widths = [MOBILENET_V2.tap(t).channels for t in taps]
+    rng = np.random.default_rng(seed)
+    centres = (rng.standard_normal((SCALING_CLASSES, width)) * (4.0 / np.sqrt(2 * width))).astype(np.float32)
+    offset = np.abs(rng.standard_normal(width)).astype(np.float32)
+    col_scale = np.exp(0.5 * rng.standard_normal(width)).astype(np.float32)
+    sizes = {"train": rows, "test": scaling_test_rows(rows)}
+    meta = CacheMeta.create(
+        backbone="mobilenet_v2", weights_sha256="0" * 64, image_size=32, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), resize="none", pool="avg", taps=tuple(taps), dataset="synthetic",
+        data_identity={"synthetic": f"gaussian clusters, seed {seed}, {rows} rows x {width}"}, subset={},
+        dtype=dtype, precision="fp32", weights="synthetic", data_root="",
+        classes=tuple(f"class{i}" for i in range(SCALING_CLASSES)), train_size=sizes["train"],
+        test_size=sizes["test"], train_source_size=sizes["train"], test_source_size=sizes["test"], seed=seed,
+        integrity_checked=True, versions={}, tap_table=MOBILENET_V2.to_json())
+    with CacheWriter(path, meta) as w:
+        for split, n in sizes.items():
+            split_rng = np.random.default_rng([seed, rows, split == "test"])
+            labels = split_rng.permutation(np.arange(n) % SCALING_CLASSES)
+            for lo in range(0, n, chunk):
+                y = labels[lo : lo + chunk]
+                X = (centres[y] + split_rng.standard_normal((len(y), width), dtype=np.float32)) * col_scale + offset
+                w.append(split, lo + len(y), y, np.arange(lo, lo + len(y)),
+                         dict(zip(taps, np.split(X, np.cumsum(widths)[:-1], axis=1))))
+        w.finish(skipped={})
+    return path
+
+
+def heads_scaling(a, tmp: Path) -> dict:
+    """heads_scaling rows and the <head>_rss_/<head>_time_<big>_vs_<next> keys: each of --scaling-heads fit by
+    `fusion-cache fit CACHE --features all --json` in its own process on a synthetic cache of each of
+    --scaling-rows, smallest first. Each cache is deleted once measured, except the largest when the ridge
+    part will need it (no --full-cache)."""
+    check_scaling_space(tmp, a)
+    sizes, width = a.scaling_rows, a.scaling_width
+    rows_out = []
+    for n in sizes:
+        path = scaling_path(tmp, n, a)
+        start = time.perf_counter()
+        write_scaling_cache(path, n, width, a.scaling_dtype)
+        log(f"  {n:,} + {scaling_test_rows(n):,} rows x {width} ({a.scaling_dtype}) written in "
+            f"{time.perf_counter() - start:.1f} s, {path.stat().st_size / 1e6:.0f} MB")
+        for label in a.scaling_heads:
+            got = tmp / "fit.json"
+            wall, rss = measured_run([sys.executable, "-m", "fusion_cache", "fit", str(path), *SCALING_HEADS[label],
+                                      "--features", "all", "--json"], got)
+            fit = json.loads(got.read_text())
+            got.unlink()
+            rows_out.append({"head": label, "options": " ".join(SCALING_HEADS[label][2:]), "rows": n,
+                             "test_rows": scaling_test_rows(n), "width": width, "fit_seconds": fit["fit_seconds"],
+                             "wall_seconds": wall, "peak_rss_mb": rss, "test_acc": fit["test_acc"]})
+            log(f"    {label:<13} fit {fit['fit_seconds']:7.2f} s, wall {wall:7.2f} s, peak RSS {rss:7.0f} MB, "
+                f"test {100 * fit['test_acc']:.2f} %")
+        if n != sizes[-1] or a.full_cache:
+            path.unlink()
+    res: dict = {"heads_scaling": rows_out, "heads_scaling_setup": {
+        "rows": sizes, "width": width, "dtype": a.scaling_dtype, "classes": SCALING_CLASSES,
+        "taps": scaling_taps(width), "heads": {h: " ".join(SCALING_HEADS[h]) for h in a.scaling_heads}}}
+    if len(sizes) >= 2:
+        big, nxt = sizes[-1], sizes[-2]
+        at = {(r["head"], r["rows"]): r for r in rows_out}
+        for label in a.scaling_heads:
+            b, m = at[label, big], at[label, nxt]
+            res[f"{label}_rss_{size_tag(big)}_vs_{size_tag(nxt)}"] = b["peak_rss_mb"] / m["peak_rss_mb"]
+            res[f"{label}_time_{size_tag(big)}_vs_{size_tag(nxt)}"] = b["fit_seconds"] / m["fit_seconds"]
+    return res
+
+
+def ridge_grid(a, tmp: Path, seed: int = 0, val_fraction: float = 0.1) -> dict:
+    """ridge_grid_vs_one_fit on view `all` of --full-cache, else of the largest scaling cache (written here if
+    heads_scaling has not left it in `tmp`): the ridge probe's whole grid for one seed (probe.tune over
+    HEAD_SPECS['ridge'].grid, streamed from the cache: the sums over train, the validation scores of every
+    alpha, the refit on all of train) vs one converged linear fit of the tuned protocol (L-BFGS, standardized,
+    weight decay 1e-2, up to 1000 iterations) on the same fit rows, its train rows read from the same cache.
+    The view's train rows are read once before either timing, so that both find the file in the page cache.
+    Test accuracies are computed outside both timings."""
+    import numpy as np
+
+    from fusion_cache import probe
+    from fusion_cache.heads import HEAD_SPECS
+    from fusion_cache.selection import validation_split
+
+    torch.set_num_threads(a.threads)
+    if a.full_cache:
+        path = a.full_cache
+    else:
+        path = scaling_path(tmp, max(a.scaling_rows), a)
+        if not path.exists():
+            check_scaling_space(tmp, a)
+            write_scaling_cache(path, max(a.scaling_rows), a.scaling_width, a.scaling_dtype)
+    view = "all"
+    cache = open_cache(path)
+    y = cache.labels("train")
+    fit_rows, val_rows = validation_split(y, val_fraction, seed, cache.validation_rows())
+    k = len(cache.classes)
+    for _ in cache.iter_view(view, "train"):  # the page cache warm for both
+        pass
+    grid = HEAD_SPECS["ridge"].grid
+    log(f"  ridge: {len(grid)} alphas on {len(fit_rows):,} fit rows, {len(val_rows):,} validation rows of {path}")
+    rows = probe.CacheRows(cache, view)
+    start = time.perf_counter()
+    tuned = probe.tune(rows, k, {seed: (fit_rows, val_rows)}, grid)[seed]
+    ridge_s = time.perf_counter() - start
+    ridge_acc = float(np.mean(probe.predict(tuned.estimator, rows, "test") == rows.labels("test")))
+    alpha = grid[tuned.best]
+    log(f"  ridge grid {ridge_s:.2f} s, alpha {alpha:g}, test {100 * ridge_acc:.2f} %")
+
+    start = time.perf_counter()
+    X, y_train = cache.view(view, "train")
+    X, y_fit = X[fit_rows], y_train[fit_rows]
+    load_s = time.perf_counter() - start
+    est = HEAD_SPECS["linear"].build_tuned(1e-2, seed, max_iter=1000)
+    start = time.perf_counter()
+    est.fit(X, y_fit)
+    fit_s = time.perf_counter() - start
+    del X
+    X_test, y_test = cache.view(view, "test")
+    linear_acc = float(est.score(X_test, y_test))
+    log(f"  linear: read {load_s:.2f} s + fit {fit_s:.2f} s ({est.n_iter_} L-BFGS iterations), "
+        f"test {100 * linear_acc:.2f} %")
+    return {"ridge_grid": {"cache": str(path), "view": view, "dim": rows.dim, "fit_rows": int(len(fit_rows)),
+                           "val_rows": int(len(val_rows)), "test_rows": int(len(y_test)), "grid_points": len(grid),
+                           "threads": torch.get_num_threads(), "val_scores": [float(v) for v in tuned.scores],
+                           "linear": {"weight_decay": 1e-2, "solver": "lbfgs", "standardize": True,
+                                      "max_iter": 1000, "iterations": int(est.n_iter_)}},
+            "ridge_grid_s": ridge_s, "ridge_alpha": alpha, "ridge_val_acc": float(tuned.scores[tuned.best]),
+            "ridge_test_acc": ridge_acc, "ridge_linear_read_s": load_s, "ridge_linear_fit_s": fit_s,
+            "ridge_linear_test_acc": linear_acc, "ridge_grid_vs_one_fit": ridge_s / (load_s + fit_s),
+            "ridge_grid_vs_one_fit_in_memory": ridge_s / fit_s, "ridge_vs_linear_acc_delta": ridge_acc - linear_acc}
+
+
+def scaling_markdown(rows: list[dict]) -> str:
+    lines = ["| head | train rows | width | fit s | wall s | peak RSS MB | test acc % |",
+             "|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(f"| {r['head']} | {r['rows']:,} | {r['width']} | {r['fit_seconds']:.2f} | "
+                     f"{r['wall_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {100 * r['test_acc']:.2f} |")
+    return "\n".join(lines)
+
+
 ROWS = [
     ("extract_vs_backbone_ratio", ">= 0.95", "{:.2f}"),
     ("extract_vs_backbone_ratio_resnet50", ">= 0.95", "{:.2f}"),
@@ -746,12 +1058,24 @@ ROWS = [
     ("tuned_vs_sklearn_grid", ">= 10", "{:.1f}"),
     ("tuned_vs_sklearn_acc_delta", "within 0.003", "{:+.4f}"),
     ("knn_seconds_full", "<= 30 s", "{:.1f}"),
+    ("ridge_rss_500k_vs_50k", "<= 1.1", "{:.2f}"),
+    ("ridge_time_500k_vs_50k", "report", "{:.2f}"),
+    ("ridge_grid_vs_one_fit", "<= 1.2", "{:.2f}"),
+    ("ridge_vs_linear_acc_delta", "report", "{:+.4f}"),
+    ("tuned_report_vs_extract", "<= 1.0", "{:.2f}"),
+    ("tuned_best_vs_reported_points", "within 0.2", "{:+.2f}"),
 ]
 
 
 def table(res: dict) -> str:
-    lines = [f"{'key':<38} {'value':>10}  target"]
-    for key, target, fmt in ROWS:
+    """The heads-scaling rows as a Markdown table (when measured), then every key with its target: those of
+    ROWS, then the other heads-scaling ratios (named by the sizes measured)."""
+    fixed = {key for key, _, _ in ROWS}
+    rows = ROWS + [(key, "<= 1.1" if key.startswith("ridge_rss_") else "report", "{:.2f}")
+                   for key in res if SCALING_KEY.match(key) and key not in fixed]
+    lines = [scaling_markdown(res["heads_scaling"]), ""] if res.get("heads_scaling") else []
+    lines.append(f"{'key':<38} {'value':>10}  target")
+    for key, target, fmt in rows:
         value = fmt.format(res[key]) if key in res else "skipped"
         lines.append(f"{key:<38} {value:>10}  {target}")
     return "\n".join(lines)
