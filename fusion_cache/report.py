@@ -459,7 +459,7 @@ def render_figures(report: ReportResult, cache: Cache, out_dir: Path, sources: d
     best_view, best_head, seed = report.best["view"], report.best["head"], report.cfg.seeds[0]
     est = report.estimator(best_view, best_head, seed)
     Xte, yte = cache.view(best_view, "test")
-    proba = est.predict_proba(Xte)
+    proba = _probabilities(est, Xte)
     pred = est.classes_[proba.argmax(1)]
     right, wrong = np.flatnonzero(pred == yte), np.flatnonzero(pred != yte)
     n_wrong = min(6, len(wrong), 18)
@@ -477,6 +477,19 @@ def render_figures(report: ReportResult, cache: Cache, out_dir: Path, sources: d
         p = report.estimator(view, best_head, seed).predict(X)
         acc[view] = np.array([(p[yte == c] == c).mean() if (yte == c).any() else 0.0 for c in range(len(classes))])
     figures.per_class(acc, classes, out_dir / "per_class.png", f"Per-class test accuracy, tuned {best_head}, seed {seed}")
+
+
+def _probabilities(est, X: np.ndarray) -> np.ndarray:
+    """The head's probabilities; for a head that gives scores only (ridge), the softmax of its linear form's
+    scores, as `predict` shows them (a confidence for the figure, not a calibrated probability)."""
+    if hasattr(est, "predict_proba"):
+        return est.predict_proba(X)
+    from .heads import linear_form
+
+    f = linear_form(est)
+    z = ((X - f["mean"]) / f["scale"]) @ f["coef"].T + f["intercept"]
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def _pm(values) -> str:

@@ -29,6 +29,7 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
                         "--backbone-train-size", "10", "--backbone-test-size", "10", "--backbone-repeats", "1",
                         "--workers", "0", "--photos", "6", "--photo-size", "640x480", "--photo-image-size", "32",
                         "--container-rss-images", "200", "--scaling-rows", "300,600", "--scaling-width", "16",
+                        "--scaling-heads", "ridge,logreg",
                         "--full-cache", str(tiny_cache), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -13,7 +13,7 @@ is W = (Zc'Zc + n alpha I)^-1 Zc'Tc and b = tbar - W zbar. It predicts the class
 
 Streaming. Zc'Zc and Zc'Tc follow from sums over the rows: n, sum x, sum x x', sum x t' (`Gram`). Each chunk of
 rows is shifted by a fixed reference (the first chunk's column means) before its products, so the float32
-products do not lose the small spread of a feature to its large mean; the sums are kept in float64. The
+products do not lose the small spread of a feature to its large mean; products and sums are float64. The
 standardization is a diagonal change of variables applied to the sums afterwards, so one pass over the rows
 gives the statistics, the Gram matrix and the cross products: memory is O(d^2 + d k), flat in the rows.
 
@@ -65,14 +65,14 @@ class Gram:
             return self
         if self.ref is None:
             self.ref = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-        Xs = torch.from_numpy(np.ascontiguousarray(X - self.ref))
-        onehot = torch.zeros(len(X), self.k)
+        Xs = torch.from_numpy(np.subtract(X, self.ref, dtype=np.float64))  # float64 products: the sums are exact
+        onehot = torch.zeros(len(X), self.k, dtype=torch.float64)  # to 1e-6 whatever the rows per chunk
         onehot[torch.arange(len(X)), torch.from_numpy(np.asarray(y, np.int64))] = 1.0
         self.n += len(X)
-        self.sx += Xs.sum(0, dtype=torch.float64).numpy()
-        self.sxx += (Xs.T @ Xs).double().numpy()
-        self.sxy += (Xs.T @ onehot).double().numpy()
-        self.counts += onehot.sum(0).double().numpy()
+        self.sx += Xs.sum(0).numpy()
+        self.sxx += (Xs.T @ Xs).numpy()
+        self.sxy += (Xs.T @ onehot).numpy()
+        self.counts += onehot.sum(0).numpy()
         return self
 
     def __add__(self, other: "Gram") -> "Gram":
@@ -231,7 +231,8 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(f"ridge needs at least 2 classes in its training rows, got {len(classes)}")
+            raise ValueError("ridge needs at least 2 classes in its training rows; got "
+                             f"{len(classes)} class{'es' if len(classes) != 1 else ''}")
         gram = accumulate(in_chunks(X, y_idx, self.chunk_rows), X.shape[1], len(classes))
         return self.fit_gram(gram, classes)
 
@@ -269,7 +270,8 @@ class RidgeHead(ClassifierMixin, BaseEstimator):
         return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def predict(self, X):
-        return self.classes_[np.argmax(self._scores(X), axis=1)]
+        scores = self._scores(X)  # first, so an unfitted head raises NotFittedError
+        return self.classes_[np.argmax(scores, axis=1)]
 
 
 def _solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
