@@ -804,8 +804,8 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
               help="Tuned protocol: L-BFGS iterations per grid head (each stops earlier once converged).")
 @click.option("--full-grid", is_flag=True,
               help="Tuned protocol: fit every point of the linear and logreg grids. By default each grid is walked "
-                   "strongest first and stops once validation accuracy stops rising, which chooses the same "
-                   "strength on a curve with one peak and skips the weakest (slowest) strengths.")
+                   "strongest first and stops once validation accuracy falls below its best, which chooses the "
+                   "same strength on a curve with one peak and skips the weakest (slowest) strengths.")
 @click.option("--layer-curve", is_flag=True,
               help="Compare backbones instead of the two-protocol report: the case study's protocol on every cache "
                    "in one table, and the layer curve (a head on each single tap against its relative depth). "
@@ -848,7 +848,7 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
                                     f"torch {torch.__version__}") if x)
     if len(caches) > 1 or layer_curve:
         ctx = click.get_current_context()
-        for name in ("val_fraction", "pair_search", "max_iter", "data_root", "baseline"):  # the two-protocol report's
+        for name in ("val_fraction", "pair_search", "max_iter", "full_grid", "data_root", "baseline"):  # the two-protocol report's
             if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None):
                 flag = "--pair-search/--no-pair-search" if name == "pair_search" else f"--{name.replace('_', '-')}"
                 raise click.UsageError(f"{flag} does not apply to a comparison of backbones (several caches or "

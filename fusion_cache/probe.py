@@ -148,6 +148,8 @@ def tune(rows: Rows, n_classes: int, splits: dict, grid: tuple, refit_rows: np.n
     alpha of `grid` scored on each seed's validation rows from one eigendecomposition of its fit rows' Gram
     matrix, the first best chosen (grids run strongest first), refit on `refit_rows` (None: every train row) with
     their standardization statistics. Each seed's fit rows must lie within the refit rows."""
+    if not grid or any(not (a > 0 and np.isfinite(a)) for a in grid):
+        raise ValueError(f"every alpha of a ridge grid must be a number > 0, got {list(grid)}")
     n = len(rows.labels("train"))
     R = np.arange(n) if refit_rows is None else np.sort(np.asarray(refit_rows, np.int64))
     left_out = {seed: np.setdiff1d(R, fit_rows) for seed, (fit_rows, _) in splits.items()}

@@ -210,15 +210,20 @@ QUESTION = ("Fusing early and late layers changes test accuracy by {value} point
 
 def answer_question(summary: list[dict], rows: list[dict], y_test: np.ndarray, heads: list[str]) -> dict | None:
     """The case study's question in one sentence, from a tuned table: the `fused` row against the `late` row,
-    with the head that does best on either (the first such head on a tie), the difference in points with its
-    paired-bootstrap interval and McNemar's p. Where the table compared fused with that late row, its
+    with one head (the first on a tie), the difference in points with its
+    paired-bootstrap interval and McNemar's p (the head: the best mean validation accuracy over its fused and
+    late rows, never test). Where the table compared fused with that late row, its
     Holm-corrected p (over the table's comparisons); else the lone comparison's own. None where the table has
     no fused or no late row (or no predictions). Returns the comparison's fields and `text`, the sentence."""
     by = {(s["view"], s["head"]): s for s in summary}
     both = [h for h in heads if ("fused", h) in by and ("late", h) in by]
     if not both:
         return None
-    head = max(both, key=lambda h: max(by["fused", h]["test_acc_mean"], by["late", h]["test_acc_mean"]))
+    def chosen_on(h):  # the head is chosen on validation (the tuned rows' val_acc), never on test
+        vals = [r["val_acc"] for r in rows if r["head"] == h and r["view"] in ("fused", "late") and "val_acc" in r]
+        return float(np.mean(vals)) if vals else max(by["fused", h]["test_acc_mean"], by["late", h]["test_acc_mean"])
+
+    head = max(both, key=chosen_on)
     fused = by["fused", head]
     if fused.get("vs_baseline") and fused.get("baseline") == {"view": "late", "head": head}:
         record, m = fused["vs_baseline"], comparisons_made(summary)
@@ -318,8 +323,9 @@ def markdown(report: dict, command: str, machine: str) -> str:
     tuned_extra = comparison_header(tuned_base, report["tuned"]["summary"])
     lines = [
         "# fusion-cache report", "",
+        (report.get("answer") or "No answer to the case study's question (does fusing early and late layers help?): "
+         "it needs both `fused` and `late` in --views."), "",
         f"Command: `{command}`", "",
-        *([report["answer"], ""] if report.get("answer") else []),
         f"Cache `{report['cache']}` (fingerprint `{report['fingerprint'][:16]}`): {p['dataset']}, "
         f"train {p['train_size']} / test {p['test_size']} images (subset seed {p['seed']}), {p['image_size']} px, "
         f"{p['pool']} pooling, weights `{p['weights']}` (sha256 `{p['weights_sha256'][:16]}…`), "
@@ -373,8 +379,8 @@ def markdown(report: dict, command: str, machine: str) -> str:
                       + ". `linear` and `logreg` are trained on features standardized with train statistics, their "
                       "grid points as one stacked model (L-BFGS per head, one matrix product per pass), "
                       + ("every point of the grid" if report["tuned"].get("full_grid") else
-                         "walked strongest first until validation accuracy stops rising (the `chosen` column's "
-                         "grid lists the points fitted; `--full-grid` fits them all)")
+                         "walked strongest first until validation accuracy falls below its best (`grid` in "
+                         "report.json's rows lists the points fitted; `--full-grid` fits them all)")
                       + "; `ridge` solves its whole grid from one eigendecomposition. The chosen one is refit on all "
                       "of train. The test split is used only for the final number.")
     lines += ["", "## Tuned on a validation split", "", tuned_text, "",

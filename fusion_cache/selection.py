@@ -283,6 +283,9 @@ def _tune_closed_form(store: ViewStore, view: str, heads: list[str], seeds: list
         # each distinct refit head predicts train (its own rows) and test once
         preds = {}
         for t in tuned.values():
+            if not (np.isfinite(t.estimator.coef_).all() and np.isfinite(t.estimator.intercept_).all()):
+                raise FusionCacheError(f"the {head} head's solution on '{view}' is not finite; re-extract with "
+                                       "--precision fp32 and --force")
             if id(t.estimator) not in preds:
                 preds[id(t.estimator)] = (probe.predict(t.estimator, rows, "train", refit),
                                           probe.predict(t.estimator, rows, "test"))
@@ -356,10 +359,10 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
         return binary / (rows * value) if HEAD_SPECS[head].tuned == "C" else float(value)
 
     # The grid is walked strongest first, in rounds: the first BRACKET points of every (head, seed), then one
-    # more point for each (head, seed) whose best so far is its weakest point tried, warm-started from that
-    # point's solution, until every validation curve has stopped rising (or its grid ends). On a validation curve
-    # that rises strictly to one peak and never rises after it, this chooses exactly what the whole grid would
-    # (the first of the best; a flat step before the peak stops the walk early), and it never fits
+    # more point for each (head, seed) whose weakest point tried is among its best so far, warm-started from that
+    # point's solution, until every validation curve has fallen below its best (or its grid ends). On a
+    # validation curve that rises (flat steps allowed) to its peak and never rises above it again, this chooses
+    # exactly what the whole grid would (the first of the best), and it never fits
     # the weakest strengths past the peak: those need the most L-BFGS iterations. `full_grid` fits every point.
     tried: dict[tuple[str, int], dict[int, float]] = {(h, seed): {} for seed in splits for h in grids}
     solutions: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -387,9 +390,8 @@ def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, t
         todo = []
         for (h, seed), acc in tried.items():
             last = max(acc)
-            best = max(acc, key=lambda i: (acc[i], -i))  # first of the best: grids are strongest first
-            if best == last and last + 1 < len(grids[h]) and last + 1 not in acc:
-                todo.append((h, seed, last + 1))
+            if acc[last] >= max(acc.values()) and last + 1 < len(grids[h]) and last + 1 not in acc:
+                todo.append((h, seed, last + 1))  # the weakest point tried is (one of) the best: go on
     chosen, scores = [], {}
     for h in grids:
         for seed in splits:

@@ -213,6 +213,6 @@ def points(c: Comparison, digits: int = 1) -> str:
 
 
 def p_text(p: float) -> str:
-    """A p-value as a table shows it: 3 decimals (trailing zeros dropped), 2 significant digits below 0.01,
-    `< 0.0001` below that."""
-    return "< 0.0001" if p < 1e-4 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}".rstrip("0").rstrip(".") or "0"
+    """A p-value as a table shows it: 3 decimals (trailing zeros dropped), 3 significant digits below 0.1 (so
+    that nothing just under 0.05 reads 0.05), `< 0.0001` below that."""
+    return "< 0.0001" if p < 1e-4 else f"{p:.3g}" if p < 0.1 else f"{p:.3f}".rstrip("0").rstrip(".") or "0"

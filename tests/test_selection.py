@@ -289,8 +289,8 @@ def test_the_tuned_logreg_on_two_classes_is_scikit_learns_at_the_same_C(tmp_path
 def test_the_bracket_chooses_what_the_whole_grid_chooses_on_a_one_peak_curve(tmp_path, head):
     """The walk strongest first (warm-started, stopped where validation turns down) scores each point it
     tries as the whole grid does, and chooses the same strength wherever the whole grid's validation curve
-    rises strictly to one peak and then never rises again; it fits fewer points when the peak is before the
-    grid's end."""
+    rises (flat steps allowed) to its peak and never rises above it again; it fits fewer points when the
+    peak is before the grid's end."""
     X, y = blobs(4, 400, 24, 3, 0.5, label_noise=0.1)
     cache = open_cache(one_tap_cache(tmp_path / "c.h5", X[:300], y[:300], X[300:], y[300:], 3))
     seeds = [0, 1, 2]
@@ -302,9 +302,10 @@ def test_the_bracket_chooses_what_the_whole_grid_chooses_on_a_one_peak_curve(tmp
         for v, acc in w.grid.items():
             assert acc == pytest.approx(f.grid[v], abs=2 / f.val_rows)  # rows on a boundary may flip
         top = curve.index(max(curve))
-        if all(a < b for a, b in zip(curve[:top], curve[1:top + 1])) and \
+        if all(a <= b for a, b in zip(curve[:top], curve[1:top + 1])) and \
                 all(a >= b for a, b in zip(curve[top:], curve[top + 1:])):
             peaked += 1
             assert w.value == f.value
-            assert len(w.grid) == min(len(curve), max(BRACKET, top + 2))
+            last_best = max(i for i, a in enumerate(curve) if a == curve[top])  # the walk goes past ties
+            assert len(w.grid) == min(len(curve), max(BRACKET, last_best + 2))
     assert peaked

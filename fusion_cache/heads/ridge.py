@@ -183,13 +183,14 @@ class GridScorer:
     """Scores standardized rows for every alpha of a grid at once: counts right answers chunk by chunk."""
 
     def __init__(self, path: Path, alphas: tuple[float, ...]):
-        self.path, self.alphas = path, alphas
+        self.alphas = alphas  # (the path itself is not kept: its float64 V would double the memory)
         k = path.Q.shape[1]
         inv = 1.0 / (path.lam[:, None] + path.n * np.asarray(alphas)[None, :])  # (d, G)
         self.M = torch.from_numpy((path.Q[:, None, :] * inv[:, :, None]).reshape(len(path.lam), len(alphas) * k)
                                   .astype(np.float32))  # (d, G k)
         self.Vt = torch.from_numpy(path.V.astype(np.float32))
         self.shift = torch.from_numpy(path.zbar.astype(np.float32))
+        self.tbar = torch.from_numpy(path.tbar.astype(np.float32))
         self.k = k
         self.correct = np.zeros(len(alphas), np.int64)
         self.n = 0
@@ -198,7 +199,7 @@ class GridScorer:
         """Standardized rows Z (n, d) with class indices y."""
         P = (torch.from_numpy(np.ascontiguousarray(Z, np.float32)) - self.shift) @ self.Vt
         scores = (P @ self.M).view(len(Z), len(self.alphas), self.k)
-        pred = (scores + torch.from_numpy(self.path.tbar.astype(np.float32))).argmax(2).numpy()
+        pred = (scores + self.tbar).argmax(2).numpy()
         self.correct += (pred == np.asarray(y)[:, None]).sum(0)
         self.n += len(Z)
 
