@@ -51,7 +51,7 @@ class ReportConfig:
     max_iter: int = 200  # L-BFGS iterations of the tuned linear head (it stops earlier once converged)
     device: str = "cpu"
     fewshot: FewShot | None = None  # K train images a class, N draws a seed (None: all of train)
-    full_grid: bool = False  # fit every point of the L2 grids (default: walk each until validation stops rising)
+    full_grid: bool = True  # fit every point of the L2 grids (False, --walk-grid: walk each until validation falls)
     baseline: Baseline = DEFAULT_BASELINE  # what every row of both tables is compared with (--baseline)
 
     def check(self, cache: Cache | None = None, offered=None) -> None:
@@ -379,8 +379,8 @@ def markdown(report: dict, command: str, machine: str) -> str:
                       + ". `linear` and `logreg` are trained on features standardized with train statistics, their "
                       "grid points as one stacked model (L-BFGS per head, one matrix product per pass), "
                       + ("every point of the grid" if report["tuned"].get("full_grid") else
-                         "walked strongest first until validation accuracy falls below its best (`grid` in "
-                         "report.json's rows lists the points fitted; `--full-grid` fits them all)")
+                         "walked strongest first until validation accuracy falls below its best (`--walk-grid`; "
+                         "`grid` in report.json's rows lists the points fitted)")
                       + "; `ridge` solves its whole grid from one eigendecomposition. The chosen one is refit on all "
                       "of train. The test split is used only for the final number.")
     lines += ["", "## Tuned on a validation split", "", tuned_text, "",

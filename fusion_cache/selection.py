@@ -194,19 +194,19 @@ class ViewStore:
 
 
 def tune(store: ViewStore, view: str, head: str, seed: int, val_fraction: float, max_iter: int = 200,
-         grid: tuple | None = None, full_grid: bool = False) -> TunedRun:
+         grid: tuple | None = None, full_grid: bool = True) -> TunedRun:
     """Choose the head's tuned parameter on a validation split of train, refit on all of train, test once."""
     return tune_heads(store, view, [head], [seed], val_fraction, max_iter, None if grid is None else {head: grid},
                       full_grid)[0]
 
 
 def tune_heads(store: ViewStore, view: str, heads: list[str], seeds: list[int], val_fraction: float,
-               max_iter: int = 200, grids: dict[str, tuple] | None = None, full_grid: bool = False) -> list[TunedRun]:
+               max_iter: int = 200, grids: dict[str, tuple] | None = None, full_grid: bool = True) -> list[TunedRun]:
     """`tune` for several heads and seeds on one view (each seed draws its own validation split). The L2
     heads (linear, logreg) are one problem family, so the grid points of every L2 head and seed train as one
     stacked model, each on its own seed's fit rows, and their refits as another; each run's fit_seconds is
-    its share of the stacked fits. The L2 grids are walked strongest first until each validation curve turns
-    down (`_tune_linear`); `full_grid` fits every point. A closed-form head (ridge) solves its whole grid from
+    its share of the stacked fits. `full_grid` False walks the L2 grids strongest first until each validation
+    curve falls below its best (`_tune_linear`) instead of fitting every point. A closed-form head (ridge) solves its whole grid from
     one eigendecomposition per seed. Results come back head by head, seeds in the order given."""
     for head in heads:
         if head not in HEAD_SPECS:
@@ -329,7 +329,7 @@ class _TunedLinear(LinearHead):
 
 
 def _tune_linear(store, view, data, splits: dict[int, tuple], grids: dict[str, tuple], max_iter,
-                 full_grid: bool = False) -> dict:
+                 full_grid: bool = True) -> dict:
     """The stacked weight-decay grids of the L2 heads over the seeds' validation splits:
     {(head, seed): (refit estimator, validation scores)}.
 

@@ -294,7 +294,7 @@ def test_the_bracket_chooses_what_the_whole_grid_chooses_on_a_one_peak_curve(tmp
     X, y = blobs(4, 400, 24, 3, 0.5, label_noise=0.1)
     cache = open_cache(one_tap_cache(tmp_path / "c.h5", X[:300], y[:300], X[300:], y[300:], 3))
     seeds = [0, 1, 2]
-    walked = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL)
+    walked = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL, full_grid=False)
     whole = tune_heads(ViewStore(cache), TAP, [head], seeds, VAL, full_grid=True)
     peaked = 0
     for w, f in zip(walked, whole):
