@@ -261,7 +261,7 @@ def test_the_report_answers_the_question_first(report):
     assert text.startswith("Fusing early and late layers changes test accuracy by +") and "not significant" not in text
     assert "McNemar, Holm-corrected over 2 comparisons" in text
     md = (out / "report.md").read_text().splitlines()
-    assert md[2].startswith("Command:") and md[4] == text  # right after the command, before the provenance
+    assert md[2] == text and md[4].startswith("Command:")  # the first paragraph, before the command and provenance
     a = rep["answer_comparison"]
     fused = next(s for s in rep["tuned"]["summary"] if (s["view"], s["head"]) == ("fused", a["head"]))
     assert {k: a[k] for k in fused["vs_baseline"]} == fused["vs_baseline"] and a["significant"]
@@ -281,7 +281,7 @@ def test_identical_predictions_are_not_significant(report):
                                   f"test size ({N_TEST} images; p = 1, McNemar, Holm-corrected over 2 comparisons).")
     assert "by +0.0 points [+0.0, +0.0]" in found["text"]
     md = markdown(same.to_json(), "cmd", "m")
-    assert found["text"] in md.splitlines()[4]
+    assert found["text"] in md.splitlines()[2]
 
 
 def test_no_fused_or_no_late_row_no_answer(report):
