@@ -258,11 +258,6 @@ MUTANTS: tuple[Mutant, ...] = (
            "inv = 1.0 / (path.lam[:, None] + path.n * np.asarray(alphas)[None, :])",
            "inv = 1.0 / (path.lam[:, None] + np.asarray(alphas)[None, :])",
            ("tests/test_ridge.py",)),
-    Mutant("bracket-stops-at-once", "the walked grid goes on while its weakest point tried is the best",
-           "fusion_cache/selection.py",
-           "if acc[last] >= max(acc.values()) and last + 1 < len(grids[h]) and last + 1 not in acc:",
-           "if False:",
-           ("tests/test_selection.py::test_the_bracket_chooses_what_the_whole_grid_chooses_on_a_one_peak_curve",)),
 )
 
 
