@@ -609,7 +609,7 @@ def comparison_note(baseline: dict | None, summary: list[dict]) -> str | None:
                      f"p: exact McNemar test{on}, "
                      + (f"Holm-corrected over the {m} comparisons of this table" if m > 1 else
                         "one comparison, uncorrected")
-                     + f"; * significant at {stats.ALPHA:g}.")
+                     + f"; * significant: p below {stats.ALPHA:g} and the interval clear of zero.")
     return " ".join(lines) or None
 
 

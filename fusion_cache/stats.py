@@ -36,7 +36,7 @@ Holm's correction (`holm`)
     For m comparisons with p-values p_(1) <= ... <= p_(m): adjusted p_(i) = max over j <= i of
     min(1, (m - j + 1) p_(j)) (Holm, Scandinavian Journal of Statistics 6, 1979). It controls the family-wise
     error rate at level alpha under any dependence between the comparisons. A comparison is significant when its
-    adjusted p is below alpha.
+    adjusted p is below alpha and its paired interval (over every run) excludes zero: both must agree.
 """
 
 from __future__ import annotations
@@ -134,8 +134,10 @@ class Comparison:
 
     @property
     def significant(self) -> bool:
-        """Holm-adjusted p (the raw p for a lone comparison) below ALPHA."""
-        return (self.p if self.p_holm is None else self.p_holm) < ALPHA
+        """Holm-adjusted p (the raw p for a lone comparison) below ALPHA, and the paired interval on the same
+        side of zero: McNemar's test sees the first run only, the interval every run, so a difference that
+        one seed shows and the others do not is not called significant."""
+        return (self.p if self.p_holm is None else self.p_holm) < ALPHA and (self.lo > 0 or self.hi < 0)
 
     def record(self) -> dict:
         return {"diff": self.diff, "diff_lo": self.lo, "diff_hi": self.hi, "p_mcnemar": self.p,

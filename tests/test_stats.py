@@ -287,7 +287,7 @@ def test_compare_all_excludes_the_baseline_and_applies_holm():
     np.testing.assert_allclose([out[k].p_holm for k in out], holm(ps), rtol=0, atol=0)
     for k, c in out.items():
         assert c.p_holm >= c.p
-        assert c.significant == (c.p_holm < ALPHA)
+        assert c.significant == (c.p_holm < ALPHA and (c.lo > 0 or c.hi < 0))
         assert c.diff == pytest.approx(rows[k].mean() - rows["base"].mean())
     assert (out["strong"].b, out["strong"].c) == (20, 0)
     assert (out["borderline"].b, out["borderline"].c) == (10, 2)
@@ -435,3 +435,18 @@ def test_points():
                                      (0.123, "0.123"), (0.5, "0.5"), (0.05, "0.05"), (1.0, "1")])
 def test_p_text(p, text):
     assert p_text(p) == text
+
+
+def test_a_difference_only_the_first_run_shows_is_not_significant():
+    """McNemar sees run 0 only; the paired interval sees every run. Run 0 of A beats B on 30 images, the other
+    two runs lose to it on 30: p is tiny, the interval spans zero, and the comparison is not significant."""
+    n = 400
+    b = np.zeros((3, n), bool)
+    b[:, :200] = True
+    a = b.copy()
+    a[0, 200:230] = True  # run 0: A right where B is wrong
+    a[1:, :30] = False  # runs 1 and 2: A wrong where B is right
+    c = compare(a, b, resamples=500)
+    assert c.p < 1e-6 and c.lo < 0 < c.hi
+    assert not c.significant and not c.record()["significant"]
+    assert compare(a[:1], b[:1], resamples=500).significant  # the first run alone: both agree
