@@ -8,7 +8,7 @@ EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
 OUT ?= data/runs
 
-.PHONY: install test demo reference reproduce reproduce-full bench killtest mutants clean
+.PHONY: install test docs demo reference reproduce reproduce-full results bench killtest mutants clean
 
 install: $(BIN)/fusion-cache
 
@@ -18,8 +18,16 @@ $(BIN)/fusion-cache: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
+# Two pytest workers (pytest-xdist); the suite builds the docs site with --strict too (tests/test_docs.py).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# The docs site: docs/cli.md and docs/index.md regenerated from Click's help and the README, then built into site/.
+docs: install
+	$(BIN)/python scripts/docs.py
+	$(BIN)/python -m mkdocs build --strict -d site
+	@echo "The site is in site/index.html (or: $(BIN)/python -m mkdocs serve)"
 
 demo: install
 	$(BIN)/fusion-cache extract --dataset cifar10 --out $(CACHE) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
@@ -49,6 +57,33 @@ reproduce-full: install
 	$(BIN)/fusion-cache report data/cifar10-full-$(FULL_POOL).h5 --out data/report-full-$(FULL_POOL) \
 	  --views early,late,fused,all --heads $(FULL_HEADS) --seeds 0,1,2 --data-root $(DATA_ROOT)
 
+# The results page: every number and figure on docs/results.md and the README's table, regenerated in one run.
+# Reports go to docs/results/; then scripts/pages.py writes docs/results.md and the README's results table.
+# The cross-backbone curve downloads BACKBONES' weights; `make results BACKBONES=` leaves it out (offline).
+BACKBONES ?= resnet50 convnext_tiny timm:vit_small_patch16_224
+RESULTS := docs/results
+results: install
+	$(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-paper.h5 --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
+	$(BIN)/fusion-cache report data/cifar10-paper.h5 --out $(RESULTS)/paper --data-root $(DATA_ROOT) --force
+	$(BIN)/fusion-cache report data/cifar10-paper.h5 --layer-curve --views early,late,fused,all --heads linear \
+	  --seeds 0,1,2 --out $(RESULTS)/layer-curve --force
+	$(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-full-avgmax.h5 --train-size all --test-size all \
+	  --pool avgmax --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
+	$(BIN)/fusion-cache report data/cifar10-full-avgmax.h5 --out $(RESULTS)/full \
+	  --views early,late,fused,all --heads linear --seeds 0,1,2 --data-root $(DATA_ROOT) --force
+	@if [ -n "$(strip $(BACKBONES))" ]; then \
+	  caches=data/cifar10-paper.h5; \
+	  for b in $(BACKBONES); do \
+	    c=data/cifar10-paper-$$(echo $$b | tr ':/' '--').h5; \
+	    case $$b in *vit*|*deit*) size=;; *) size="--image-size 128";; esac; \
+	    $(BIN)/fusion-cache extract --dataset cifar10 --backbone $$b $$size --out $$c --data-root $(DATA_ROOT) \
+	      $(EXTRACT_FLAGS) || exit 1; \
+	    caches="$$caches $$c"; \
+	  done; \
+	  $(BIN)/fusion-cache report $$caches --views early,late,fused --heads linear --out $(RESULTS)/backbones --force; \
+	else rm -rf $(RESULTS)/backbones; fi
+	$(BIN)/python scripts/pages.py results
+
 # Issue 5: every figure a ratio of two measurements from this one run; writes data/bench.json. Then issue 24's
 # tuned_report_vs_extract: full CIFAR-10 extracted and reported, in turns (about 10 more minutes).
 # head_vs_logreg needs the full all-blocks cache (FULL_CACHE, made by `make reproduce-full FULL_POOL=avg`).
@@ -59,6 +94,7 @@ bench: install
 	  $(if $(wildcard $(FULL_CACHE)),--full-cache $(FULL_CACHE),) --out data/bench.json
 	$(BIN)/python scripts/bench.py --only-tuned-report --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(BENCH_FLAGS) \
 	  --out data/bench.json
+	$(BIN)/python scripts/pages.py benchmarks data/bench.json
 
 # Issue 6's goal: 20 SIGKILLs at random moments, each resumed and compared bit for bit.
 killtest: install

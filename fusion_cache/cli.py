@@ -831,12 +831,10 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
     report.md, report.json and layer_curve.png, the case study's protocol on every
     cache in one table with a backbone column, and the layer curve.
     """
-    import platform
-
-    import torch
-
     from .cache import open_cache
     from .io import check_output_folder, staged_folder
+    from .machine import describe as describe_machine
+    from .machine import machine as machine_info
     from .report import REPORT_FILES, ReportConfig, figure_sources, render_figures, run_report, write_report
 
     cfg = ReportConfig(views=_views(views, "--views"), heads=list(dict.fromkeys(_csv(heads, "--heads"))),
@@ -844,8 +842,7 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
                        full_grid=not walk_grid, fewshot=_fewshot(train_per_class, draws), baseline=_baseline(baseline))
     cfg.check()
     offered = {p.name for p in click.get_current_context().command.params}  # advice names only these options
-    machine = ", ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs",
-                                    f"torch {torch.__version__}") if x)
+    machine = describe_machine(machine_info())
     if len(caches) > 1 or layer_curve:
         ctx = click.get_current_context()
         for name in ("val_fraction", "pair_search", "max_iter", "walk_grid", "data_root", "baseline"):  # the two-protocol report's

@@ -98,6 +98,7 @@ from fusion_cache.synthetic import write_parquet, write_shards
 from fusion_cache.sources import LoadOptions
 from fusion_cache.sources import load as load_listing
 from fusion_cache.extract import ExtractConfig, extract, preprocess_for
+from fusion_cache.machine import machine
 from fusion_cache.fit import HeadParams, ablate, fit_head, load_view
 from fusion_cache.taps import DEFAULT_TAPS
 
@@ -131,11 +132,19 @@ def write_json(out: Path, res: dict) -> None:
     os.replace(tmp_out, out)
 
 
+def run_record(keys: list[str]) -> dict:
+    """Which command measured `keys`, on which machine (CPU model, cores, memory, torch, GPU), and when."""
+    return {"command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]), "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"), "keys": keys}
+
+
 def merge_part(out: Path, measure) -> int:
     """An --only-* run: `measure(scratch folder)`'s keys merged into the JSON already at `out`, the table printed."""
     res = json.loads(out.read_text()) if out.exists() else {}
     with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
-        res.update(measure(Path(tmp)))
+        part = measure(Path(tmp))
+    res.update(part)
+    res.setdefault("runs", []).append(run_record(sorted(part)))
     write_json(out, res)
     print(table(res))
     return 0
@@ -628,9 +637,7 @@ def main() -> int:
     views, seeds = a.views.split(","), [int(s) for s in a.seeds.split(",")]
     weights = load_weights(a.weights)
     pre = Preprocess(a.image_size)
-    res: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                             "cuda": torch.cuda.is_available()},
+    res: dict = {"machine": {**machine(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
                  "versions": versions(), "args": {k: str(v) for k, v in vars(a).items()}}
     common = dict(data_root=a.data_root, weights=a.weights, image_size=a.image_size, batch_size=a.batch_size,
                   download=False, skip_integrity_check=a.skip_integrity_check, progress=False, device="cpu",
@@ -736,6 +743,7 @@ def main() -> int:
     else:
         log("[7/8] [8/8] skipped head_vs_logreg and tuned heads: pass --full-cache")
 
+    res["runs"] = [run_record(sorted(k for k in res if k not in ("machine", "versions", "args")))]
     write_json(a.out, res)
     print(table(res))
     return 0
