@@ -1,12 +1,13 @@
 """The HDF5 feature cache: its schema and metadata, written and read here and nowhere else.
 
-Layout (schema_version 3):
+Layout (schema_version 4; docs/cache-format.md describes every attribute):
 
     /                        attrs: `CacheMeta` (provenance, fingerprint, schema_version, complete)
     /<split>/labels          (N,)   int64   class index into the `classes` attribute
     /<split>/indices         (N,)   int64   position of the image in the source split
     /<split>/features/<tap>  (N, W) float32 (or float16): the tap's pooled output; W = C for `avg` pooling,
                                             2C for `avgmax` (meta.table.channels(taps, pool) gives W)
+    /<split>/items/indices, names  (M,) int64, str: file sources' every planned item's position and name
 
 Schema 3 records the backbone's library and version, its tap table and the resize interpolation (all in the
 fingerprint). Schema-2 caches (MobileNetV2 only, from before any other backbone) still open: their missing

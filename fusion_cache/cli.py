@@ -228,8 +228,9 @@ def main():
 @click.option("--label-set", type=click.Choice(["fine", "coarse"]), default=None,
               help="cifar100: the 100 fine classes or the 20 coarse superclasses [default: fine].")
 @click.option("--full-decode", is_flag=True,
-              help="Decode every image at full size. By default an image over twice the input size is decoded "
-                   "reduced (JPEG at a smaller DCT scale), much faster for camera photos; see the README.")
+              help="Decode every image at full size. By default an image whose shorter side is at least 4x the "
+                   "input size is decoded reduced (a JPEG at a smaller DCT scale), keeping it at least 2x: much "
+                   "faster for camera photos; see the docs' Your data page.")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Seed of the subset draw (and of --weights random).")
 @click.option("--backbone", default="mobilenet_v2", show_default=True,
@@ -257,7 +258,7 @@ def main():
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Storage dtype of the cached features.")
 @click.option("--workers", type=click.IntRange(0, MAX_WORKERS), default=None,
-              help="Image-decoding processes for --dataset imagefolder or manifest, at most 2 x CPUs "
+              help="Image-decoding processes (every layout but cifar10, cifar100 and stl10), at most 2 x CPUs "
                    "[default: min(4, CPUs)].")
 @click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
               help="What to do with an image file that cannot be decoded; skipped files are listed in the cache.")
@@ -271,7 +272,7 @@ def main():
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar [default: when stderr is a terminal].")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True,
               help=" ".join(f"{e.name}: {e.summary}." for e in ENGINES.values()) +
-                   " Both execute the same plan and give the same cache (see the README's \"On a cluster\").")
+                   " Both execute the same plan and give the same cache (see the docs' On a cluster page).")
 @click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
               help="The Ray cluster to join (`ray start --head` prints it) [default: start a local one].")
 @click.option("--num-workers", type=int, default=None,

@@ -308,6 +308,12 @@ def test_downloads_go_only_into_a_missing_or_empty_folder_named_explicitly(tmp_p
         s = sources.load("stl10", tmp_path / "empty-stl10", LoadOptions(skip_integrity_check=True))
     assert calls == [("cifar100", str(tmp_path / "new-c")),
                      ("stl10", STL10.url, str(tmp_path / "empty-stl10"), STL10.filename, STL10.tgz_md5)]
+    kept = tmp_path / "kept"  # a repository's data/ with only its .gitkeep: downloaded into, the file kept
+    kept.mkdir()
+    (kept / ".gitkeep").write_text("")
+    with pytest.warns(IntegrityWarning):
+        sources.load("cifar100", kept, LoadOptions(skip_integrity_check=True))
+    assert calls[-1] == ("cifar100", str(kept)) and (kept / ".gitkeep").read_text() == ""
     assert len(c.given["train"]) == 200 and len(s.given["test"]) == 10
 
 

@@ -71,10 +71,11 @@ class Release:
 
     def ensure(self, root: Path, download: bool) -> None:
         """Make sure `root` holds the release's folder or archive: download it into a missing or empty folder
-        when `download`; a folder that holds other files is never written to."""
+        when `download`; a folder that holds other files is never written to (hidden ones such as a
+        repository's `data/.gitkeep` do not count)."""
         if (root / self.folder).is_dir() or (root / self.tarball).is_file():
             return
-        if os.path.isdir(root) and any(os.scandir(root)):
+        if os.path.isdir(root) and any(not e.name.startswith(".") for e in os.scandir(root)):
             raise FusionCacheError(
                 f"{self.title} not found in {display_path(root)}, which holds other files, so nothing is downloaded "
                 f"into it; drop --dataset to read the folder as it is, or pass an empty or new --data-root to "
