@@ -884,7 +884,7 @@ def report(caches, out, views, heads, seeds, val_fraction, pair_search, data_roo
         from .fewshot import header
 
         click.echo(header(cfg.fewshot.record()))
-    click.echo(f"best view (tuned): {best['view']} with {best['head']}, "
+    click.echo(f"best view (tuned, chosen on validation): {best['view']} with {best['head']}, "
                f"{100 * best['test_acc_mean']:.2f} ± {100 * best['test_acc_std']:.2f} % test accuracy"
                + _interval(best.get("test_acc_lo"), best.get("test_acc_hi"), best.get("n_test", 0), " and the runs")
                + f" (tuned protocol {r.seconds['pair_search'] + r.seconds['tuned']:.0f} s, paper protocol "
