@@ -533,3 +533,27 @@ def test_a_manifest_under_the_ray_engine(folder_root, weights_file, cluster, tmp
     r = run(*ray_args, "--out", tmp_path / "fail.h5")
     assert clean_failure(r, "cannot read image train/cats/broken.png") is None, r.output
     assert not (tmp_path / "fail.h5").exists() and not shard_folder(tmp_path / "fail.h5").exists()
+
+
+def test_without_ray_address_a_local_cluster_starts_even_where_ray_address_is_set(monkeypatch, tmp_path):
+    """RAY_ADDRESS (or a `ray start` cluster on the machine) makes a bare ray.init join that cluster, which then
+    refuses num_cpus: with no --ray-address the engine asks Ray for a new local cluster, by name."""
+    from fusion_cache.engines import ray as engine
+
+    calls = []
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert engine._connect(FakeRay, ExtractConfig(out=tmp_path / "c.h5", engine="ray")) is True
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 1
+    calls.clear()
+    engine._connect(FakeRay, ExtractConfig(out=tmp_path / "c.h5", engine="ray", ray_address="auto"))
+    assert calls[0]["address"] == "auto" and "num_cpus" not in calls[0]  # joining: Ray sizes the cluster

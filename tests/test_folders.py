@@ -484,10 +484,10 @@ def test_predict_decodes_new_photos_as_the_cache_decoded_its_own(tmp_path, weigh
         np.testing.assert_allclose(got[name], logits, rtol=1e-4, atol=1e-4)
 
 
-def test_the_readme_table_of_layouts_is_the_registry():
+def test_the_docs_table_of_layouts_is_the_registry():
     import re
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text()
     start = text.index("| `--dataset` | `--data-root` is |")
     rows = text[start:text.index("\n\n", start)].splitlines()[2:]
     assert [re.match(r"\s*\| `([^`]+)` \|", row)[1] for row in rows] == list(SOURCES)

@@ -517,7 +517,7 @@ def _test_items(module, leave_out: tuple[str, ...] = ()) -> int:
 
 
 def _corpus_counts(tmp_path: Path) -> dict[str, list[int]]:
-    """Each README bullet's case counts, in its order, counted from the corpus itself."""
+    """Each docs/reliability.md row's case counts, in its order, counted from the corpus itself."""
     from collections import defaultdict
 
     from . import test_advice as advice
@@ -544,31 +544,32 @@ def _corpus_counts(tmp_path: Path) -> dict[str, list[int]]:
     }
 
 
-# How the README says each group of cases runs: what the tests above run (a tampered cache goes through one
+# How docs/reliability.md says each group of cases runs: what the tests above run (a tampered cache goes through one
 # command, info or fit; an unreadable cache file through all three).
 RUNS = {"caches": ["each through `info` or `fit`", "each through `info`, `fit` and `ablate`"],
         "heads": ["each through `predict` and `export`", "each through `export`"]}
 
 
 def test_corpus_size(tmp_path):
-    """The README's hostile-corpus counts are the corpus's: every bullet's numbers and their total."""
+    """docs/reliability.md's hostile-corpus table states the corpus's counts: every group's numbers in order, what
+    the cache and head cases run through, and their total."""
     import re
 
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text(encoding="utf-8")
     head = re.search(r"The corpus is generated and runs with the suite \(([^)]*)\), (\d+) cases:\n", text)
-    assert head, "README: no sentence 'The corpus is generated and runs with the suite (...), N cases:'"
-    body = text[head.end():text.index("\n\n", head.end())]
-    bullets = re.split(r"\n  - ", "\n" + body)[1:]
-    stated = {}
-    for bullet in bullets:
-        name, rest = bullet.split(":", 1)
-        flat = " ".join(rest.split())
-        stated[name] = [int(n) for n in re.findall(r"\((\d+) cases?\b", flat)]
-        for n, words in zip(stated[name], RUNS.get(name, [])):
-            assert f"({n} cases, {words})" in flat, f"README, {name}: the {n} cases are not said to run {words}"
+    assert head, "docs/reliability.md: no sentence 'The corpus is generated and runs with the suite (...), N cases:'"
+    rows = text[head.end():].lstrip("\n").split("\n\n", 1)[0].splitlines()[2:]  # the table below it, less its header
+    stated: dict[str, list[int]] = {}
+    through: dict[str, list[str]] = {}
+    for row in rows:
+        group, cases, _what, runs = (cell.strip() for cell in row.strip().strip("|").split("|"))
+        stated.setdefault(group, []).append(int(cases))
+        through.setdefault(group, []).append(runs)
+    for name, words in RUNS.items():
+        assert through.get(name) == words, f"docs/reliability.md, {name}: its cases are not said to run {words}"
     counted = _corpus_counts(tmp_path)
-    assert stated == counted, f"README says {stated}, the corpus has {counted}"
-    assert int(head[2]) == sum(sum(v) for v in counted.values()), "the README's total is not the sum of its cases"
+    assert stated == counted, f"docs/reliability.md says {stated}, the corpus has {counted}"
+    assert int(head[2]) == sum(sum(v) for v in counted.values()), "the stated total is not the sum of its cases"
     assert " ".join(head[1].split()) == ("`tests/test_hostile.py`, `tests/test_hostile_folders.py`, "
                                          "`tests/test_hostile_plan.py`, `tests/test_preconditions.py`, "
                                          "`tests/test_hostile_hygiene.py`, `tests/test_advice.py`")

@@ -252,14 +252,17 @@ def _connect(ray, cfg: ExtractConfig) -> bool:
     try:
         with warnings.catch_warnings(), _native_stderr_to(Path(tempfile.gettempdir()) / "fusion-cache-ray-init.log"):
             warnings.simplefilter("ignore")
-            if address is None:
-                ray.init(num_cpus=os.cpu_count() or 1, **quiet)
+            if address is None:  # "local": a new cluster even where RAY_ADDRESS or a `ray start` names one
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, **quiet)
             else:
                 ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         text = " ".join(str(e).split())
-        raise FusionCacheError(f"cannot connect to Ray at {address or 'a new local cluster'} ({text[:160]}); start "
-                               "one with `ray start --head`, or drop --ray-address to start a local one") from None
+        if address is None:
+            raise FusionCacheError(f"cannot start a local Ray cluster ({text[:160]}); start one with `ray start "
+                                   "--head` and pass --ray-address auto, or use --engine local") from None
+        raise FusionCacheError(f"cannot connect to Ray at {address} ({text[:160]}); start one with `ray start "
+                               "--head`, or drop --ray-address to start a local one") from None
     return True
 
 
