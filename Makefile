@@ -33,7 +33,7 @@ demo: install
 	$(BIN)/fusion-cache extract --dataset cifar10 --out $(CACHE) --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache fit $(CACHE) --head linear --features fused
 
-# Issue 3's reference protocol on three subset draws: linear head, 2 epochs, Adam 1e-3, batch 32, raw features.
+# The case study's protocol on three subset draws: linear head, 2 epochs, Adam 1e-3, batch 32, raw features.
 reference: install
 	for s in 0 1 2; do \
 	  $(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-paper-s$$s.h5 --seed $$s --data-root $(DATA_ROOT) \
@@ -42,7 +42,7 @@ reference: install
 	    --heads linear --seeds 0,1,2 --out data/reference-s$$s || exit 1; \
 	done
 
-# Issue 4: the case study's subset (5000 / 1000), extract + report (paper and tuned protocols, five figures).
+# The case study's subset (5000 / 1000), extract + report (the case study's and the tuned protocol, five figures).
 reproduce: install
 	$(BIN)/fusion-cache extract --dataset cifar10 --out data/cifar10-paper.h5 --data-root $(DATA_ROOT) --weights $(WEIGHTS) $(EXTRACT_FLAGS)
 	$(BIN)/fusion-cache report data/cifar10-paper.h5 --out data/report-paper --data-root $(DATA_ROOT)
@@ -84,8 +84,8 @@ results: install
 	else rm -rf $(RESULTS)/backbones; fi
 	$(BIN)/python scripts/pages.py results
 
-# Issue 5: every figure a ratio of two measurements from this one run; writes data/bench.json. Then issue 24's
-# tuned_report_vs_extract: full CIFAR-10 extracted and reported, in turns (about 10 more minutes).
+# Every figure a ratio of two measurements from one run, into data/bench.json; then the tuned report against its
+# extraction on full CIFAR-10, in turns; then docs/benchmarks.md from that JSON, naming the machine.
 # head_vs_logreg needs the full all-blocks cache (FULL_CACHE, made by `make reproduce-full FULL_POOL=avg`).
 FULL_CACHE ?= data/cifar10-full-avg.h5
 BENCH_FLAGS ?= $(EXTRACT_FLAGS)
@@ -96,11 +96,11 @@ bench: install
 	  --out data/bench.json
 	$(BIN)/python scripts/pages.py benchmarks data/bench.json
 
-# Issue 6's goal: 20 SIGKILLs at random moments, each resumed and compared bit for bit.
+# 20 SIGKILLs at random moments, each resumed and compared bit for bit.
 killtest: install
 	$(BIN)/python scripts/killtest.py --kills 20
 
-# Issue 26: every deliberate bug in scripts/mutants.py, applied alone to a scratch copy, must fail its tests.
+# Every deliberate bug in scripts/mutants.py, applied alone to a scratch copy, must fail its tests.
 mutants: install
 	$(BIN)/python scripts/mutants.py
 
