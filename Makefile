@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DATA_ROOT ?= data
+DATA_ROOT ?= data/cifar10
 WEIGHTS ?= imagenet1k_v1
 EXTRACT_FLAGS ?=
 CACHE ?= data/cifar10-paper.h5
@@ -31,7 +31,7 @@ docs: install
 
 # A tour in about a minute on images that ship with scikit-learn (its 1,797 8x8 handwritten digits, written as a
 # folder of class folders): extract every tap, then the report (linear head, one seed). The only download is the
-# backbone's weights; `make demo WEIGHTS=path.pth` runs offline.
+# backbone's weights (after `make install`'s packages); `make demo WEIGHTS=path.pth` needs no network once installed.
 demo: install
 	$(BIN)/python scripts/demo_data.py data/demo-digits
 	$(BIN)/fusion-cache extract --data-root data/demo-digits --out data/demo-digits.h5 --weights $(WEIGHTS) $(EXTRACT_FLAGS)
@@ -88,6 +88,7 @@ results: install
 	  $(BIN)/fusion-cache report $$caches --views early,late,fused --heads linear --out $(RESULTS)/backbones --force; \
 	else rm -rf $(RESULTS)/backbones; fi
 	$(BIN)/python scripts/pages.py results
+	$(BIN)/python scripts/docs.py
 
 # Every figure a ratio of two measurements from one run, into data/bench.json; then the tuned report against its
 # extraction on full CIFAR-10, in turns; then docs/benchmarks.md from that JSON, naming the machine.

@@ -806,7 +806,7 @@ def ablate(caches, views, heads, seeds, epochs, lr, batch_size, weight_decay, st
 @click.option("--walk-grid", is_flag=True,
               help="Tuned protocol: walk the linear and logreg grids strongest first and stop once validation "
                    "accuracy falls below its best, instead of fitting every point: the same choice on a curve with "
-                   "one peak, without the weakest strengths past it (on full CIFAR-10 it saved no measurable time).")
+                   "one peak, without the weakest strengths past it.")
 @click.option("--layer-curve", is_flag=True,
               help="Compare backbones instead of the two-protocol report: the case study's protocol on every cache "
                    "in one table, and the layer curve (a head on each single tap against its relative depth). "

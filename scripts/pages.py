@@ -26,7 +26,7 @@ VIEW_NAMES = {"early": "early", "late": "late", "fused": "fused (early + late)",
 
 def load(folder: Path) -> dict | None:
     path = folder / "report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def pct(x: float | None, digits: int = 2) -> str:
@@ -34,11 +34,12 @@ def pct(x: float | None, digits: int = 2) -> str:
 
 
 def view_label(s: dict, report: dict, part: str) -> str:
-    """`early (features.13)`, `all blocks`, or a pair's taps for the tuned best pair."""
+    """`early (features.13)`, `all blocks`, a view as it was asked for, or the tuned best pair's taps."""
     taps = next((r.get("taps") for r in report[part]["rows"] if r["view"] == s["view"]), None)
     if s["view"] in VIEW_NAMES:
         return VIEW_NAMES[s["view"]] + (f" (`{taps}`)" if taps and s["view"] in ("early", "late") else "")
-    return f"`{s['view']}` (best pair on validation)"
+    pair = part == "tuned" and s["view"] not in report.get("views", []) and report["tuned"].get("pair_search")
+    return f"`{s['view']}`" + (" (best pair on validation)" if pair else "")
 
 
 def mean_over_seeds(rows: list[dict], s: dict, key: str) -> float | None:
@@ -134,8 +135,9 @@ def results_page(results: Path) -> str:
                   for s in backbones["paper"]["summary"]]
         lines += ["", f"Command: `{backbones['command']}`.", ""]
     else:
-        lines += ["Not in this run: `make results` downloads the weights of `BACKBONES` (ResNet-50, ConvNeXt-T, "
-                  "ViT-S/16) for it, and this run was made offline with `BACKBONES=`.", ""]
+        lines += ["Not in this run (no `docs/results/backbones/report.json`): `make results` makes it by default, "
+                  "downloading the weights of its `BACKBONES` (ResNet-50, ConvNeXt-T, ViT-S/16); `BACKBONES=` "
+                  "leaves it out, as where there is no network.", ""]
     return "\n".join(lines)
 
 
@@ -156,7 +158,9 @@ def readme_table(results: Path) -> str:
     for v in views:
         out.append(f"| {view_label(p[v], paper, 'paper') if v in p else view_label(f[v], full, 'tuned')} | "
                    f"{interval_cell(p[v]) if v in p else '—'} | {interval_cell(f[v]) if v in f else '—'} |")
-    out += ["", "Test accuracy (%) with its 95 % interval over test images and seeds."]
+    cells = [*p.values(), *f.values()]
+    out += ["", "Test accuracy (%) with its 95 % interval over test images and seeds."
+            if all(c.get("test_acc_lo") is not None for c in cells) else "Test accuracy (%), mean ± std over seeds."]
     if ep:
         out.append(f"The case study's fused head trains to {pct(ep[0])} / {pct(ep[1])} % (epochs 1 / 2) against the "
                    f"{pct(cs[0]['train_acc'])} / {pct(cs[-1]['train_acc'])} % it reports.")
@@ -190,8 +194,8 @@ def run_lines(res: dict) -> list[str]:
     runs = res.get("runs") or []
     if not runs:
         m = res.get("machine") or {}
-        return ["Machine: not recorded in this file (measured before `bench.py` recorded the CPU model, memory and "
-                "command)" + (f"; {m['platform']}, {m.get('cpus', '?')} CPUs" if "platform" in m else "") + "."]
+        return ["Machine and command: not recorded in this file" +
+                (f" (only: {m['platform']}, {m.get('cpus', '?')} CPUs)" if "platform" in m else "") + "."]
     machines = list(dict.fromkeys(describe(r["machine"]) for r in runs))
     out = [f"Machine: {machines[0]}." if len(machines) == 1 else "Machines: " + "; ".join(machines) + "."]
     out += [f"Command ({r['date']}): `{r['command']}`" for r in runs]
@@ -202,7 +206,7 @@ def bench_page(paths: list[Path]) -> str:
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench import ROWS, scaling_markdown  # the benchmark's own keys, targets and formats
 
-    parts = [(p, json.loads(p.read_text())) for p in paths]
+    parts = [(p, json.loads(p.read_text(encoding="utf-8"))) for p in paths]
     lines = [GENERATED.format(src=", ".join(f"`{p.name}`" for p, _ in parts), cmd="`make bench`"), "",
              "# Benchmarks", "",
              "Each figure is a ratio of two measurements taken in the same run on the same machine, so that it "
@@ -235,19 +239,20 @@ def main() -> int:
     b.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     a = ap.parse_args()
     if a.page == "benchmarks":
-        a.out.write_text(bench_page(a.json))
+        a.out.write_text(bench_page(a.json), encoding="utf-8")
         print(f"wrote {a.out}")
         return 0
     page = results_page(a.results)
-    readme = with_readme_table(a.readme.read_text(), readme_table(a.results))
+    readme = with_readme_table(a.readme.read_text(encoding="utf-8"), readme_table(a.results))
     if a.page == "check":
-        stale = [str(p) for p, text in ((a.out, page), (a.readme, readme)) if not p.is_file() or p.read_text() != text]
+        stale = [str(p) for p, text in ((a.out, page), (a.readme, readme))
+                 if not p.is_file() or p.read_text(encoding="utf-8") != text]
         if stale:
             print(f"error: {', '.join(stale)} out of date; run `python scripts/pages.py results`", file=sys.stderr)
             return 1
         return 0
-    a.out.write_text(page)
-    a.readme.write_text(readme)
+    a.out.write_text(page, encoding="utf-8")
+    a.readme.write_text(readme, encoding="utf-8")
     print(f"wrote {a.out} and the results table in {a.readme}")
     return 0
 

@@ -539,7 +539,7 @@ def _corpus_counts(tmp_path: Path) -> dict[str, list[int]]:
         "image folders": [len(folders.CASES), _test_items(folders, leave_out=("test_hostile_folder",))],
         "options": [len(_option_cases(fake, fake, fake, fake, fake)), len(NO_TRAINING_ROWS),
                     len([test_a_diverged_fit_is_an_error_not_a_number])],
-        "second round": [_test_items(plan), _test_items(preconditions), _test_items(hygiene),
+        "plans and advice": [_test_items(plan), _test_items(preconditions), _test_items(hygiene),
                          len(advice.cases(defaultdict(lambda: fake)))],
     }
 

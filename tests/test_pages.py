@@ -105,7 +105,7 @@ def test_the_benchmarks_page_names_the_machine_and_judges_each_target(tmp_path):
     assert "| `bf16_speedup` | 1.20 | >= 1.6 | ✗ |" in page
     assert "| `float16_cache_size_ratio` | 0.50 | report |  |" in page
     assert "| `rss_ratio` | 1.50 | <= 1.1 | ✗ |" in page  # the old file's own value, under its own heading
-    assert "not recorded in this file" in page  # a file without a machine says so
+    assert "Machine and command: not recorded in this file." in page  # a file without them says so
 
 
 @pytest.mark.parametrize("value,target,mark", [(0.95, ">= 0.95", "✓"), (0.94, ">= 0.95", "✗"), (30.0, "<= 30 s", "✓"),
