@@ -258,6 +258,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "inv = 1.0 / (path.lam[:, None] + path.n * np.asarray(alphas)[None, :])",
            "inv = 1.0 / (path.lam[:, None] + np.asarray(alphas)[None, :])",
            ("tests/test_ridge.py",)),
+    Mutant("best-row-on-test", "the report's best row (and its figures) is chosen on validation, never on test",
+           "fusion_cache/report.py",
+           "return max(self.tuned_summary, key=val)",
+           "return max(self.tuned_summary, key=lambda s: s[\"test_acc_mean\"])",
+           ("tests/test_report.py",)),
 )
 
 

@@ -263,3 +263,21 @@ def test_the_recorded_command_keeps_its_arguments(monkeypatch, argv0):
 
     monkeypatch.setattr(sys, "argv", [argv0, "report", "my cache.h5", "--out", "runs"])
     assert cli._command_line() == "fusion-cache report 'my cache.h5' --out runs"
+
+
+def test_the_best_row_is_the_best_on_validation_not_on_test():
+    """ReportResult.best on rows whose validation and test rankings disagree: validation wins, the first on a tie."""
+    from types import SimpleNamespace
+
+    from fusion_cache.report import ReportResult
+
+    rows = [{"view": "late", "head": "linear", "val_acc": 0.80, "test_acc": 0.90},
+            {"view": "fused", "head": "linear", "val_acc": 0.85, "test_acc": 0.70},
+            {"view": "fused", "head": "linear", "val_acc": 0.83, "test_acc": 0.72},
+            {"view": "all", "head": "linear", "val_acc": 0.84, "test_acc": 0.95}]
+    summary = [{"view": v, "head": "linear", "test_acc_mean": t} for v, t in (("late", 0.9), ("fused", 0.71),
+                                                                              ("all", 0.95))]
+    fake = SimpleNamespace(tuned_rows=rows, tuned_summary=summary)
+    assert ReportResult.best.fget(fake)["view"] == "fused"  # val 0.84 on average, tied with all: the first
+    rows[-1]["val_acc"] = 0.86
+    assert ReportResult.best.fget(fake)["view"] == "all"
