@@ -21,7 +21,7 @@ $(BIN)/fusion-cache: pyproject.toml
 # Two pytest workers (pytest-xdist); the suite builds the docs site with --strict too (tests/test_docs.py).
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
 # The docs site: docs/cli.md and docs/index.md regenerated from Click's help and the README, then built into site/.
 docs: install

@@ -39,7 +39,8 @@ def test_bench_smoke(tmp_path, cifar_root, weights_file, tiny_cache):
         assert key in r.stdout  # the printed table
     assert res["rss_images"] == {"small": 12, "large": 120}  # 100 + 20, and a tenth of each
     assert res["float16_cache_bytes"]["float16"] < res["float16_cache_bytes"]["float32"]
-    assert res["versions"]["torch"] and res["machine"]["cpus"]
+    assert res["versions"]["torch"] and res["machine"]["cores"] and res["machine"]["cpu"]
+    assert res["runs"][0]["machine"]["cpu"] and "extract_vs_backbone_ratio" in res["runs"][0]["keys"]
     assert not list(tmp_path.glob("*.tmp"))
     assert res["ray_vs_local_max_rel_diff"] < 1e-5 and res["ray_shards"] >= 1  # the same features, sharded
     assert res["photos"] == 6 and res["photo_size"] == [640, 480]
