@@ -116,3 +116,14 @@ def encoded_cache(tmp_path_factory) -> Path:
         }
         labels[split] = y.astype(np.int64)
     return write_synthetic_cache(tmp_path_factory.mktemp("enc") / "encoded.h5", feats, labels, ["a", "b", "c", "d"])
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package), for tests of its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"fusion_cache_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ written once, never over anything else, and read by `fusion-cache extract` as a 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -14,20 +13,14 @@ from sklearn.datasets import load_digits
 
 from fusion_cache.cache import open_cache
 
+from .conftest import load_script
 from .hostile import run, snapshot
 
 ROOT = Path(__file__).parents[1]
 DIGITS = load_digits()
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("fusion_cache_demo_data", ROOT / "scripts" / "demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _script()
+demo = load_script("demo_data")
 
 
 def _build(capsys, out: Path, *more) -> tuple[int, str, str]:

@@ -4,7 +4,6 @@ with h5py alone, and `mkdocs build --strict` builds every page of the nav."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shutil
@@ -20,6 +19,8 @@ from fusion_cache import cache as cache_mod
 from fusion_cache.cache import open_cache
 from fusion_cache.cli import main as cli_main
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 GOLDEN_CACHE = Path(__file__).parent / "data" / "golden" / "cache.h5"  # schema 3, written by scripts/make_golden.py
@@ -31,14 +32,7 @@ TESTED = "<!-- tested: tests/test_docs.py -->"
 EXAMPLE_PATH = "data/cifar10-paper.h5"  # the cache path the examples name; the tests put theirs in its place
 
 
-def _load_docs_script():
-    spec = importlib.util.spec_from_file_location("fusion_cache_docs_script", ROOT / "scripts" / "docs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-docs = _load_docs_script()
+docs = load_script("docs")
 
 
 # ---------------------------------------------------------------------------------------------- generated pages

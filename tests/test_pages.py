@@ -3,7 +3,6 @@ reports and JSON that `make results` and `make bench` write, so every number on 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,20 +16,15 @@ from fusion_cache.cli import main
 from fusion_cache.fit import interval_cell
 from fusion_cache.machine import describe, machine
 
+from .conftest import load_script
+
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "scripts" / "pages.py"
 ARGS = ["--views", "early,late,fused", "--heads", "linear,logreg", "--seeds", "0,1", "--val-fraction", "0.2",
         "--max-iter", "30"]
 
 
-def _pages():
-    spec = importlib.util.spec_from_file_location("pages", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pages = _pages()
+pages = load_script("pages")
 
 
 @pytest.fixture(scope="module")
