@@ -241,7 +241,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("wds-no-grouping", "a WebDataset sample is the members that share a key", "fusion_cache/sources/wds.py",
            "return (m[1], m[2].lower()) if m else (name, \"\")", "return (name, m[2].lower()) if m else (name, \"\")",
            ("tests/test_containers.py::test_the_same_bytes_give_bit_identical_features_in_every_container[wds-cls]",)),
-    # -- answers you can trust (issue 24)
+    # -- intervals, paired tests and the ridge probe
     Mutant("bootstrap-seeds-fixed", "an interval resamples the runs as well as the images", "fusion_cache/stats.py",
            "r = rng.integers(0, runs, size=(b, runs)) if runs > 1 else np.zeros((b, 1), np.int64)",
            "r = np.tile(np.arange(runs), (b, 1))",

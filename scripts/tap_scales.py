@@ -1,6 +1,6 @@
 """Prints the largest |feature| of every tap of the tests' tiny cache (60 + 20 synthetic CIFAR-10 images at 48 px,
 MobileNetV2 seeded as tests/conftest.py seeds it), with random-init and with calibrated BatchNorm statistics
-(`fusion_cache.synthetic.calibrate_batchnorm`): why the tests' weights are calibrated (issue 26).
+(`fusion_cache.synthetic.calibrate_batchnorm`): why the tests' weights are calibrated.
 
     python scripts/tap_scales.py
 """
