@@ -18,8 +18,8 @@ $(BIN)/fusion-cache: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-# Two pytest workers (pytest-xdist); the suite builds the docs site with --strict too (tests/test_docs.py).
-TEST_WORKERS ?= 2
+# Three pytest workers (pytest-xdist: on 2 cores the third fills the time others wait on subprocesses and Ray); the suite builds the docs site with --strict too (tests/test_docs.py).
+TEST_WORKERS ?= 3
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
