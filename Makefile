@@ -18,8 +18,8 @@ $(BIN)/fusion-cache: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-# Three pytest workers (pytest-xdist: on 2 cores the third fills the time others wait on subprocesses and Ray); the suite builds the docs site with --strict too (tests/test_docs.py).
-TEST_WORKERS ?= 3
+# Two pytest workers (pytest-xdist; a third was slower on 2 cores); the suite builds the docs site with --strict too (tests/test_docs.py).
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=25
 
